@@ -13,4 +13,9 @@ Modules, one concept each:
 - ``notebooks``: the headless papermill runner.
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+# tqdm.auto warns inside Jupyter when ipywidgets is absent; our bars are off there anyway.
+warnings.filterwarnings("ignore", message="IProgress not found")

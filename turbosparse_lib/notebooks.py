@@ -75,11 +75,27 @@ def run_notebooks(
                 f"notebook {nb.name} failed at preset {p.name!r}: {type(e).__name__}: {str(e).strip()[:2000]}\n"
                 f"the partly executed notebook is {failed.relative_to(paths.repo_root())}"
             ) from e
+        _relative_paths(tmp)
         os.replace(tmp, final)
         failed.unlink(missing_ok=True)
         print(f"[turbosparse-notebooks] {nb.name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         done.append(final)
     return done
+
+
+def _relative_paths(nb_path: Path) -> None:
+    """papermill records absolute input/output paths; keep the committed copies machine-independent."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    root = paths.repo_root()
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            p = Path(meta[key])
+            p = p.with_name(p.name.replace(".running", "").lstrip(".")) if key == "output_path" else p
+            meta[key] = str(p.relative_to(root)) if p.is_relative_to(root) else p.name
+    nbformat.write(nb, nb_path)
 
 
 def _parse_value(v: str):
