@@ -1,0 +1,160 @@
+"""The CPU decode engine against transformers on tiny random Llama/Mistral models."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from turbosparse_lib.engine import Engine, EngineConfig, ExactZeroOracle, TopKOracle
+
+PROMPT_LEN, NEW_TOKENS = 8, 16
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+    initializer_range=0.1,  # larger than the default 0.02, so logits are far from ties
+)
+
+
+class DReLUMLP(nn.Module):
+    """relu(gate) * relu(up) -> down (paper eq. 2), with the Llama attribute names."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.gate_proj(x)) * torch.relu(self.up_proj(x)))
+
+
+def _tiny(model_cls=LlamaForCausalLM, config_cls=LlamaConfig, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**TINY, **overrides})).eval()
+
+
+def _drelu(model):
+    for layer in model.model.layers:
+        layer.mlp = DReLUMLP(layer.mlp)
+    model.config.mlp_variant = "drelu"
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, TINY["vocab_size"], (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def drelu_engine():
+    return Engine.from_transformers(_drelu(_tiny(seed=2)))
+
+
+def _hf_greedy(model, prompt):
+    """transformers' greedy tokens, and the logits each was chosen from (one full forward)."""
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        logits = model(out).logits[0, PROMPT_LEN - 1 : -1]
+    return out[0, PROMPT_LEN:].numpy(), logits.numpy()
+
+
+def _check_against_hf(model, prompt):
+    engine = Engine.from_transformers(model)
+    tokens, logits = engine.generate(prompt[0].numpy(), NEW_TOKENS, return_logits=True)
+    hf_tokens, hf_logits = _hf_greedy(model, prompt)
+    np.testing.assert_array_equal(tokens, hf_tokens)
+    np.testing.assert_allclose(logits, hf_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_decoding_matches_transformers(prompt, tied):
+    _check_against_hf(_tiny(tie_word_embeddings=tied), prompt)
+
+
+def test_attention_bias_and_rope_theta_match_transformers(prompt):
+    rope = {"rope_type": "default", "rope_theta": 500.0}
+    _check_against_hf(_tiny(attention_bias=True, rope_parameters=rope), prompt)
+
+
+def test_mistral_sliding_window_matches_transformers(prompt):
+    # a window shorter than the prompt, so the window is exercised in prefill and decoding
+    _check_against_hf(_tiny(MistralForCausalLM, MistralConfig, sliding_window=5), prompt)
+
+
+def test_drelu_dense_matches_transformers(prompt):
+    _check_against_hf(_drelu(_tiny(seed=2)), prompt)
+
+
+def test_sparse_exact_zero_oracle_equals_dense(drelu_engine, prompt):
+    ids = prompt[0].numpy()
+    dense_tokens, dense_logits = drelu_engine.generate(ids, NEW_TOKENS, return_logits=True)
+    profile = {}
+    tokens, logits = drelu_engine.generate(ids, NEW_TOKENS, sparse=True, profile=profile, return_logits=True)
+    np.testing.assert_array_equal(tokens, dense_tokens)
+    np.testing.assert_allclose(logits, dense_logits, rtol=0, atol=1e-5)
+    # exact zeros are skipped: random dReLU keeps about a quarter of the neurons
+    N = drelu_engine.config.intermediate_size
+    active_fraction = profile["active_neurons"] / (profile["ffn_calls"] * N)
+    assert 0.1 < active_fraction < 0.5
+    assert profile["tokens"] == NEW_TOKENS - 1  # the first new token comes from prefill
+    assert {"embed", "attention", "mask", "ffn", "lm_head"} <= profile.keys()
+
+
+def test_topk_without_sparsity_equals_dense_and_topk_is_lossy(drelu_engine, prompt):
+    ids = prompt[0].numpy()
+    dense_tokens, dense_logits = drelu_engine.generate(ids, NEW_TOKENS, return_logits=True)
+    tokens, logits = drelu_engine.generate(
+        ids, NEW_TOKENS, sparse=True, mask_provider=TopKOracle(drelu_engine, 0.0), return_logits=True
+    )
+    np.testing.assert_array_equal(tokens, dense_tokens)
+    np.testing.assert_allclose(logits, dense_logits, rtol=0, atol=1e-5)
+    _, logits_90 = drelu_engine.generate(
+        ids, NEW_TOKENS, sparse=True, mask_provider=TopKOracle(drelu_engine, 0.9), return_logits=True
+    )
+    assert np.abs(logits_90 - dense_logits).max() > 1e-4  # 90% top-k drops live neurons
+    x_H = np.ones(drelu_engine.config.hidden_size, np.float32)
+    assert TopKOracle(drelu_engine, 1.0)(0, x_H).shape == (0,)
+
+
+def test_predicted_mask_interface(drelu_engine, prompt):
+    """A predictor is any callable (layer_idx, x_normed_H) -> indices: a superset of the oracle's
+    active set (plus false positives that the kernel then finds to be zero) changes nothing."""
+    oracle, seen = ExactZeroOracle(drelu_engine), []
+
+    def predictor(layer_idx, x_H):
+        seen.append(layer_idx)
+        extra = np.arange(0, drelu_engine.config.intermediate_size, 3)
+        return np.union1d(oracle(layer_idx, x_H), extra)[::-1]  # unsorted on purpose
+
+    ids = prompt[0].numpy()
+    dense_tokens = drelu_engine.generate(ids, NEW_TOKENS)
+    tokens = drelu_engine.generate(ids, NEW_TOKENS, sparse=True, mask_provider=predictor)
+    np.testing.assert_array_equal(tokens, dense_tokens)
+    assert seen[:2] == [0, 1]
+
+
+def test_int8_ffn_stays_close_to_float(prompt):
+    model = _drelu(_tiny(seed=2))
+    ids = prompt[0].numpy()
+    _, float_logits = Engine.from_transformers(model).generate(ids, 4, return_logits=True)
+    engine = Engine.from_transformers(model).quantize_ffn_int8()
+    dense_tokens, int8_logits = engine.generate(ids, 4, return_logits=True)
+    assert np.abs(int8_logits - float_logits).max() < 0.05 * np.abs(float_logits).max()
+    sparse_tokens = engine.generate(ids, 4, sparse=True, mask_provider=TopKOracle(engine, 0.0))
+    np.testing.assert_array_equal(sparse_tokens, dense_tokens)
+
+
+def test_unsupported_models_raise_clear_errors():
+    scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(NotImplementedError, match="rope type 'linear'"):
+        Engine.from_transformers(_tiny(rope_parameters=scaled))
+    with pytest.raises(NotImplementedError, match="drelu"):
+        Engine.from_transformers(_tiny(hidden_act="gelu"))
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        Engine.from_transformers(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        EngineConfig(64, 128, 1, num_heads=4, num_kv_heads=3, head_dim=16, vocab_size=10)
