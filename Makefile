@@ -19,7 +19,11 @@ $(VENV)/.installed: pyproject.toml
 data: setup
 	$(BIN)/turbosparse-data
 
-reproduce: data
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[notebooks,dev,bench]'
+	touch $@
+
+reproduce: data $(VENV)/.installed-bench
 	$(BIN)/turbosparse-notebooks --preset $(PRESET)
 
 test: data
