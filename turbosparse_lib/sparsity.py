@@ -1,0 +1,424 @@
+"""Activation instruments for gated MLPs: streaming statistics, histograms, top-k and threshold masks.
+
+Every instrument is a context manager over a model that registers PyTorch hooks on each
+layer's MLP and removes them on exit; weights are never touched.
+
+Design:
+
+- Three hook points, valid for transformers' native MLPs and for ``GatedMLP`` alike:
+  a forward hook on ``gate_proj`` (its output through the MLP's own ``act_fn`` is *gate*, the
+  post-activation of paper eq. 1), a forward hook on ``up_proj`` (its output is *up*, the
+  pre-activation; for dReLU also *up_act* = relu(up)), and a forward pre-hook on ``down_proj``
+  (its input is *combined*: both MLP classes feed ``down_proj`` exactly Combined(x)).
+- Bounded memory: per (layer, kind) only counts, a running mean / sum of squared deviations
+  (Chan et al.'s parallel update, float64), a histogram with fixed bin edges and optionally a
+  fixed-size uniform random sample are kept, whatever the number of tokens.
+- Histograms follow ``np.histogram``: bins are ``[e_i, e_{i+1})``, the last one closed; values
+  outside ``[e_0, e_n]`` are counted in ``below`` / ``above`` rather than silently dropped.
+- The random sample is a bottom-k sample: every value draws a uniform key and the
+  ``sample_size`` smallest keys are kept, which is a uniform sample without replacement of the
+  whole stream, computed batch by batch from a seeded generator.
+- Padding: set ``instrument.attention_mask`` (B, T) before a forward pass, or call
+  ``instrument.run(input_ids, attention_mask)``, and padded positions are left out of every
+  count. Without a mask every position counts (inputs are taken to be unpadded).
+- Top-k masking (paper eq. 3-4) keeps, per token, the ``k = d - round(s * d)`` entries of
+  combined with the largest magnitude, d the MLP width and ``round`` Python's (nearest, ties to
+  even), the same count as ``engine.TopKOracle``. Ties in |combined| go to the lower neuron
+  index (a stable sort), so the kept set is deterministic and has exactly k entries.
+- Hooks run in registration order: an instrument entered *before* a mask sees unmasked
+  combined values, one entered inside the mask sees masked ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .modeling import mlp_modules
+
+Kind = Literal["gate", "up", "up_act", "combined"]
+KINDS: tuple[str, ...] = ("gate", "up", "up_act", "combined")  # "up_act" only where the variant has one (dReLU)
+
+DEFAULT_BINS = np.linspace(-4.0, 4.0, 161)  # 160 bins of width 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded-memory accumulators
+
+
+@dataclass
+class Histogram:
+    """Counts over fixed bin edges, as ``np.histogram(values, edges)`` gives, plus out-of-range counts."""
+
+    counts: np.ndarray  # (n_bins,) int64
+    edges: np.ndarray  # (n_bins + 1,) float64
+    below: int = 0  # values < edges[0]
+    above: int = 0  # values > edges[-1]
+
+    def __add__(self, other: "Histogram") -> "Histogram":
+        if not np.array_equal(self.edges, other.edges):
+            raise ValueError("histograms with different bin edges cannot be added")
+        return Histogram(self.counts + other.counts, self.edges, self.below + other.below, self.above + other.above)
+
+    @property
+    def density(self) -> np.ndarray:
+        """``np.histogram(..., density=True)``: in-range counts / (their total * bin width)."""
+        total = self.counts.sum()
+        return self.counts / (total * np.diff(self.edges)) if total else np.zeros(len(self.counts))
+
+
+def _check_edges(bins) -> np.ndarray:
+    edges = np.asarray(bins, dtype=np.float64)
+    if edges.ndim != 1 or len(edges) < 2 or not np.all(np.diff(edges) > 0):
+        raise ValueError("bins must be a 1-D, strictly increasing array of at least 2 edges")
+    return edges
+
+
+class _Accumulator:
+    """Streaming statistics of one (layer, kind) stream of values."""
+
+    def __init__(self, edges: np.ndarray, eps: float, sample_size: int, generator: torch.Generator):
+        self.edges, self.eps, self.sample_size, self.generator = edges, eps, sample_size, generator
+        self._edges_t: torch.Tensor | None = None  # float64 copy on the values' device
+        self.count = self.n_zero = self.n_near_zero = self.n_neg = 0
+        self.mean = self.m2 = 0.0  # running mean and sum of squared deviations (float64)
+        self.hist = np.zeros(len(edges) - 1, dtype=np.int64)
+        self.below = self.above = 0
+        self._sample: torch.Tensor | None = None  # (<= sample_size,) float32
+        self._keys: torch.Tensor | None = None  # the sample's random keys
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1).double()  # (N,) float64: bin edges compare exactly as in NumPy
+        n = x.numel()
+        if n == 0:
+            return
+        self.count += n
+        self.n_zero += int((x == 0).sum())
+        self.n_near_zero += int((x.abs() <= self.eps).sum())
+        self.n_neg += int((x < 0).sum())
+
+        # Chan et al.: merge this batch's (n, mean, M2) into the running one, no cancellation
+        b_mean = float(x.mean())
+        b_m2 = float(((x - b_mean) ** 2).sum())
+        n_old = self.count - n
+        delta = b_mean - self.mean
+        self.mean += delta * n / self.count
+        self.m2 += b_m2 + delta * delta * n_old * n / self.count
+
+        if self._edges_t is None or self._edges_t.device != x.device:
+            self._edges_t = torch.as_tensor(self.edges, dtype=torch.float64, device=x.device)
+        e = self._edges_t
+        # right=True: idx = i with e[i-1] <= x < e[i]; 0 below the range, len(e) at or above e[-1]
+        idx = torch.bucketize(x, e, right=True)
+        binned = torch.bincount(idx, minlength=len(e) + 1).cpu().numpy()
+        at_last_edge = int((x == e[-1]).sum())  # np.histogram's last bin is closed
+        self.hist += binned[1:-1]
+        self.hist[-1] += at_last_edge
+        self.below += int(binned[0])
+        self.above += int(binned[-1]) - at_last_edge
+
+        if self.sample_size:
+            keys = torch.rand(n, generator=self.generator, dtype=torch.float64)
+            vals = x.float().cpu()
+            if self._sample is not None:
+                keys, vals = torch.cat([self._keys, keys]), torch.cat([self._sample, vals])
+            if len(keys) > self.sample_size:
+                keep = torch.topk(keys, self.sample_size, largest=False).indices
+                keys, vals = keys[keep], vals[keep]
+            self._keys, self._sample = keys, vals
+
+    def merge_moments(self, other: "_Accumulator") -> None:
+        """Add ``other``'s counts and moments into this one (for totals over layers)."""
+        n = self.count + other.count
+        if n:
+            delta = other.mean - self.mean
+            self.m2 += other.m2 + delta * delta * self.count * other.count / n
+            self.mean += delta * other.count / n
+        self.count = n
+        self.n_zero += other.n_zero
+        self.n_near_zero += other.n_near_zero
+        self.n_neg += other.n_neg
+
+    def row(self) -> dict:
+        c = self.count or 1  # an empty stream reports zeros, not NaN fractions
+        return {
+            "zero_frac": self.n_zero / c,
+            "near_zero_frac": self.n_near_zero / c,
+            "neg_frac": self.n_neg / c,
+            "mean": self.mean if self.count else math.nan,
+            "std": math.sqrt(self.m2 / self.count) if self.count else math.nan,  # population std (ddof=0)
+            "count": self.count,
+        }
+
+    def histogram(self) -> Histogram:
+        return Histogram(self.hist.copy(), self.edges, self.below, self.above)
+
+    def sample(self) -> np.ndarray:
+        return np.empty(0, np.float32) if self._sample is None else self._sample.numpy().copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Instruments
+
+
+class _Instrument:
+    """Hooks on every MLP of ``model`` for the duration of a ``with`` block."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.mlps = mlp_modules(model)
+        self.attention_mask: torch.Tensor | None = None  # (B, T): 1 = real token, 0 = padding
+        self._handles: list = []
+
+    def _register(self) -> None:  # subclasses add their hooks
+        raise NotImplementedError
+
+    def __enter__(self):
+        if self._handles:
+            raise RuntimeError(f"{type(self).__name__} is already active")
+        self._register()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) -> (N, F): the rows of real tokens (all of them without an attention mask)."""
+        if self.attention_mask is None:
+            return x.reshape(-1, x.shape[-1])
+        mask = self.attention_mask.to(device=x.device, dtype=torch.bool)
+        if mask.shape != x.shape[:-1]:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; the activations are {tuple(x.shape)}")
+        return x[mask]
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """``model(input_ids, attention_mask=...)`` with padded positions left out of the counts."""
+        self.attention_mask = attention_mask
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self.attention_mask = None
+
+
+class ActivationRecorder(_Instrument):
+    """Streaming per-layer statistics, histograms and samples of gate, up, (up_act) and combined."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kinds: tuple[str, ...] | None = None,
+        eps: float = 1e-3,
+        bins=DEFAULT_BINS,
+        sample_size: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__(model)
+        kinds = KINDS if kinds is None else tuple(kinds)
+        bad = set(kinds) - set(KINDS)
+        if bad:
+            raise ValueError(f"unknown activation kinds {sorted(bad)}; valid: {', '.join(KINDS)}")
+        self.kinds, self.eps, self.sample_size = kinds, float(eps), int(sample_size)
+        # one set of edges per kind: a single array for all, or a {kind: edges} dict
+        if isinstance(bins, dict):
+            self.edges = {k: _check_edges(bins.get(k, DEFAULT_BINS)) for k in KINDS}
+        else:
+            self.edges = dict.fromkeys(KINDS, _check_edges(bins))
+        self.generator = torch.Generator().manual_seed(seed)
+        self._acc: dict[tuple[int, str], _Accumulator] = {}
+
+    def _add(self, layer: int, kind: str, x: torch.Tensor) -> None:
+        key = (layer, kind)
+        if key not in self._acc:
+            self._acc[key] = _Accumulator(self.edges[kind], self.eps, self.sample_size, self.generator)
+        self._acc[key].update(self._tokens(x))
+
+    def _register(self) -> None:
+        for i, mlp in enumerate(self.mlps):
+            up_act = getattr(mlp, "up_act_fn", None)  # GatedMLP only; Identity unless dReLU
+            has_up_act = up_act is not None and not isinstance(up_act, nn.Identity)
+
+            def on_gate(mod, args, out, i=i, mlp=mlp):
+                with torch.no_grad():
+                    self._add(i, "gate", mlp.act_fn(out))  # (B, T, F) post-activation
+
+            def on_up(mod, args, out, i=i, mlp=mlp, has_up_act=has_up_act):
+                with torch.no_grad():
+                    if "up" in self.kinds:
+                        self._add(i, "up", out)  # (B, T, F) pre-activation
+                    if "up_act" in self.kinds and has_up_act:
+                        self._add(i, "up_act", mlp.up_act_fn(out))
+
+            def on_down(mod, args, i=i):
+                with torch.no_grad():
+                    self._add(i, "combined", args[0])  # (B, T, F), the input of down_proj
+                # returning None leaves the input unchanged
+
+            if "gate" in self.kinds:
+                self._handles.append(mlp.gate_proj.register_forward_hook(on_gate))
+            if "up" in self.kinds or ("up_act" in self.kinds and has_up_act):
+                self._handles.append(mlp.up_proj.register_forward_hook(on_up))
+            if "combined" in self.kinds:
+                self._handles.append(mlp.down_proj.register_forward_pre_hook(on_down))
+
+    def _order(self):
+        return sorted(self._acc, key=lambda lk: (lk[0], KINDS.index(lk[1])))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (layer, kind): layer, kind, zero_frac, near_zero_frac, neg_frac, mean, std, count."""
+        rows = [{"layer": layer, "kind": kind, **self._acc[(layer, kind)].row()} for layer, kind in self._order()]
+        cols = ["layer", "kind", "zero_frac", "near_zero_frac", "neg_frac", "mean", "std", "count"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def overall(self) -> pd.DataFrame:
+        """One row per kind, pooled over all layers (every value weighs the same)."""
+        rows = []
+        for kind in KINDS:
+            accs = [self._acc[k] for k in self._order() if k[1] == kind]
+            if accs:
+                total = _Accumulator(self.edges[kind], self.eps, 0, self.generator)
+                for a in accs:
+                    total.merge_moments(a)
+                rows.append({"kind": kind, **total.row()})
+        return pd.DataFrame(rows, columns=["kind", "zero_frac", "near_zero_frac", "neg_frac", "mean", "std", "count"])
+
+    def histogram(self, layer: int | None, kind: str) -> Histogram:
+        """Histogram of one layer's ``kind`` values, or of all layers together (``layer=None``)."""
+        keys = [k for k in self._order() if k[1] == kind and (layer is None or k[0] == layer)]
+        if not keys:
+            raise KeyError(f"nothing recorded for layer={layer}, kind={kind!r}")
+        hists = [self._acc[k].histogram() for k in keys]
+        return sum(hists[1:], hists[0])
+
+    def samples(self, layer: int | None, kind: str) -> np.ndarray:
+        """The random sample (float32, at most ``sample_size`` per layer); ``layer=None`` joins all layers'."""
+        keys = [k for k in self._order() if k[1] == kind and (layer is None or k[0] == layer)]
+        if not keys:
+            raise KeyError(f"nothing recorded for layer={layer}, kind={kind!r}")
+        return np.concatenate([self._acc[k].sample() for k in keys])
+
+
+def record_activations(
+    model: nn.Module,
+    kinds: tuple[str, ...] | None = None,
+    eps: float = 1e-3,
+    bins=DEFAULT_BINS,
+    sample_size: int = 0,
+    seed: int = 0,
+) -> ActivationRecorder:
+    """``with record_activations(model) as rec: model(ids)`` then ``rec.to_frame()``, ``rec.histogram(0, "up")``.
+
+    ``eps``: the near-zero threshold (``|x| <= eps``); ``bins``: histogram edges, one array or a
+    ``{kind: edges}`` dict; ``sample_size``: raw values kept per (layer, kind), 0 for none.
+    """
+    return ActivationRecorder(model, kinds=kinds, eps=eps, bins=bins, sample_size=sample_size, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks (paper eq. 3-4)
+
+
+def kept_count(sparsity: float, d: int) -> int:
+    """Entries kept per token at ``sparsity`` over width ``d``: ``d - round(sparsity * d)``.
+
+    Rounding the *zeroed* count to the nearest integer (Python's ``round``: ties to even)
+    makes the realised sparsity the achievable one closest to ``sparsity``, and is immune to
+    float noise such as ``(1 - 0.9) * 10 == 1.0000000000000002``.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1]; got {sparsity}")
+    return d - int(round(sparsity * d))
+
+
+def topk_keep(c: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero all but the ``k`` largest-magnitude entries of each row of ``c`` (..., F); ties: lower index kept."""
+    d = c.shape[-1]
+    if k >= d:
+        return c
+    if k <= 0:
+        return torch.zeros_like(c)
+    # a stable descending sort keeps equal magnitudes in index order, so ties are deterministic
+    order = torch.sort(c.abs(), dim=-1, descending=True, stable=True).indices  # (..., F)
+    keep = torch.zeros_like(c, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+    return c.masked_fill(~keep, 0)
+
+
+def threshold_keep(c: torch.Tensor, tau: float) -> torch.Tensor:
+    """Zero the entries with ``|c| < tau`` (entries equal to ``tau`` are kept)."""
+    return c.masked_fill(c.abs() < tau, 0)
+
+
+class ActivationMask(_Instrument):
+    """Masks combined (the input of every ``down_proj``) and counts the sparsity it realises.
+
+    ``realized_sparsity`` is the fraction of combined entries that are zero after masking,
+    including those that were zero already (the dReLU / ReGLU zeros).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: Literal["topk", "threshold"],
+        sparsity: float | None = None,
+        tau: float | None = None,
+    ):
+        super().__init__(model)
+        if mode == "topk":
+            kept_count(sparsity, 1)  # validates sparsity
+        elif mode == "threshold":
+            if tau is None or tau < 0:
+                raise ValueError(f"threshold masking needs tau >= 0; got {tau}")
+        else:
+            raise ValueError(f"unknown mask mode {mode!r}; valid: 'topk', 'threshold'")
+        self.mode, self.sparsity, self.tau = mode, sparsity, tau
+        self.zeros = [0] * len(self.mlps)  # per layer: zero entries after masking
+        self.entries = [0] * len(self.mlps)  # per layer: entries seen
+
+    def mask(self, c: torch.Tensor) -> torch.Tensor:
+        """The masked copy of combined ``c`` (..., F)."""
+        if self.mode == "topk":
+            return topk_keep(c, kept_count(self.sparsity, c.shape[-1]))
+        return threshold_keep(c, self.tau)
+
+    def _register(self) -> None:
+        for i, mlp in enumerate(self.mlps):
+
+            def on_down(mod, args, i=i):
+                masked = self.mask(args[0])  # (B, T, F)
+                with torch.no_grad():
+                    counted = self._tokens(masked)
+                    self.zeros[i] += int((counted == 0).sum())
+                    self.entries[i] += counted.numel()
+                return (masked, *args[1:])
+
+            self._handles.append(mlp.down_proj.register_forward_pre_hook(on_down))
+
+    @property
+    def realized_sparsity(self) -> float:
+        """Fraction of combined entries that were zero after masking, over all layers and tokens."""
+        n = sum(self.entries)
+        return sum(self.zeros) / n if n else math.nan
+
+    def per_layer_sparsity(self) -> list[float]:
+        return [z / n if n else math.nan for z, n in zip(self.zeros, self.entries)]
+
+
+def topk_mask(model: nn.Module, sparsity: float) -> ActivationMask:
+    """``with topk_mask(model, sparsity=0.9): ...`` keeps ``kept_count(sparsity, F)`` entries per token."""
+    return ActivationMask(model, "topk", sparsity=sparsity)
+
+
+def threshold_mask(model: nn.Module, tau: float) -> ActivationMask:
+    """``with threshold_mask(model, tau=0.01): ...`` zeroes combined entries with ``|c| < tau``."""
+    return ActivationMask(model, "threshold", tau=tau)

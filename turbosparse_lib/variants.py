@@ -1,0 +1,158 @@
+"""Gated-MLP variants by name: SwiGLU, GeGLU, ReGLU, shifted ReLU, dReLU, squared ReLU.
+
+A gated MLP (paper eq. 1) computes ``down(Combined(x))`` with
+``Combined(x) = act_gate(x W_gate) * act_up(x W_up)``; a variant is the pair of activations.
+
+Design:
+
+- The registry holds *gated-MLP variants*, not activation functions: dReLU (paper eq. 2) puts a
+  ReLU on both branches, which no single ``hidden_act`` can say.
+- Activations come from transformers' ``ACT2FN`` (``silu``, ``gelu_pytorch_tanh``, ``relu``,
+  ``relu2``), so swapping a Llama's native MLP for ``GatedMLP("swiglu")`` runs the very same
+  ops and reproduces its logits bit for bit. Only the shifted ReLU is our own module.
+- ``GatedMLP`` keeps Llama's names ``gate_proj``, ``up_proj``, ``down_proj`` (and ``act_fn``
+  for the gate activation), so a checkpoint's state dict maps one to one, and instruments
+  written for transformers' native MLPs work on it unchanged.
+- The input of ``down_proj`` is always ``Combined(x)``: forward hooks on ``down_proj`` see
+  (and top-k masks edit) exactly the paper's combined activation.
+- Variant keyword arguments (only ``b`` of ``shifted_relu`` today) are validated against the
+  variant's own defaults, so a typo raises instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+VariantName = Literal["swiglu", "geglu", "reglu", "shifted_relu", "drelu", "relu2"]
+
+
+class ShiftedReLU(nn.Module):
+    """``relu(x - b)``: a ReLU whose threshold is moved to ``b`` (shifted ReLU, paper ref. [42])."""
+
+    def __init__(self, b: float = 1.0):
+        super().__init__()
+        self.b = float(b)  # a plain float, not a parameter: it is recorded in the config, not the weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x - self.b)
+
+    def extra_repr(self) -> str:
+        return f"b={self.b}"
+
+
+@dataclass(frozen=True)
+class GatedVariant:
+    """One gated-MLP variant: ``combined = gate_act(gate_pre) * up_act(up_pre)``."""
+
+    name: str
+    gate_act: str  # an ACT2FN name, or "shifted_relu" (ours)
+    relu_up: bool  # True for dReLU only: a ReLU on the up branch too (paper eq. 2)
+    formula: str  # for error messages, tables and the docs
+    defaults: dict[str, Any] = field(default_factory=dict)  # accepted keyword arguments
+
+    def kwargs(self, **kw) -> dict[str, Any]:
+        """The variant's keyword arguments: its defaults updated by ``kw``; unknown keys raise."""
+        unknown = set(kw) - set(self.defaults)
+        if unknown:
+            accepted = ", ".join(self.defaults) or "none"
+            raise ValueError(f"variant {self.name!r} got unknown arguments {sorted(unknown)}; accepted: {accepted}")
+        return {**self.defaults, **kw}
+
+    def gate_activation(self, **kw) -> nn.Module:
+        kw = self.kwargs(**kw)
+        if self.gate_act == "shifted_relu":
+            return ShiftedReLU(**kw)
+        return ACT2FN[self.gate_act]  # ACT2FN builds a fresh module on each lookup
+
+    def up_activation(self) -> nn.Module:
+        return nn.ReLU() if self.relu_up else nn.Identity()
+
+
+VARIANTS: dict[str, GatedVariant] = {
+    v.name: v
+    for v in [
+        GatedVariant("swiglu", "silu", False, "silu(gate) * up"),
+        GatedVariant("geglu", "gelu_pytorch_tanh", False, "gelu_tanh(gate) * up"),  # Gemma's GeGLU
+        GatedVariant("reglu", "relu", False, "relu(gate) * up"),
+        GatedVariant("shifted_relu", "shifted_relu", False, "relu(gate - b) * up", {"b": 1.0}),
+        GatedVariant("drelu", "relu", True, "relu(gate) * relu(up)"),  # paper eq. 2
+        GatedVariant("relu2", "relu2", False, "relu(gate)**2 * up"),
+    ]
+}
+
+# The variant a native transformers MLP is, given its config's ACT2FN name.
+VARIANT_OF_HF_ACT: dict[str, str] = {
+    "silu": "swiglu",
+    "swish": "swiglu",  # ACT2FN maps "swish" to SiLU too
+    "gelu_pytorch_tanh": "geglu",
+    "relu": "reglu",
+    "relu2": "relu2",
+}
+
+
+def get_variant(name: str) -> GatedVariant:
+    """The variant called ``name``; an unknown name raises with the valid names listed."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        valid = ", ".join(f"{v.name} ({v.formula})" for v in VARIANTS.values())
+        raise ValueError(f"unknown gated-MLP variant {name!r}; valid variants: {valid}") from None
+
+
+def combined_activation(name: str, gate_pre: torch.Tensor, up_pre: torch.Tensor, **kw) -> torch.Tensor:
+    """``Combined`` of variant ``name`` from the projections' outputs ``gate_pre``, ``up_pre`` (same shape)."""
+    v = get_variant(name)
+    return v.gate_activation(**kw)(gate_pre) * v.up_activation()(up_pre)
+
+
+class GatedMLP(nn.Module):
+    """``down_proj(act_fn(gate_proj(x)) * up_act_fn(up_proj(x)))`` for any variant in ``VARIANTS``.
+
+    Same parameter names and shapes as transformers' ``LlamaMLP``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        variant: str = "swiglu",
+        bias: bool = False,
+        **variant_kwargs,
+    ):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.set_variant(variant, **variant_kwargs)
+
+    @classmethod
+    def from_linears(
+        cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, variant: str = "swiglu", **variant_kwargs
+    ) -> "GatedMLP":
+        """A GatedMLP that *shares* the given projections (no copy: same weights, device and dtype)."""
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate_proj, up_proj, down_proj
+        mlp.set_variant(variant, **variant_kwargs)
+        return mlp
+
+    def set_variant(self, variant: str, **variant_kwargs) -> None:
+        """Switch the activations in place; the weights are untouched."""
+        spec = get_variant(variant)
+        self.variant = spec.name
+        self.variant_kwargs = spec.kwargs(**variant_kwargs)
+        self.act_fn = spec.gate_activation(**self.variant_kwargs)  # the name LlamaMLP uses
+        self.up_act_fn = spec.up_activation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H)
+        combined = self.act_fn(self.gate_proj(x)) * self.up_act_fn(self.up_proj(x))  # (B, T, F)
+        return self.down_proj(combined)  # (B, T, H)
+
+    def extra_repr(self) -> str:
+        kw = "".join(f", {k}={v}" for k, v in self.variant_kwargs.items())
+        return f"variant={self.variant!r}{kw}"
