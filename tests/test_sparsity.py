@@ -200,3 +200,24 @@ def test_native_transformers_mlp_gives_the_same_statistics_as_gated_mlp():
         apply_variant(model, "swiglu")
     assert list(frames[0].kind[:3]) == ["gate", "up", "combined"]
     assert frames[0].equals(frames[1])
+
+
+def test_activation_stats_and_topk_sweep_over_a_stream():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from turbosparse_lib.modeling import apply_variant
+    from turbosparse_lib.sparsity import activation_stats, topk_sweep
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=64)
+    model = apply_variant(LlamaForCausalLM(cfg), "drelu")
+    ids = torch.randint(0, 50, (70,))
+    rec = activation_stats(model, ids, context_length=16, batch_size=3)
+    frame = rec.to_frame()
+    # 70 tokens -> 4 full windows of 16 = 64 tokens, 64 neurons each
+    assert set(frame["count"]) == {64 * 64}
+    sweep = topk_sweep(model, ids, [0.0, 0.5, 0.9], context_length=16)
+    assert list(sweep.sparsity) == [0.0, 0.5, 0.9]
+    assert sweep.realized_sparsity.iloc[2] >= 0.9 - 1e-9
+    assert sweep.realized_sparsity.is_monotonic_increasing

@@ -54,7 +54,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 def load_pretrained(name_or_dir: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local directory (or a hub id, for users who have access)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load clutters notebooks and logs
     model = AutoModelForCausalLM.from_pretrained(str(name_or_dir), dtype=dtype)
     tok = AutoTokenizer.from_pretrained(str(name_or_dir))
     model.eval()

@@ -422,3 +422,47 @@ def topk_mask(model: nn.Module, sparsity: float) -> ActivationMask:
 def threshold_mask(model: nn.Module, tau: float) -> ActivationMask:
     """``with threshold_mask(model, tau=0.01): ...`` zeroes combined entries with ``|c| < tau``."""
     return ActivationMask(model, "threshold", tau=tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# Over a whole token stream: what the notebooks call
+
+
+def _chunks_of(token_ids, context_length: int) -> torch.Tensor:
+    """Non-overlapping (N, context_length) rows of a 1-D stream (the tail that does not fill a row is dropped)."""
+    ids = (token_ids if torch.is_tensor(token_ids) else torch.as_tensor(np.asarray(token_ids))).long()
+    n = len(ids) // context_length
+    if n == 0:
+        raise ValueError(f"need at least {context_length} tokens; got {len(ids)}")
+    return ids[: n * context_length].view(n, context_length)
+
+
+def activation_stats(model: nn.Module, token_ids, context_length: int = 512, batch_size: int = 4,
+                     **recorder_kwargs) -> ActivationRecorder:
+    """Run ``model`` over ``token_ids`` in windows of ``context_length`` and return the filled recorder."""
+    rows = _chunks_of(token_ids, context_length)
+    was_training = model.training
+    model.eval()
+    try:
+        with record_activations(model, **recorder_kwargs) as rec, torch.inference_mode():
+            for i in range(0, len(rows), batch_size):
+                model(input_ids=rows[i : i + batch_size], use_cache=False)
+    finally:
+        model.train(was_training)
+    return rec
+
+
+def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 512, batch_size: int = 4) -> pd.DataFrame:
+    """Perplexity under top-k masking (paper table 3) at each target sparsity.
+
+    Columns: sparsity (the target), realized_sparsity (zeros after masking, the model's own
+    zeros included), ppl, nll, n_tokens.
+    """
+    from .perplexity import perplexity
+
+    rows = []
+    for s in sparsities:
+        with topk_mask(model, sparsity=float(s)) as m:
+            r = perplexity(model, token_ids, context_length=context_length, batch_size=batch_size)
+        rows.append(dict(sparsity=float(s), realized_sparsity=m.realized_sparsity, ppl=r.ppl, nll=r.nll, n_tokens=r.n_tokens))
+    return pd.DataFrame(rows)

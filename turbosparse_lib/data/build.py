@@ -204,3 +204,21 @@ def sources_table():
 
     return pd.DataFrame([dict(source=s.name, package=s.requirement, license=s.license, sha256=s.sha256[:12] + "…",
                               optional=s.optional, what=s.what) for s in load_manifest().values()])
+
+
+def heldout_ids(tokenizer, max_tokens: int = 0, split: str = "test"):
+    """The held-out articles tokenised by any tokenizer (ours or a pretrained model's), joined by
+    blank lines, as a 1-D int64 tensor of at most ``max_tokens`` tokens (0: all).
+
+    Perplexities of models with different tokenizers are not comparable token for token;
+    each notebook compares models that share a tokenizer.
+    """
+    import torch
+
+    texts = load_splits()[split]["text"]
+    ids: list[int] = []
+    for t in texts:  # article by article, so a small max_tokens does not tokenise everything
+        ids.extend(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"])
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
