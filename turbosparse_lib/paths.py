@@ -65,3 +65,8 @@ def notebooks_dir() -> Path:
 def executed_dir(preset: str) -> Path:
     """Executed copies of the notebooks written by the runner."""
     return notebooks_dir() / "executed" / preset
+
+
+def scratch_model_dir(preset: str, variant: str, seed: int) -> Path:
+    """The final weights of a model trained from scratch by notebook 02 (``save_pretrained`` format)."""
+    return models_dir() / preset / f"scratch-{variant}-seed{seed}"

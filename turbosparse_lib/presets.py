@@ -25,7 +25,8 @@ class Preset:
     eval_tokens: int  # held-out tokens scored for perplexity (0 = the whole test split)
     stats_tokens: int  # tokens pushed through a model to collect activation statistics
     context_length: int  # evaluation window for perplexity, in tokens
-    topk_sparsities: tuple[float, ...] = field(default=(0.0, 0.5, 0.8, 0.85, 0.9))
+    topk_sparsities: tuple[float, ...] = field(default=(0.0, 0.5, 0.8, 0.85, 0.9))  # table 3's levels
+    topk_fine: tuple[float, ...] = ()  # extra levels for the finer curve of notebook 03
     notebook_timeout_s: int = 1800  # per-cell timeout used by the runner
 
 
@@ -47,7 +48,8 @@ PRESETS: dict[str, Preset] = {
         eval_tokens=16_384,
         stats_tokens=4_096,
         context_length=512,
-        topk_sparsities=(0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95),
+        topk_sparsities=(0.0, 0.5, 0.8, 0.85, 0.9),
+        topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95),
         notebook_timeout_s=3600,
     ),
     "paper": Preset(
@@ -57,7 +59,8 @@ PRESETS: dict[str, Preset] = {
         eval_tokens=0,
         stats_tokens=65_536,
         context_length=2048,
-        topk_sparsities=(0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95),
+        topk_sparsities=(0.0, 0.5, 0.8, 0.85, 0.9),
+        topk_fine=tuple(round(0.05 * i, 2) for i in range(1, 20) if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)),
         notebook_timeout_s=6 * 3600,
     ),
 }
