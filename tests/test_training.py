@@ -1,0 +1,116 @@
+"""The trainer: schedule, data order, config guard, kill-and-resume equality, DDP against one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from turbosparse_lib import training
+from turbosparse_lib.training import TrainConfig, lr_at, make_sequences, train_config
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = train_config("smoke", "drelu", total_tokens=100 * 4 * 128, warmup_steps=10)
+    lrs = [lr_at(s, cfg) for s in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(cfg.lr / 10)
+    assert lrs[9] == pytest.approx(cfg.lr)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine falls
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-3)
+
+
+def test_make_sequences_is_deterministic_and_disjoint():
+    toks = np.arange(1000)
+    a = make_sequences(toks, 10, 50, seed=3)
+    b = make_sequences(toks, 10, 50, seed=3)
+    assert torch.equal(a, b) and a.shape == (50, 10)
+    assert len(set(a[:, 0].tolist())) == 50 and all(int(r[0]) % 10 == 0 for r in a)
+    with pytest.raises(ValueError, match="sequences"):
+        make_sequences(toks, 10, 101, seed=0)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown training preset"):
+        train_config("huge", "drelu")
+    with pytest.raises(ValueError, match="precision"):
+        train_config("smoke", "drelu", precision="fp8")
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        train_config("smoke", "drelu", batch_size=3)
+    with pytest.raises(TypeError, match="unknown TrainConfig fields"):
+        train_config("smoke", "drelu", learning_rate=1)
+
+
+def test_paper_preset_is_table_12():
+    cfg = train_config("paper", "drelu")
+    assert (cfg.batch_size, cfg.context_length, cfg.lr, cfg.warmup_steps, cfg.weight_decay) == (128, 2048, 1e-4, 2000, 0.01)
+    assert (cfg.beta1, cfg.beta2) == (0.9, 0.95)
+
+
+def test_a_run_folder_refuses_another_config(tmp_path, built_data):
+    cfg = train_config("smoke", "drelu", total_tokens=4 * 4 * 128)
+    training.train(cfg, tmp_path)
+    assert training.is_complete(tmp_path)
+    again = training.train(cfg, tmp_path)  # finished: nothing retrained
+    assert again["steps"] == 4
+    with pytest.raises(ValueError, match="variant: stored 'drelu' vs requested 'swiglu'"):
+        training.train(train_config("smoke", "swiglu", total_tokens=4 * 4 * 128), tmp_path)
+    m = training.load_trained(tmp_path)
+    assert m.config.mlp_variant == "drelu"
+    metrics = training.read_metrics(tmp_path)
+    assert list(metrics.step[metrics.loss.notna()]) == [2, 4] and "val_loss" in metrics
+
+
+def _run(args, env_extra=None, cwd=None):
+    env = {**os.environ, "TQDM_DISABLE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "turbosparse_lib.training", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _summary(run_dir):
+    return json.loads((run_dir / training.SUMMARY_FILE).read_text())
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_final_loss(tmp_path, built_data):
+    base = ["--preset", "smoke", "--variant", "drelu", "--seed", "0", "--threads", "1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _run(base + ["--out", str(whole)]).returncode == 0
+    # checkpoints every 8 steps: a SIGKILL at step 13 loses steps 8-12, which the resume must redo
+    r = _run(base + ["--out", str(killed)], {"TURBOSPARSE_KILL_AT_STEP": "13"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (killed / training.CHECKPOINT / "state.json").exists() and not training.is_complete(killed)
+    assert json.loads((killed / training.CHECKPOINT / "state.json").read_text())["step"] == 8
+    r = _run(base + ["--out", str(killed)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _summary(whole), _summary(killed)
+    assert b["resumed_from_step"] == 8
+    assert a["final_train_loss"] == b["final_train_loss"] and a["final_val_loss"] == b["final_val_loss"]
+    wa, wb = _weights(whole), _weights(killed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the metrics of the resumed run have each step once, as the uninterrupted run's
+    assert list(training.read_metrics(killed).step) == list(training.read_metrics(whole).step)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, built_data):
+    base = ["--preset", "smoke", "--variant", "swiglu", "--seed", "1", "--threads", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(base + ["--out", str(one)]).returncode == 0
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "turbosparse_lib.training", *base, "--out", str(two)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _summary(one), _summary(two)
+    assert b["processes"] == 2
+    assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
+    assert b["final_val_loss"] == pytest.approx(a["final_val_loss"], rel=1e-4)
