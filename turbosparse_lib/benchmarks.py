@@ -56,7 +56,7 @@ from numba import njit, prange
 from . import kernels, paths
 from .atomic import atomic_path
 from .engine import Engine, ExactZeroOracle, MaskProvider, TopKOracle
-from .sparsity import _chunks_of, _Instrument, kept_count
+from .sparsity import MLPInstrument, kept_count, run_over_stream
 
 LLC_BYTES_DEFAULT = 32 * 2**20  # the L3 of the project's machines, when sysfs does not say
 
@@ -335,7 +335,7 @@ def bench_gemv(sizes: BenchSizes, seed: int = 0) -> pd.DataFrame:
 # Per-neuron activation frequencies and masks drawn from them
 
 
-class _NeuronCounter(_Instrument):
+class _NeuronCounter(MLPInstrument):
     """Counts, per layer and neuron, the tokens whose combined value (input of down_proj) is non-zero."""
 
     def __init__(self, model):
@@ -361,15 +361,7 @@ def neuron_frequencies(model, token_ids, context_length: int = 256, batch_size: 
 
     ``model`` runs over ``token_ids`` in non-overlapping windows of ``context_length`` tokens.
     """
-    rows = _chunks_of(token_ids, context_length)
-    was_training = model.training
-    model.eval()
-    try:
-        with _NeuronCounter(model) as counter, torch.inference_mode():
-            for i in range(0, len(rows), batch_size):
-                model(input_ids=rows[i : i + batch_size], use_cache=False)
-    finally:
-        model.train(was_training)
+    counter = run_over_stream(_NeuronCounter(model), token_ids, context_length, batch_size)
     return np.stack([c / t for c, t in zip(counter.counts, counter.tokens)])
 
 

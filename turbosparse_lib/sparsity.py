@@ -167,7 +167,7 @@ class _Accumulator:
 # Instruments
 
 
-class _Instrument:
+class MLPInstrument:
     """Hooks on every MLP of ``model`` for the duration of a ``with`` block."""
 
     def __init__(self, model: nn.Module):
@@ -212,7 +212,7 @@ class _Instrument:
             self.attention_mask = None
 
 
-class ActivationRecorder(_Instrument):
+class ActivationRecorder(MLPInstrument):
     """Streaming per-layer statistics, histograms and samples of gate, up, (up_act) and combined."""
 
     def __init__(
@@ -359,7 +359,7 @@ def threshold_keep(c: torch.Tensor, tau: float) -> torch.Tensor:
     return c.masked_fill(c.abs() < tau, 0)
 
 
-class ActivationMask(_Instrument):
+class ActivationMask(MLPInstrument):
     """Masks combined (the input of every ``down_proj``) and counts the sparsity it realises.
 
     ``realized_sparsity`` is the fraction of combined entries that are zero after masking,
@@ -437,19 +437,26 @@ def _chunks_of(token_ids, context_length: int) -> torch.Tensor:
     return ids[: n * context_length].view(n, context_length)
 
 
-def activation_stats(model: nn.Module, token_ids, context_length: int = 512, batch_size: int = 4,
-                     **recorder_kwargs) -> ActivationRecorder:
-    """Run ``model`` over ``token_ids`` in windows of ``context_length`` and return the filled recorder."""
+def run_over_stream(instrument: MLPInstrument, token_ids, context_length: int = 512, batch_size: int = 4):
+    """Run the instrument's model over ``token_ids`` in windows of ``context_length`` with the
+    instrument's hooks on (eval mode, no autograd); returns the instrument, now filled."""
+    model = instrument.model
     rows = _chunks_of(token_ids, context_length)
     was_training = model.training
     model.eval()
     try:
-        with record_activations(model, **recorder_kwargs) as rec, torch.inference_mode():
+        with instrument, torch.inference_mode():
             for i in range(0, len(rows), batch_size):
                 model(input_ids=rows[i : i + batch_size], use_cache=False)
     finally:
         model.train(was_training)
-    return rec
+    return instrument
+
+
+def activation_stats(model: nn.Module, token_ids, context_length: int = 512, batch_size: int = 4,
+                     **recorder_kwargs) -> ActivationRecorder:
+    """Run ``model`` over ``token_ids`` in windows of ``context_length`` and return the filled recorder."""
+    return run_over_stream(ActivationRecorder(model, **recorder_kwargs), token_ids, context_length, batch_size)
 
 
 def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 512, batch_size: int = 4) -> pd.DataFrame:

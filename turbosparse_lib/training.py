@@ -288,7 +288,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
         opt_tensors["rng.torch"] = torch.get_rng_state()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "state.json", {"step": step, "tokens_seen": tokens_seen, "precision": precision,
-                                        "optimizer": opt_meta, "rng_numpy_seed_note": "numpy RNG unused in the loop"})
+                                        "optimizer": opt_meta})
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
@@ -414,10 +414,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                 _rewrite_metrics(run_dir / METRICS_FILE, start_step)
         elif precision == "auto":
             precision_measurement = measure_precision(cfg)
-            # every rank must agree: take rank 0's choice
-            choice = _all_mean(1.0 if precision_measurement["chosen"] == "bf16" else 0.0, d) if d.world > 1 else None
-            precision = precision_measurement["chosen"] if choice is None else ("bf16" if choice >= 0.5 else "fp32")
-            torch.manual_seed(cfg.seed)
+            # every rank must use the same precision: a majority of the ranks' measurements decides
+            precision = "bf16" if _all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
         _barrier(d)
 
         ddp = model
