@@ -10,68 +10,79 @@ import numpy as np
 import pytest
 import torch
 
-from turbosparse_lib import benchmarks as B
-from turbosparse_lib.engine import Engine
+from turbosparse_lib.bench import bandwidth, bytes_model, decoding, llamacpp, projections, timing
+from turbosparse_lib.bench import kernels as bench_kernels
+from turbosparse_lib.presets import get_preset
+from turbosparse_lib.sparsity import frequencies
+from turbosparse_lib.inference.engine import Engine
 
-TINY = B.ModelShape("tiny", hidden=8, intermediate=20, layers=2, heads=4, kv_heads=2, head_dim=2, vocab=50, tied=True)
+TINY = bytes_model.ModelShape("tiny", hidden=8, intermediate=20, layers=2, heads=4, kv_heads=2, head_dim=2, vocab=50, tied=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # sizes and helpers
 
 
-def test_bench_sizes_known_and_unknown():
-    for name in ("smoke", "cpu", "paper"):
-        assert B.bench_sizes(name).name == name
-    with pytest.raises(ValueError, match="smoke, cpu, paper"):
-        B.bench_sizes("laptop")
-
-
 def test_sizes_cover_the_issue():
-    cpu = B.bench_sizes("cpu")
+    cpu = get_preset("cpu").bench
     assert ("Mistral-7B", 4096, 14336) in cpu.ffn_shapes
     assert set(cpu.ffn_sparsities) == {0.5, 0.8, 0.9, 0.95} and set(cpu.ffn_dtypes) == {"float32", "int8"}
-    assert cpu.bandwidth_mb * 2**20 > B.LLC_BYTES_DEFAULT
+    assert cpu.bandwidth_mb * 2**20 > timing.LLC_BYTES_DEFAULT
 
 
 def test_median_and_speedup():
-    assert B.median([3, 1, 2]) == 2 and B.median([4, 1, 2, 3]) == 2.5
-    assert B.speedup([2.0, 2.0, 100.0], [1.0, 0.5, 0.5]) == 4.0  # medians 2 and 0.5; the outlier is ignored
+    assert timing.median([3, 1, 2]) == 2 and timing.median([4, 1, 2, 3]) == 2.5
+    assert timing.speedup([2.0, 2.0, 100.0], [1.0, 0.5, 0.5]) == 4.0  # medians 2 and 0.5; the outlier is ignored
     with pytest.raises(ValueError):
-        B.median([])
+        timing.median([])
     with pytest.raises(ValueError):
-        B.speedup([1.0], [0.0])
+        timing.speedup([1.0], [0.0])
 
 
 def test_bandwidth_is_positive_on_a_tiny_array():
-    bw = B.measure_bandwidth(size_mb=1, repeats=2)
+    bw = bandwidth.measure_bandwidth(size_mb=1, repeats=2)
     assert bw["read_gbs"] > 0 and bw["copy_gbs"] > 0 and bw["size_mb"] == 1.0
     with pytest.raises(ValueError):
-        B.measure_bandwidth(size_mb=0)
+        bandwidth.measure_bandwidth(size_mb=0)
 
 
 def test_time_round_robin_interleaves_and_warms_up():
     calls = []
     fns = {"a": lambda r: calls.append(("a", r)), "b": lambda r: calls.append(("b", r))}
-    times = B.time_round_robin(fns, 2, flush=False)
+    times = timing.time_round_robin(fns, 2, flush=False)
     assert calls == [("a", 0), ("b", 0), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]  # warm-up, then rounds
     assert set(times) == {"a", "b"} and all(len(t) == 2 and (t >= 0).all() for t in times.values())
     with pytest.raises(ValueError):
-        B.time_round_robin({}, 0)
+        timing.time_round_robin({}, 0)
 
 
 def test_setup_threads_fixes_every_pool():
     import numba
 
-    info = B.setup_threads(B.bench_sizes("smoke"))  # 1 thread
+    info = timing.setup_threads(get_preset("smoke").threads)  # 1 thread
     assert info["numba_threads"] == 1 and info["torch_threads"] == 1
     assert info["numpy_openblas_threads"] in (1, None)  # None: NumPy without a bundled OpenBLAS
-    B.setup_threads(B.BenchSizes("all", None, 1, 1, (), ()))
+    timing.setup_threads(None)
     assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
 
 
 def test_llc_bytes_is_positive():
-    assert B.llc_bytes() > 0
+    assert timing.llc_bytes() > 0
+
+
+def test_wait_for_quiet_reports_waits_and_refuses(monkeypatch):
+    readings = iter([8.0, 8.0, 0.1])
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (next(readings), 0.0, 0.0))
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    r = timing.wait_for_quiet(0.35, wait_s=3600, poll_s=0)
+    assert r["load1"] == 0.1 and r["load_per_core"] == pytest.approx(0.05)
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (4.0, 0.0, 0.0))
+    clock = iter([0.0] + [100.0] * 10)
+    monkeypatch.setattr(timing.time, "monotonic", lambda: next(clock))
+    with pytest.raises(timing.MachineBusy, match="busy"):
+        timing.wait_for_quiet(0.35, wait_s=10, poll_s=0)
+    assert timing.wait_for_quiet(None, wait_s=0)["load1"] == 4.0  # smoke: report, never refuse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +90,7 @@ def test_llc_bytes_is_positive():
 
 
 def test_bytes_per_token_dense_by_hand():
-    b = B.bytes_per_token(TINY, None, context=3, precision=B.FP32)
+    b = bytes_model.bytes_per_token(TINY, None, context=3, precision=bytes_model.FP32)
     q = (4 + 2 * 2) * 2  # q, k, v rows: (heads + 2 kv_heads) * head_dim
     assert b["attention"] == 2 * (q * 8 + 8 * 4 * 2) * 4
     assert b["ffn"] == 2 * 3 * 20 * 8 * 4
@@ -92,39 +103,39 @@ def test_bytes_per_token_dense_by_hand():
 
 
 def test_bytes_per_token_sparse_int8_by_hand():
-    b = B.bytes_per_token(TINY, 0.25, precision=B.OURS_INT8_FFN)  # 5 of 20 neurons active
+    b = bytes_model.bytes_per_token(TINY, 0.25, precision=bytes_model.OURS_INT8_FFN)  # 5 of 20 neurons active
     assert b["ffn"] == 2 * (3 * 5 * 8 * 1 + 3 * 5 * 4)  # int8 rows and their float32 scales
     assert b["mask_indices"] == 2 * 5 * 8
-    dense = B.bytes_per_token(TINY, None, precision=B.OURS_INT8_FFN)
+    dense = bytes_model.bytes_per_token(TINY, None, precision=bytes_model.OURS_INT8_FFN)
     assert dense["ffn"] == 2 * (3 * 20 * 8 + (2 * 20 + 8) * 4)  # scales of gate, up and (dense layout) down rows
     assert b["attention"] == dense["attention"] and b["lm_head"] == dense["lm_head"]
     with pytest.raises(ValueError):
-        B.bytes_per_token(TINY, 1.5)
+        bytes_model.bytes_per_token(TINY, 1.5)
 
 
 def test_ffn_bytes_matches_bytes_per_token():
-    one_layer = B.ModelShape("x", 8, 20, 1, 4, 2, 2, 50)
-    for dtype, prec in (("float32", B.FP32), ("int8", B.OURS_INT8_FFN)):
-        assert B.ffn_bytes(8, 20, None, dtype) == B.bytes_per_token(one_layer, None, precision=prec)["ffn"]
-        sparse = B.bytes_per_token(one_layer, 0.25, precision=prec)
-        assert B.ffn_bytes(8, 20, 5, dtype) == sparse["ffn"] + sparse["mask_indices"]
+    one_layer = bytes_model.ModelShape("x", 8, 20, 1, 4, 2, 2, 50)
+    for dtype, prec in (("float32", bytes_model.FP32), ("int8", bytes_model.OURS_INT8_FFN)):
+        assert bench_kernels.ffn_bytes(8, 20, None, dtype) == bytes_model.bytes_per_token(one_layer, None, precision=prec)["ffn"]
+        sparse = bytes_model.bytes_per_token(one_layer, 0.25, precision=prec)
+        assert bench_kernels.ffn_bytes(8, 20, 5, dtype) == sparse["ffn"] + sparse["mask_indices"]
     with pytest.raises(ValueError, match="float32"):
-        B.ffn_bytes(8, 20, None, "fp16")
+        bench_kernels.ffn_bytes(8, 20, None, "fp16")
 
 
 def test_moe_reads_only_routed_experts_and_the_router():
-    moe = B.ModelShape("moe", 8, 20, 2, 4, 2, 2, 50, n_experts=4, experts_per_token=2)
-    dense = B.ModelShape("dense", 8, 20, 2, 4, 2, 2, 50)
-    assert B.bytes_per_token(moe)["ffn"] == 2 * B.bytes_per_token(dense)["ffn"]
-    assert B.bytes_per_token(moe)["router"] == 2 * 4 * 8 * 4
+    moe = bytes_model.ModelShape("moe", 8, 20, 2, 4, 2, 2, 50, n_experts=4, experts_per_token=2)
+    dense = bytes_model.ModelShape("dense", 8, 20, 2, 4, 2, 2, 50)
+    assert bytes_model.bytes_per_token(moe)["ffn"] == 2 * bytes_model.bytes_per_token(dense)["ffn"]
+    assert bytes_model.bytes_per_token(moe)["router"] == 2 * 4 * 8 * 4
 
 
 def test_paper_model_sizes():
-    assert B.MISTRAL_7B.params == 7_241_732_096  # Mistral-7B-v0.1's parameter count
-    assert abs(B.MIXTRAL_47B.params / 1e9 - 46.7) < 0.05
-    assert abs(B.activated_params(B.MIXTRAL_47B) / 1e9 - 12.9) < 0.2  # "13B active" (paper, figure 1)
-    frac = B.ffn_active_from_activated(B.MISTRAL_7B, 2.5e9)
-    assert abs(B.activated_params(B.MISTRAL_7B, frac) - 2.5e9) < 1e3
+    assert projections.MISTRAL_7B.params == 7_241_732_096  # Mistral-7B-v0.1's parameter count
+    assert abs(projections.MIXTRAL_47B.params / 1e9 - 46.7) < 0.05
+    assert abs(bytes_model.activated_params(projections.MIXTRAL_47B) / 1e9 - 12.9) < 0.2  # "13B active" (paper, figure 1)
+    frac = bytes_model.ffn_active_from_activated(projections.MISTRAL_7B, 2.5e9)
+    assert abs(bytes_model.activated_params(projections.MISTRAL_7B, frac) - 2.5e9) < 1e3
 
 
 def test_engine_shape_and_tied_head():
@@ -133,7 +144,7 @@ def test_engine_shape_and_tied_head():
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=32, tie_word_embeddings=True)  # fmt: skip
-    shape = B.ModelShape.of_engine(Engine.from_transformers(LlamaForCausalLM(cfg).eval()))
+    shape = bytes_model.ModelShape.of_engine(Engine.from_transformers(LlamaForCausalLM(cfg).eval()))
     assert (shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim) == (16, 24, 4, 2, 4)
     assert shape.tied
 
@@ -148,7 +159,7 @@ def _skewed(n=200, seed=0):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.95, 1.0])
 def test_masks_hit_the_sparsity_exactly(sparsity):
-    masks = B.sample_masks(np.stack([_skewed(), _skewed(seed=1)]), 1000, sparsity, 20, seed=3)
+    masks = frequencies.sample_masks(np.stack([_skewed(), _skewed(seed=1)]), 1000, sparsity, 20, seed=3)
     k = 1000 - round(sparsity * 1000)
     for m in masks:
         assert m.dtype == np.int64 and len(m) == k
@@ -157,21 +168,21 @@ def test_masks_hit_the_sparsity_exactly(sparsity):
 
 def test_inclusion_probabilities_sum_to_k_and_keep_order():
     f = _skewed()
-    q = B.inclusion_probabilities(f, 30)
+    q = frequencies.inclusion_probabilities(f, 30)
     assert abs(q.sum() - 30) < 1e-9 and q.max() <= 1
     assert np.all(np.diff(q[np.argsort(f)]) >= -1e-15)  # monotone in the frequency
     with pytest.raises(ValueError):
-        B.inclusion_probabilities(f, 201)
+        frequencies.inclusion_probabilities(f, 201)
 
 
 def test_masks_follow_the_frequencies():
     f = np.concatenate([np.full(10, 0.9), np.full(90, 0.05)])  # 10 hot, 90 cold neurons, mean 0.135
-    q = B.inclusion_probabilities(f, 20)
+    q = frequencies.inclusion_probabilities(f, 20)
     rng = np.random.default_rng(0)
     draws = 4000
     counts = np.zeros(100)
     for _ in range(draws):
-        counts[B._systematic_sample(q, 20, rng)] += 1
+        counts[frequencies._systematic_sample(q, 20, rng)] += 1
     emp = counts / draws
     se = np.sqrt(q * (1 - q) / draws)
     assert np.all(np.abs(emp - q) < 5 * se + 1e-3)  # marginals are q
@@ -180,29 +191,30 @@ def test_masks_follow_the_frequencies():
 
 def test_resampling_keeps_the_distribution():
     f = _skewed(500)
-    r = B.resample_frequencies(f, 5000, seed=1)
+    r = frequencies.resample_frequencies(f, 5000, seed=1)
     assert len(r) == 5000
     np.testing.assert_allclose(np.quantile(r, [0.1, 0.5, 0.9]), np.quantile(f, [0.1, 0.5, 0.9]), atol=0.01)
     assert not np.all(np.diff(r) >= 0)  # shuffled
     with pytest.raises(ValueError):
-        B.resample_frequencies(np.array([1.5]), 10)
+        frequencies.resample_frequencies(np.array([1.5]), 10)
 
 
 def test_hot_share():
-    assert B.hot_share(np.ones(10), 0.3) == pytest.approx(0.3)
-    assert B.hot_share(np.array([1.0, 0, 0, 0]), 0.25) == pytest.approx(1.0)
-    assert B.hot_share(np.array([3.0, 1.0]), 0.25) == pytest.approx(0.375)  # half of the hotter neuron
-    s = B.frequency_summary(np.stack([np.array([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0])] * 2))
+    assert frequencies.hot_share(np.ones(10), 0.3) == pytest.approx(0.3)
+    assert frequencies.hot_share(np.array([1.0, 0, 0, 0]), 0.25) == pytest.approx(1.0)
+    assert frequencies.hot_share(np.array([3.0, 1.0]), 0.25) == pytest.approx(0.375)  # half of the hotter neuron
+    s = frequencies.frequency_summary(np.stack([np.array([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0])] * 2))
     assert s["active_fraction"] == pytest.approx(0.1) and s["hot10_share"] == pytest.approx(1.0)
     assert s["never_active"] == pytest.approx(0.9)
 
 
 def test_neuron_frequencies_count_nonzero_combined():
-    from turbosparse_lib.modeling import build_model, mlp_modules
+    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.swap import mlp_modules
 
     model = build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, vocab_size=64, seed=0)
     ids = torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(0))
-    freq = B.neuron_frequencies(model, ids, context_length=16, batch_size=2)
+    freq = frequencies.neuron_frequencies(model, ids, context_length=16, batch_size=2)
     assert freq.shape == (2, 48)
     seen = []
     h = mlp_modules(model)[1].down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
@@ -218,39 +230,39 @@ def test_neuron_frequencies_count_nonzero_combined():
 
 
 def test_cpu_projection_is_bandwidth_over_bytes():
-    m = B.PAPER_MACHINES["PC-Laptop"]
-    p = B.project("table 7 (CPU only)", m, B.MISTRAL_7B, B.FP16, 0.1, context=0)
-    dense = B.bytes_per_token(B.MISTRAL_7B, None, 0, B.FP16)["total"]
-    sparse = B.bytes_per_token(B.MISTRAL_7B, 0.1, 0, B.FP16)["total"]
+    m = projections.PAPER_MACHINES["PC-Laptop"]
+    p = projections.project("table 7 (CPU only)", m, projections.MISTRAL_7B, bytes_model.FP16, 0.1, context=0)
+    dense = bytes_model.bytes_per_token(projections.MISTRAL_7B, None, 0, bytes_model.FP16)["total"]
+    sparse = bytes_model.bytes_per_token(projections.MISTRAL_7B, 0.1, 0, bytes_model.FP16)["total"]
     assert p["dense tok/s"] == pytest.approx(67.2e9 / dense)
     assert p["sparse tok/s"] == pytest.approx(67.2e9 / sparse)
     assert p["speed-up"] == pytest.approx(dense / sparse)
-    half = B.project("table 7 (CPU only)", m, B.MISTRAL_7B, B.FP16, 0.1, context=0, efficiency=0.5)
+    half = projections.project("table 7 (CPU only)", m, projections.MISTRAL_7B, bytes_model.FP16, 0.1, context=0, efficiency=0.5)
     assert half["dense tok/s"] == pytest.approx(p["dense tok/s"] / 2)
     with pytest.raises(ValueError, match="table"):
-        B.project("table 5", m, B.MISTRAL_7B, B.FP16, 0.1)
+        projections.project("table 5", m, projections.MISTRAL_7B, bytes_model.FP16, 0.1)
 
 
 def test_hybrid_and_phone_projections_use_the_fast_tier():
     f = np.stack([_skewed(1000)])
-    gpu = B.project("table 8 (CPU+GPU)", B.PAPER_MACHINES["PC-2080Ti"], B.MISTRAL_7B, B.FP16, 0.1, f)
-    cpu = B.project("table 7 (CPU only)", B.PAPER_MACHINES["PC-2080Ti"], B.MISTRAL_7B, B.FP16, 0.1, f)
+    gpu = projections.project("table 8 (CPU+GPU)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, f)
+    cpu = projections.project("table 7 (CPU only)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, f)
     assert gpu["dense tok/s"] > cpu["dense tok/s"] and gpu["sparse tok/s"] > cpu["sparse tok/s"]
-    uniform = B.project("table 8 (CPU+GPU)", B.PAPER_MACHINES["PC-2080Ti"], B.MISTRAL_7B, B.FP16, 0.1, None)
+    uniform = projections.project("table 8 (CPU+GPU)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, None)
     assert gpu["sparse tok/s"] > uniform["sparse tok/s"]  # skew: hot neurons on the GPU catch more traffic
-    phone = B.project("table 9 (phone)", B.PAPER_MACHINES["OnePlus-12"], B.MIXTRAL_47B, B.Q4_0, 0.25, f)
-    dense_b = B.bytes_per_token(B.MIXTRAL_47B, None, 256, B.Q4_0)["total"]
+    phone = projections.project("table 9 (phone)", projections.PAPER_MACHINES["OnePlus-12"], projections.MIXTRAL_47B, bytes_model.Q4_0, 0.25, f)
+    dense_b = bytes_model.bytes_per_token(projections.MIXTRAL_47B, None, 256, bytes_model.Q4_0)["total"]
     assert phone["dense tok/s"] == pytest.approx(4.2e9 / dense_b)  # 26 GB > 16 GB budget: all from flash
     assert phone["speed-up"] > 1
 
 
 def test_project_paper_tables_has_every_paper_row():
-    t = B.project_paper_tables({"Mistral-7B": 0.1, "Mixtral-47B": 0.2})
-    assert len(t) == len(B.PAPER_TABLES) == 8
+    t = projections.project_paper_tables({"Mistral-7B": 0.1, "Mixtral-47B": 0.2})
+    assert len(t) == len(projections.PAPER_TABLES) == 8
     assert {"sparse tok/s (paper)", "dense tok/s (paper)", "sparse tok/s (projection)"} <= set(t.columns)
     assert t["speed-up (paper)"].iloc[0] == pytest.approx(9.94 / 4.78)
     with pytest.raises(KeyError, match="Mixtral"):
-        B.project_paper_tables({"Mistral-7B": 0.1})
+        projections.project_paper_tables({"Mistral-7B": 0.1})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +270,7 @@ def test_project_paper_tables_has_every_paper_row():
 
 
 def _tiny_drelu_engine():
-    from turbosparse_lib.modeling import build_model
+    from turbosparse_lib.models.architecture import build_model
 
     model = build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, vocab_size=64, seed=1)
     return Engine.from_transformers(model)
@@ -267,8 +279,8 @@ def _tiny_drelu_engine():
 def test_recorded_masks_replay_bit_identically():
     engine = _tiny_drelu_engine()
     prompt = np.arange(5, dtype=np.int64)
-    dense, _ = B.EngineRun(engine).decode(prompt, 6)
-    run = B.EngineRun(engine, masks="exact")
+    dense, _ = decoding.EngineRun(engine).decode(prompt, 6)
+    run = decoding.EngineRun(engine, masks="exact")
     recorded, _ = run.decode(prompt, 6)  # records
     profile = {}
     replayed, _ = run.decode(prompt, 6, profile)  # replays
@@ -286,26 +298,26 @@ def test_recorded_masks_replay_bit_identically():
 def test_bench_decoding_tables_and_limits():
     engine = _tiny_drelu_engine()
     runs = {
-        "dense": B.EngineRun(engine),
-        "exact": B.EngineRun(engine, masks="exact"),
-        "int8": B.EngineRun(engine, "int8"),
-        "topk": B.EngineRun(engine, masks="topk", topk_sparsity=0.9),
+        "dense": decoding.EngineRun(engine),
+        "exact": decoding.EngineRun(engine, masks="exact"),
+        "int8": decoding.EngineRun(engine, "int8"),
+        "topk": decoding.EngineRun(engine, masks="topk", topk_sparsity=0.9),
     }
-    speed, tokens = B.bench_decoding(runs, np.arange(4), 4, repeats=1)
+    speed, tokens = decoding.bench_decoding(runs, np.arange(4), 4, repeats=1)
     assert list(speed.index) == list(runs) and (speed.tokens_per_s > 0).all() and speed.same_tokens_each_run.all()
     np.testing.assert_array_equal(tokens["exact"], tokens["dense"])
-    prof = B.profile_table(runs)
+    prof = decoding.profile_table(runs)
     assert prof.loc["dense", "ffn_active"] == 1.0 and prof.loc["topk", "ffn_active"] == pytest.approx(5 / 48)
-    lim = B.decoding_limits(B.ModelShape.of_engine(engine), runs, speed, 4, 4, bandwidth_gbs=10.0,
+    lim = decoding.decoding_limits(bytes_model.ModelShape.of_engine(engine), runs, speed, 4, 4, bandwidth_gbs=10.0,
                             baselines={"float32": "dense", "int8": "int8"})
     assert lim.loc["dense", "byte_limit"] == 1.0 and lim.loc["topk", "byte_limit"] > lim.loc["exact", "byte_limit"] > 1
     assert lim.loc["int8", "masks"] == "dense" and lim.loc["int8", "speedup"] == 1.0
     with pytest.raises(KeyError, match="baseline"):
-        B.decoding_limits(B.ModelShape.of_engine(engine), runs, speed, 4, 4, 10.0, {"float32": "nope"})
+        decoding.decoding_limits(bytes_model.ModelShape.of_engine(engine), runs, speed, 4, 4, 10.0, {"float32": "nope"})
     with pytest.raises(ValueError):
-        B.EngineRun(engine, masks="predictor")
+        decoding.EngineRun(engine, masks="predictor")
     with pytest.raises(ValueError):
-        B.bench_decoding(runs, np.arange(4), 1, repeats=1)
+        decoding.bench_decoding(runs, np.arange(4), 1, repeats=1)
 
 
 def test_llama_cpp_missing_is_a_clear_error(monkeypatch):
@@ -319,9 +331,9 @@ def test_llama_cpp_missing_is_a_clear_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_llama)
-    assert not B.llama_cpp_available()
+    assert not llamacpp.llama_cpp_available()
     with pytest.raises(ImportError, match=r"\[bench\]"):
-        B.require_llama_cpp()
+        llamacpp.require_llama_cpp()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,12 +342,12 @@ def test_llama_cpp_missing_is_a_clear_error(monkeypatch):
 
 @pytest.mark.benchmark
 def test_kernel_benchmarks_run_at_smoke_sizes():
-    sizes = B.bench_sizes("smoke")
-    B.setup_threads(sizes)
-    bw = B.measure_bandwidth(sizes.bandwidth_mb, 3)["read_gbs"]
-    gemv = B.bench_gemv(sizes)
+    sizes = get_preset("smoke").bench
+    timing.setup_threads(1)
+    bw = bandwidth.measure_bandwidth(sizes.bandwidth_mb, 3)["read_gbs"]
+    gemv = bench_kernels.bench_gemv(sizes)
     assert (gemv.ours_ms > 0).all()
-    ffn = B.bench_ffn(sizes, np.stack([_skewed(1536)]), bw)
+    ffn = bench_kernels.bench_ffn(sizes, np.stack([_skewed(1536)]), bw)
     assert len(ffn) == len(sizes.ffn_shapes) * len(sizes.ffn_dtypes) * len(sizes.ffn_sparsities)
     assert (ffn.byte_limit > 1).all() and not math.isnan(ffn.speedup.iloc[0])
 
@@ -343,11 +355,11 @@ def test_kernel_benchmarks_run_at_smoke_sizes():
 @pytest.mark.benchmark
 def test_llama_cpp_decodes_smollm2_like_our_engine(built_data):
     pytest.importorskip("llama_cpp")
-    from turbosparse_lib.pretrained import load_smollm2
+    from turbosparse_lib.models.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     prompt = np.array(tok("The capital of France is", add_special_tokens=False)["input_ids"])
-    runs = {"ours": B.EngineRun(Engine.from_transformers(model)), "llama.cpp": B.LlamaCppRun(B.smollm2_f32_gguf(), 2)}
-    speed, tokens = B.bench_decoding(runs, prompt, 8, repeats=1)
+    runs = {"ours": decoding.EngineRun(Engine.from_transformers(model)), "llama.cpp": llamacpp.LlamaCppRun(llamacpp.smollm2_f32_gguf(), 2)}
+    speed, tokens = decoding.bench_decoding(runs, prompt, 8, repeats=1)
     assert (speed.tokens_per_s > 0).all()
     assert (tokens["ours"] == tokens["llama.cpp"]).mean() >= 0.75  # same F32 weights, greedy

@@ -109,7 +109,7 @@ def test_rebuild_touches_nothing(built_data):
 
 
 def test_tokens_match_text(built_data):
-    from turbosparse_lib.tokenizer import load_tokenizer
+    from turbosparse_lib.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     docs = build.load_documents_tokens("validation")
@@ -124,7 +124,7 @@ def test_tokens_match_text(built_data):
 def test_tokenizer_deterministic_and_loadable(built_data, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from turbosparse_lib.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+    from turbosparse_lib.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
     texts = build.load_splits()["train"]["text"][:400]
     a = save_tokenizer(train_bpe(texts, vocab_size=1024), tmp_path / "a.json")
@@ -162,5 +162,23 @@ def test_mixture_bad_input():
 def test_table4_mapping_sums_to_one():
     assert abs(sum(mixture.TABLE4_MAPPED.values()) - 1) < 1e-9
     assert set(mixture.TABLE4_MAPPED) == set(corpus.CATEGORIES)
-    paper_total = sum(v for d in mixture.PAPER_TABLE4.values() for v in d.values())
-    assert abs(paper_total - 100.0) < 0.1
+    from turbosparse_lib.paper import table
+
+    assert abs(table("table4")["percent (paper, table 4)"].sum() - 100.0) < 0.1
+
+
+def test_a_changed_manifest_rebuilds_what_depends_on_it(built_data, monkeypatch):
+    """Every product records the corpus stamp; a new manifest stamp makes them all stale."""
+    from turbosparse_lib.data.tokenizer import tokenizer_path
+
+    assert build._is_current("corpus", build.corpus_dir()) and build._is_current("tokenizer", tokenizer_path())
+    assert build._is_current("tokens/ours/train", build.tokens_path("train"))
+    monkeypatch.setattr(build, "_stamp", lambda: {"build_version": build.BUILD_VERSION, "manifest_sha256": "changed"})
+    assert not build._is_current("corpus", build.corpus_dir())
+    assert not build._is_current("tokenizer", tokenizer_path())
+    assert not build._is_current("tokens/ours/train", build.tokens_path("train"))
+
+
+def test_unknown_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        build.tokens_path("train", "gpt2")

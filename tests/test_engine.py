@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from turbosparse_lib.engine import Engine, EngineConfig, ExactZeroOracle, TopKOracle
+from turbosparse_lib.inference.engine import Engine, EngineConfig
+from turbosparse_lib.inference.masks import ExactZeroOracle, TopKOracle
 
 PROMPT_LEN, NEW_TOKENS = 8, 16
 TINY = dict(
@@ -152,9 +153,36 @@ def test_unsupported_models_raise_clear_errors():
     scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(NotImplementedError, match="rope type 'linear'"):
         Engine.from_transformers(_tiny(rope_parameters=scaled))
-    with pytest.raises(NotImplementedError, match="drelu"):
+    with pytest.raises(NotImplementedError, match="gelu_pytorch_tanh"):  # erf GELU: no variant computes it
         Engine.from_transformers(_tiny(hidden_act="gelu"))
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         Engine.from_transformers(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_kv_heads"):
         EngineConfig(64, 128, 1, num_heads=4, num_kv_heads=3, head_dim=16, vocab_size=10)
+
+
+def test_one_registry_drives_torch_kernels_and_engine(prompt):
+    """A variant registered once (here: a squared-ReLU gate with a ReLU up branch) runs in the torch
+    module, the Numba kernels and the engine, with no other change, and they agree."""
+    from turbosparse_lib.inference import kernels as K
+    from turbosparse_lib.models import variants as V
+    from turbosparse_lib.models.swap import apply_variant
+
+    spec = V.GatedVariant("drelu2", "relu2", "relu", "relu(gate)**2 * relu(up)")
+    V.register_variant(spec)
+    try:
+        model = apply_variant(_tiny(seed=4), "drelu2")  # 1. torch: GatedMLP built from the registry
+        rng = np.random.default_rng(0)
+        g, u = rng.standard_normal((2, 50), dtype=np.float32)
+        want = V.combined_activation("drelu2", torch.from_numpy(g), torch.from_numpy(u)).numpy()
+        np.testing.assert_allclose(K.combine_ref(g, u, "drelu2"), want, rtol=1e-6)  # 2. the kernels' reference
+        W = rng.standard_normal((50, 8), dtype=np.float32)
+        x = rng.standard_normal(8, dtype=np.float32)
+        np.testing.assert_allclose(K.combined_dense(x, W, W[::-1].copy(), "drelu2"),
+                                   K.combine_ref(W @ x, W[::-1] @ x, "drelu2"), rtol=1e-5, atol=1e-6)
+        engine = Engine.from_transformers(model)  # 3. the engine, dense and with its exact-zero oracle
+        want_tokens, _ = _hf_greedy(model, prompt)
+        np.testing.assert_array_equal(engine.generate(prompt[0].numpy(), NEW_TOKENS), want_tokens)
+        np.testing.assert_array_equal(engine.generate(prompt[0].numpy(), NEW_TOKENS, sparse=True), want_tokens)
+    finally:
+        V.VARIANTS.pop("drelu2")

@@ -4,7 +4,10 @@ import numba
 import numpy as np
 import pytest
 
-from turbosparse_lib import kernels as K
+from turbosparse_lib.inference import attention as A
+from turbosparse_lib.inference import kernels as K
+from turbosparse_lib.inference import threads as T
+from turbosparse_lib.models.variants import VARIANTS
 
 # (N neurons / out rows, H hidden / in): sizes that are not multiples of 8 or 16, and 1
 SHAPES = [(1, 1), (7, 33), (33, 7), (257, 16), (40, 257)]
@@ -53,13 +56,13 @@ def test_sparse_kernels_match_reference(N, H, kind):
     deq = [K.dequantize_int8_rows(*q) for q in (qg, qu, qd)]
     _close(K.gather_gemv_int8(*qg, x, idx), K.gather_gemv_ref(deq[0], x, idx))
     _close(K.axpy_rows_int8(*qd, coef, idx), K.axpy_rows_ref(deq[2], coef, idx))
-    for variant in K.VARIANTS:
+    for variant in VARIANTS:
         _close(K.ffn_sparse(x, Wg, Wu, WdT, idx, variant), K.ffn_sparse_ref(x, Wg, Wu, WdT, idx, variant))
         _close(K.ffn_sparse_int8(x, qg, qu, qd, idx, variant), K.ffn_sparse_ref(x, *deq, idx, variant), rtol=1e-3)
 
 
 @pytest.mark.parametrize("N,H", SHAPES)
-@pytest.mark.parametrize("variant", sorted(K.VARIANTS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dense_ffn_matches_reference_and_full_sparse(N, H, variant):
     rng = np.random.default_rng(7)
     Wg, Wu, WdT, x = _weights(rng, N, H)
@@ -83,8 +86,8 @@ def test_decode_attention_matches_reference(n_heads, G, E, pos, lo):
     cos, sin = np.cos(angles), np.sin(angles)
     k1, v1 = rng.standard_normal((2, G, pos + 2, E), dtype=np.float32)
     k2, v2 = k1.copy(), v1.copy()
-    got = K.decode_attention(qkv, k1, v1, cos, sin, pos, n_heads, lo)
-    _close(got, K.decode_attention_ref(qkv, k2, v2, cos, sin, pos, n_heads, lo))
+    got = A.decode_attention(qkv, k1, v1, cos, sin, pos, n_heads, lo)
+    _close(got, A.decode_attention_ref(qkv, k2, v2, cos, sin, pos, n_heads, lo))
     _close(k1, k2)
     np.testing.assert_array_equal(v1, v2)
 
@@ -141,7 +144,19 @@ def test_int8_quantisation_error_bound():
 
 def test_variant_registry_error_lists_names():
     with pytest.raises(ValueError, match="drelu"):
-        K.variant_code("geglu")
+        K.variant_code("swish_glu")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_numpy_reference_combine_equals_the_torch_module(variant):
+    import torch
+
+    from turbosparse_lib.models.variants import combined_activation
+
+    rng = np.random.default_rng(5)
+    g, u = rng.standard_normal((2, 4, 300), dtype=np.float32) * 3
+    want = combined_activation(variant, torch.from_numpy(g), torch.from_numpy(u)).numpy()
+    np.testing.assert_allclose(K.combine_ref(g, u, variant), want, rtol=1e-5, atol=1e-5)
 
 
 def test_validate_kernels_and_threads():
@@ -151,11 +166,11 @@ def test_validate_kernels_and_threads():
     WdT = np.random.default_rng(0).standard_normal((5, 40), dtype=np.float32)
     coef, idx = np.ones(2, np.float32), np.array([1, 3])
     try:
-        K.set_threads(1)  # one output chunk instead of one per thread: same answer
-        info = K.thread_info()
+        T.set_threads(1)  # one output chunk instead of one per thread: same answer
+        info = T.thread_info()
         assert info["numba_threads"] == 1 and info["torch_threads"] == 1
         _close(K.axpy_rows(WdT, coef, idx), K.axpy_rows_ref(WdT, coef, idx))
     finally:
-        K.set_threads(n_before)
+        T.set_threads(n_before)
     with pytest.raises(ValueError, match="threads"):
-        K.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+        T.set_threads(numba.config.NUMBA_NUM_THREADS + 1)

@@ -11,16 +11,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from turbosparse_lib.modeling import (
-    ModelConfig,
-    apply_variant,
-    build_model,
-    count_parameters,
-    load_model,
-    mlp_modules,
-    native_variant,
-)
-from turbosparse_lib.variants import VARIANTS, GatedMLP
+from turbosparse_lib.models.architecture import ModelConfig, build_model
+from turbosparse_lib.models.swap import apply_variant, count_parameters, load_model, mlp_modules, native_variant
+from turbosparse_lib.models.variants import VARIANTS, GatedMLP
 
 VOCAB = 128
 TINY = dict(

@@ -1,11 +1,17 @@
-"""The headless runner: order, parameters, loud failures, nothing half-written."""
+"""The headless runner: order, parameters, loud failures, nothing half-written, smoke copies in step."""
 
 import json
 
 import nbformat
 import pytest
 
-from turbosparse_lib import notebooks, paths
+from turbosparse_lib import paths
+from turbosparse_lib.runner import notebooks, outputs
+
+
+def _code(nb):
+    """The code cells a reader wrote (papermill's injected parameters left out)."""
+    return [c.source for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
 
 
 def test_notebooks_are_ordered_and_tagged():
@@ -17,35 +23,89 @@ def test_notebooks_are_ordered_and_tagged():
         assert len(params) == 1, f"{nb_path.name} needs exactly one cell tagged 'parameters'"
         assert 'preset = "smoke"' in params[0].source, "the notebook's own default must be the smoke preset"
         assert any("NBVAL_CHECK_OUTPUT" in c.source for c in nb.cells if c.cell_type == "code"), nb_path.name
+        assert nb.metadata["kernelspec"]["name"] == notebooks.KERNEL_NAME, nb_path.name
+
+
+def test_dependencies_come_first():
+    order = [p.name[:2] for p in notebooks.list_notebooks()]
+    for nb, needs in outputs.NEEDS.items():
+        for dep in needs:
+            if nb in order and dep in order:
+                assert order.index(dep) < order.index(nb), f"{dep} must run before {nb}"
+
+
+def test_code_cells_stay_short():
+    for nb_path in notebooks.list_notebooks():
+        for src in _code(nbformat.read(nb_path, as_version=4)):
+            assert src.count("\n") + 1 <= 32, f"{nb_path.name}: a code cell of {src.count(chr(10)) + 1} lines:\n{src[:200]}"
+
+
+def test_committed_smoke_copies_are_in_step_with_the_notebooks():
+    """nbval re-executes notebooks/executed/smoke/: they must hold the notebooks' current code."""
+    for nb_path in notebooks.list_notebooks():
+        smoke = paths.executed_dir("smoke") / nb_path.name
+        assert smoke.exists(), f"no smoke copy of {nb_path.name}: run turbosparse-notebooks --preset smoke"
+        ours, theirs = nbformat.read(nb_path, as_version=4), nbformat.read(smoke, as_version=4)
+        assert _code(ours) == _code(theirs), (f"{smoke.name} is stale: rerun "
+                                              f"turbosparse-notebooks --preset smoke --only {nb_path.name[:2]}")
+        assert theirs.metadata["papermill"]["parameters"]["preset"] == "smoke"
+
+
+def test_committed_notebooks_show_cpu_results():
+    for nb_path in notebooks.list_notebooks():
+        meta = nbformat.read(nb_path, as_version=4).metadata.get("papermill", {})
+        assert meta.get("parameters", {}).get("preset") == "cpu", f"{nb_path.name} does not hold a cpu-preset run"
 
 
 def test_unknown_preset_fails_before_running():
     with pytest.raises(ValueError, match="unknown preset"):
         notebooks.run_notebooks("huge")
     assert notebooks.main(["--preset", "huge"]) == 1
+    assert notebooks.main(["--preset", "smoke", "--only", "42"]) == 1
 
 
-def test_failing_notebook_is_reported_and_kept_aside(tmp_path, monkeypatch, built_data):
+def _notebook(tmp_path, name, *cells):
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": notebooks.KERNEL_NAME, "display_name": "x", "language": "python"}
     p = nbformat.v4.new_code_cell('preset = "smoke"')
     p.metadata["tags"] = ["parameters"]
-    nb.cells = [p, nbformat.v4.new_code_cell("raise ValueError('boom in cell')")]
-    (tmp_path / "notebooks").mkdir()
-    nbformat.write(nb, tmp_path / "notebooks" / "99_fail.ipynb")
+    nb.cells = [p, *(nbformat.v4.new_code_cell(c) for c in cells)]
+    (tmp_path / "notebooks").mkdir(exist_ok=True)
+    nbformat.write(nb, tmp_path / "notebooks" / name)
+
+
+def test_failing_notebook_is_reported_and_leaves_previous_results(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOSPARSE_ROOT", str(tmp_path))
-    with pytest.raises(RuntimeError, match="(?s)99_fail.ipynb failed at preset 'smoke'.*boom in cell"):
+    old = paths.results_dir("smoke") / "table.csv"
+    old.parent.mkdir(parents=True)
+    old.write_text("old\n")
+    _notebook(tmp_path, "98_fail.ipynb",
+              "from turbosparse_lib.runner.outputs import NotebookOutputs\nout = NotebookOutputs(preset, '98')",
+              "(out.results / 'table.csv').write_text('new, half-made\\n')",
+              "raise ValueError('boom in cell')",
+              "out.commit()")
+    with pytest.raises(RuntimeError, match="(?s)98_fail.ipynb failed at preset 'smoke'.*boom in cell"):
         notebooks.run_notebooks("smoke", build_data=False)
-    out = paths.executed_dir("smoke")
-    assert sorted(p.name for p in out.iterdir()) == ["99_fail.failed.ipynb"]
+    assert sorted(p.name for p in paths.executed_dir("smoke").iterdir()) == ["98_fail.failed.ipynb"]
+    assert old.read_text() == "old\n"  # the failed run's half-made table never replaced it
 
 
-@pytest.mark.slow
-def test_smoke_run_of_all_notebooks(built_data):
-    """CI's papermill pass: every notebook at the smoke preset, executed copies written."""
-    out = notebooks.run_notebooks("smoke")
-    assert [p.name for p in out] == [p.name for p in notebooks.list_notebooks()]
-    for p in out:
-        nb = json.loads(p.read_text())
-        assert nb["metadata"]["papermill"]["parameters"]["preset"] == "smoke"
-        assert not any(o.get("output_type") == "error" for c in nb["cells"] for o in c.get("outputs", []))
+def test_a_notebook_run_commits_its_results_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOSPARSE_ROOT", str(tmp_path))
+    _notebook(tmp_path, "97_ok.ipynb",
+              "from turbosparse_lib.runner.outputs import NotebookOutputs\nout = NotebookOutputs(preset, '97')",
+              "(out.results / 'a.csv').write_text('1\\n'); (out.figures / 'a.png').write_bytes(b'png')",
+              "import pathlib; assert not (out.final_results / 'a.csv').exists()  # nothing before the commit",
+              "out.commit()")
+    (done,) = notebooks.run_notebooks("smoke", build_data=False)
+    assert done == paths.executed_dir("smoke") / "97_ok.ipynb"
+    assert json.loads(done.read_text())["metadata"]["papermill"]["parameters"]["preset"] == "smoke"
+    assert (paths.results_dir("smoke") / "a.csv").read_text() == "1\n"
+    assert (paths.figures_dir("smoke") / "a.png").exists()
+    assert not any(p.name.startswith(".staging") for p in paths.results_dir("smoke").iterdir())
+
+
+def test_require_names_the_command(tmp_path):
+    with pytest.raises(outputs.MissingPrerequisite, match=r"turbosparse-notebooks --preset cpu --only 02"):
+        outputs.require("cpu", "02", "the from-scratch models", tmp_path / "nope")
+    outputs.require("cpu", "02", "nothing", tmp_path)  # present: no error

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turbosparse_lib.modeling import build_model
-from turbosparse_lib.perplexity import _progress_enabled, perplexity, windows
+from turbosparse_lib.models.architecture import build_model
+from turbosparse_lib.eval.perplexity import perplexity, progress_enabled, windows
 
 VOCAB = 64
 
@@ -91,9 +91,9 @@ def test_restores_training_mode_and_validates(model, ids):
 
 def test_progress_auto_is_off_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "1")
-    assert _progress_enabled(None) is False
-    assert _progress_enabled(True) is True
+    assert progress_enabled(None) is False
+    assert progress_enabled(True) is True
     monkeypatch.delenv("CI")
     monkeypatch.setenv("PAPERMILL", "1")
-    assert _progress_enabled(None) is False
-    assert _progress_enabled(False) is False
+    assert progress_enabled(None) is False
+    assert progress_enabled(False) is False

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2(built_data):
-    from turbosparse_lib.pretrained import load_smollm2
+    from turbosparse_lib.models.pretrained import load_smollm2
 
     return load_smollm2()
 
@@ -39,7 +39,7 @@ def test_perplexity_on_held_out_text(smollm2):
 
 
 def test_cached_copy_is_plain_float32(smollm2):
-    from turbosparse_lib.pretrained import smollm2_dir
+    from turbosparse_lib.models.pretrained import smollm2_dir
 
     model, _ = smollm2
     assert (smollm2_dir() / "model.safetensors").exists()

@@ -4,15 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from turbosparse_lib.modeling import build_model, mlp_modules
-from turbosparse_lib.sparsity import (
-    kept_count,
-    record_activations,
-    threshold_keep,
-    threshold_mask,
-    topk_keep,
-    topk_mask,
-)
+from turbosparse_lib.models.architecture import build_model
+from turbosparse_lib.models.swap import mlp_modules
+from turbosparse_lib.sparsity.instruments import record_activations
+from turbosparse_lib.sparsity.masks import kept_count, threshold_keep, threshold_mask, topk_keep, topk_mask
 
 H = 8  # hidden == intermediate, so the projections can be identities
 
@@ -185,7 +180,7 @@ def test_realised_sparsity_counts_existing_zeros_and_threshold_mode():
 def test_native_transformers_mlp_gives_the_same_statistics_as_gated_mlp():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from turbosparse_lib.modeling import apply_variant
+    from turbosparse_lib.models.swap import apply_variant
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=H, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -205,8 +200,9 @@ def test_native_transformers_mlp_gives_the_same_statistics_as_gated_mlp():
 def test_activation_stats_and_topk_sweep_over_a_stream():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from turbosparse_lib.modeling import apply_variant
-    from turbosparse_lib.sparsity import activation_stats, topk_sweep
+    from turbosparse_lib.models.swap import apply_variant
+    from turbosparse_lib.eval.sweeps import topk_sweep
+    from turbosparse_lib.sparsity.instruments import activation_stats
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -220,4 +216,6 @@ def test_activation_stats_and_topk_sweep_over_a_stream():
     sweep = topk_sweep(model, ids, [0.0, 0.5, 0.9], context_length=16)
     assert list(sweep.sparsity) == [0.0, 0.5, 0.9]
     assert sweep.realized_sparsity.iloc[2] >= 0.9 - 1e-9
+    assert (sweep.ppl_lo <= sweep.ppl).all() and (sweep.ppl <= sweep.ppl_hi).all()
+    assert sweep.ratio.iloc[0] == 1.0 and not sweep.distinguishable.iloc[0]  # the unmasked model against itself
     assert sweep.realized_sparsity.is_monotonic_increasing

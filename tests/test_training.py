@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from turbosparse_lib import training
-from turbosparse_lib.training import TrainConfig, lr_at, make_sequences, train_config
+from turbosparse_lib.train import checkpoint
+from turbosparse_lib.train import loop as training
+from turbosparse_lib.train.config import TrainConfig, lr_at, train_config
+from turbosparse_lib.train.data import make_sequences
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -34,8 +36,12 @@ def test_make_sequences_is_deterministic_and_disjoint():
 
 
 def test_bad_configs_are_refused():
-    with pytest.raises(ValueError, match="unknown training preset"):
+    with pytest.raises(ValueError, match="unknown preset"):
         train_config("huge", "drelu")
+    with pytest.raises(ValueError, match="unknown gated-MLP variant"):
+        train_config("smoke", "foo")
+    with pytest.raises(ValueError, match="objective"):
+        train_config("smoke", "drelu", objective="rl")
     with pytest.raises(ValueError, match="precision"):
         train_config("smoke", "drelu", precision="fp8")
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
@@ -66,12 +72,12 @@ def test_a_run_folder_refuses_another_config(tmp_path, built_data):
 
 def _run(args, env_extra=None, cwd=None):
     env = {**os.environ, "TQDM_DISABLE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "turbosparse_lib.training", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "turbosparse_lib.train.loop", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
 def _summary(run_dir):
-    return json.loads((run_dir / training.SUMMARY_FILE).read_text())
+    return json.loads((run_dir / checkpoint.SUMMARY_FILE).read_text())
 
 
 def _weights(run_dir):
@@ -87,8 +93,8 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, built_data):
     # checkpoints every 8 steps: a SIGKILL at step 13 loses steps 8-12, which the resume must redo
     r = _run(base + ["--out", str(killed)], {"TURBOSPARSE_KILL_AT_STEP": "13"})
     assert r.returncode == -9, r.stderr[-2000:]
-    assert (killed / training.CHECKPOINT / "state.json").exists() and not training.is_complete(killed)
-    assert json.loads((killed / training.CHECKPOINT / "state.json").read_text())["step"] == 8
+    assert (killed / checkpoint.CHECKPOINT / "state.json").exists() and not training.is_complete(killed)
+    assert json.loads((killed / checkpoint.CHECKPOINT / "state.json").read_text())["step"] == 8
     r = _run(base + ["--out", str(killed)])
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _summary(whole), _summary(killed)
@@ -107,10 +113,37 @@ def test_ddp_two_processes_match_one(tmp_path, built_data):
     assert _run(base + ["--out", str(one)]).returncode == 0
     env = {**os.environ, "TQDM_DISABLE": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "turbosparse_lib.training", *base, "--out", str(two)],
+                        "-m", "turbosparse_lib.train.loop", *base, "--out", str(two)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _summary(one), _summary(two)
     assert b["processes"] == 2
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
     assert b["final_val_loss"] == pytest.approx(a["final_val_loss"], rel=1e-4)
+
+
+def test_bad_arguments_create_nothing(tmp_path):
+    out = tmp_path / "run"
+    for bad in (["--variant", "foo"], ["--preset", "huge"], ["--precision", "fp8"], ["--threads", "0"]):
+        r = _run(["--out", str(out), *bad])
+        assert r.returncode == 2, (bad, r.stderr[-500:])
+        assert not out.exists(), f"{bad} created {out}"
+
+
+def test_precision_is_measured_on_the_model_being_trained():
+    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.train.precision import measure_precision
+
+    model = build_model("drelu", preset="smoke", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = measure_precision(model, micro_batch_size=1, context_length=16, steps=1)
+    assert m["chosen"] in ("fp32", "bf16") and m["fp32_s_per_step"] > 0 and m["bf16_s_per_step"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # timed on a copy
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself():
+    from turbosparse_lib.train.loop import distillation_loss
+
+    logits = torch.randn(2, 5, 11)
+    assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, torch.randn(2, 5, 11)).item() > 0

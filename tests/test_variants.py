@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turbosparse_lib.variants import VARIANTS, GatedMLP, combined_activation, get_variant
+from turbosparse_lib.models.variants import VARIANTS, GatedMLP, combined_activation, get_variant
 
 # Each variant written out by hand, independently of ACT2FN.
 REFERENCE = {

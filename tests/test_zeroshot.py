@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from turbosparse_lib import zeroshot
-from turbosparse_lib.zeroshot import (
+from turbosparse_lib.eval import zeroshot
+from turbosparse_lib.eval.zeroshot import (
     STOPWORDS,
     TASK_NAMES,
     ContinuationExample,
@@ -40,14 +40,14 @@ def tasks(documents):
 
 @pytest.fixture(scope="module")
 def tokenizer(built_data):
-    from turbosparse_lib.tokenizer import load_tokenizer
+    from turbosparse_lib.data.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from turbosparse_lib.modeling import build_model
+    from turbosparse_lib.models.architecture import build_model
 
     return build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                        context_length=256, seed=0).eval()
@@ -239,7 +239,7 @@ def test_smollm2_is_well_above_chance(built_data, documents):
     On 100 examples of the full test split it scored lastword 0.46, continuation acc_norm 0.64;
     the bounds sit between those and chance (0 and 0.25), with room for 12 examples' noise.
     """
-    from turbosparse_lib.pretrained import load_smollm2
+    from turbosparse_lib.models.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     table = evaluate(model, tok, build_tasks(12, seed=0, documents=documents), progress=False)

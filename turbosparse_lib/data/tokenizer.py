@@ -17,8 +17,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from . import paths
-from .atomic import atomic_path
+from .. import paths
+from ..atomic import atomic_path
 
 EOS = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .perplexity import _progress_enabled
+from .perplexity import progress_enabled
 
 TaskName = Literal["lastword", "continuation"]
 TASK_NAMES: tuple[str, ...] = ("lastword", "continuation")
@@ -215,7 +215,7 @@ def _continuation_windows(doc_id: str, text: str, context_sentences: int) -> lis
 
 def _as_documents(documents) -> list[tuple[str, str]]:
     if documents is None:
-        from .data.build import load_splits
+        from ..data.build import load_splits
 
         documents = load_splits()["test"]
     if hasattr(documents, "column_names"):  # a datasets.Dataset with doc_id and text columns
@@ -347,7 +347,7 @@ def loglikelihoods(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="zero-shot", unit="batch", disable=not _progress_enabled(progress)):
+            for batch in tqdm(batches, desc="zero-shot", unit="batch", disable=not progress_enabled(progress)):
                 seq_len = len(prepared[batch[0]][0])
                 # pad id 0 exists in every vocabulary; padding sits after each row's tokens, so
                 # causal attention keeps it out of every scored position

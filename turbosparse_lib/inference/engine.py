@@ -20,28 +20,29 @@ Design:
   kernel, so a layer is a handful of kernel calls rather than dozens of small NumPy ops.
   Prefill runs all prompt tokens at once with NumPy matmuls and a dense FFN (the speed tables
   time decoding only); its attention is also the NumPy reference for the decode kernel.
-- Sparse FFN masks come from a mask provider: any callable ``(layer_idx, x_normed_H) -> idx``
-  returning the active neuron indices (int64, duplicate-free). ``ExactZeroOracle`` and
-  ``TopKOracle`` read the model's own activations; a trained predictor plugs in the same way.
+- Sparse FFN masks come from a mask provider (``inference.masks``): any callable
+  ``(layer_idx, x_normed_H) -> idx`` returning the active neuron indices (int64, duplicate-free).
+  ``ExactZeroOracle`` and ``TopKOracle`` read the model's own activations; a trained predictor
+  plugs in the same way.
+- The MLP variant comes from the one registry (``models.variants``); the kernels take the integer
+  code it derives, so any registered variant decodes.
 - ``profile``: pass a dict to ``step``/``generate`` and it accumulates seconds per component
   (``embed``, ``attention``, ``mask``, ``ffn``, ``lm_head``) plus token and active-neuron counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 
-from turbosparse_lib import kernels
+from ..models.variants import get_variant, variant_of_hf_act
+from . import kernels
+from .attention import decode_attention
+from .masks import ExactZeroOracle, MaskProvider
 
-# (layer_idx, x_normed_H) -> active neuron indices, int64, duplicate-free, any order
-MaskProvider = Callable[[int, np.ndarray], np.ndarray]
-
-# transformers' hidden_act -> gated-MLP variant, for configs without ``mlp_variant``
-_VARIANT_OF_HIDDEN_ACT = {"silu": "swiglu", "swish": "swiglu", "relu": "reglu", "gelu": "geglu"}
 _SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 
 
@@ -56,11 +57,12 @@ class EngineConfig:
     vocab_size: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    mlp_variant: str = "swiglu"  # a key of kernels.VARIANTS
+    mlp_variant: str = "swiglu"  # a key of models.variants.VARIANTS
+    mlp_variant_kwargs: dict = field(default_factory=dict)  # e.g. {"b": 1.0} for shifted_relu
     sliding_window: int | None = None  # Mistral: a query sees only the last `sliding_window` keys
 
     def __post_init__(self):
-        kernels.variant_code(self.mlp_variant)  # fail early, listing the supported names
+        self.act = kernels.variant_code(self.mlp_variant, **self.mlp_variant_kwargs)  # (code, shift); fails early
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         self.n_rep = self.num_heads // self.num_kv_heads  # query heads per kv head
@@ -83,21 +85,16 @@ class EngineConfig:
             rms_norm_eps=config.rms_norm_eps,
             rope_theta=_rope_theta(config),
             mlp_variant=mlp_variant_of(config),
+            mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
             sliding_window=getattr(config, "sliding_window", None),
         )
 
 
 def mlp_variant_of(config) -> str:
-    """``config.mlp_variant`` (set by our modeling code) or the variant implied by hidden_act."""
+    """``config.mlp_variant`` (set by ``models.swap.apply_variant``) or the variant implied by hidden_act,
+    both from the one registry of ``models.variants``."""
     variant = getattr(config, "mlp_variant", None)
-    if variant is None:
-        act = config.hidden_act
-        variant = _VARIANT_OF_HIDDEN_ACT.get(act, act)
-    if variant not in kernels.VARIANTS:
-        raise NotImplementedError(
-            f"MLP variant {variant!r} is not implemented by the engine; supported: {sorted(kernels.VARIANTS)}"
-        )
-    return variant
+    return get_variant(variant).name if variant is not None else variant_of_hf_act(config.hidden_act)
 
 
 def _rope_theta(config) -> float:
@@ -139,55 +136,6 @@ class LayerWeights:
 def _rms_norm(x_TH: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
     var_T1 = np.mean(x_TH * x_TH, axis=-1, keepdims=True)
     return w_H * (x_TH / np.sqrt(var_T1 + np.float32(eps)))
-
-
-class ExactZeroOracle:
-    """The neurons whose combined value is not exactly zero: the model's own, lossless mask.
-
-    It reads the float32 weights, also after ``quantize_ffn_int8``.
-    Being an oracle it pays for what a predictor would avoid: for dReLU a dense gate GEMV (all N
-    rows) plus up rows only where the gate fired; for ReGLU the gate GEMV only; for SwiGLU, which
-    has no exact zeros, the dense gate and up. Its time is the ``mask`` entry of a profile, so
-    the ``ffn`` entry stays what a predictor-driven engine would spend.
-    """
-
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
-
-    def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
-        layer, variant = self.engine.layers[layer_idx], self.engine.config.mlp_variant
-        if variant == "swiglu":
-            return np.flatnonzero(kernels.combined_dense(x_H, layer.w_gate_NH, layer.w_up_NH, variant))
-        fired_K = np.flatnonzero(kernels.gemv(layer.w_gate_NH, x_H) > 0)  # relu(gate) > 0
-        if variant == "reglu":
-            return fired_K
-        up_K = kernels.gather_gemv(layer.w_up_NH, x_H, fired_K)
-        return fired_K[up_K > 0]  # dReLU: relu(up) > 0 as well
-
-
-class TopKOracle:
-    """The k neurons with the largest |combined| (paper eq. 3), k = round((1 - sparsity) * N).
-
-    Computes the dense combined values (the cost of two dense GEMVs, charged to ``mask``).
-    ``sparsity=0`` keeps every neuron, so the sparse path then equals the dense one.
-    """
-
-    def __init__(self, engine: "Engine", sparsity: float):
-        if not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"sparsity must be in [0, 1]; got {sparsity}")
-        self.engine, self.sparsity = engine, sparsity
-        N = engine.config.intermediate_size
-        self.k = N - int(round(sparsity * N))
-
-    def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
-        layer, N = self.engine.layers[layer_idx], self.engine.config.intermediate_size
-        if self.k >= N:
-            return np.arange(N, dtype=np.int64)
-        if self.k == 0:
-            return np.empty(0, dtype=np.int64)
-        c_N = kernels.combined_dense(x_H, layer.w_gate_NH, layer.w_up_NH, self.engine.config.mlp_variant)
-        top_K = np.argpartition(np.abs(c_N), N - self.k)[N - self.k :]
-        return np.sort(top_K)  # ascending rows: the gather walks memory forward
 
 
 class Engine:
@@ -296,7 +244,7 @@ class Engine:
         qkv_Q = kernels.gemv(layer.w_qkv_QH, h_H)
         if layer.b_qkv_Q is not None:
             qkv_Q += layer.b_qkv_Q
-        out_D = kernels.decode_attention(
+        out_D = decode_attention(
             qkv_Q, self.k_cache[li], self.v_cache[li], self.cos_PR[self.pos], self.sin_PR[self.pos],
             self.pos, cfg.num_heads, self._window_start(self.pos),
         )  # fmt: skip
@@ -335,7 +283,7 @@ class Engine:
 
     def _ffn(self, li: int, h_H: np.ndarray, idx_K: np.ndarray | None) -> np.ndarray:
         """One token's FFN: dense when ``idx_K`` is None, else sparse over the active neurons."""
-        layer, variant = self.layers[li], self.config.mlp_variant
+        layer, variant = self.layers[li], self.config.act
         if self.ffn_dtype == "int8":
             if idx_K is None:
                 return kernels.ffn_dense_int8(h_H, layer.gate_q, layer.up_q, layer.down_q, variant)
@@ -359,7 +307,7 @@ class Engine:
             if self.ffn_dtype == "int8":  # the int8 weights, so prefill and decode see one model
                 x_TH = x_TH + np.stack([self._ffn(li, h_H, None) for h_H in h_TH])
             else:
-                c_TN = kernels.combine_ref(h_TH @ layer.w_gate_NH.T, h_TH @ layer.w_up_NH.T, cfg.mlp_variant)
+                c_TN = kernels.combine_ref(h_TH @ layer.w_gate_NH.T, h_TH @ layer.w_up_NH.T, cfg.act)
                 x_TH = x_TH + c_TN @ layer.w_down_HN.T
         self.pos += T
         h_H = _rms_norm(x_TH[-1], self.final_norm_H, cfg.rms_norm_eps)

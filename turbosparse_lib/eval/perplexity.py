@@ -18,7 +18,9 @@ Design:
   window may be shorter and runs on its own, so no padding or attention mask is ever needed.
 - Only the logits that are scored are computed (transformers' ``logits_to_keep``), since the
   (B, T, vocab) logits dominate memory for small models with a large vocabulary.
-- The summed NLL is accumulated in float64 from float32 log-probabilities.
+- The summed NLL is accumulated in float64 from float32 log-probabilities, per window, so that
+  ``bootstrap_interval`` can resample windows (a percentile bootstrap over evaluation windows)
+  and ``paired_interval`` can compare two models scored on the same windows.
 - Runs under ``torch.inference_mode`` with the model in eval mode (restored afterwards), so
   dropout never inflates the number; hooks such as ``sparsity.topk_mask`` still apply.
 """
@@ -45,6 +47,51 @@ class PerplexityResult:
     n_windows: int  # forward windows run
     context_length: int
     stride: int
+    window_nll: np.ndarray | None = None  # (n_windows,) summed NLL of each window's scored predictions
+    window_tokens: np.ndarray | None = None  # (n_windows,) predictions each window scored
+
+    def interval(self, samples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+        """``bootstrap_interval`` of this result."""
+        return bootstrap_interval(self, samples, level, seed)
+
+
+def _resampled_ppl(nll_W: np.ndarray, tok_W: np.ndarray, idx_SW: np.ndarray) -> np.ndarray:
+    return np.exp(nll_W[idx_SW].sum(axis=1) / tok_W[idx_SW].sum(axis=1))
+
+
+def bootstrap_interval(result: PerplexityResult, samples: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the perplexity, resampling evaluation windows with replacement.
+
+    Windows, not tokens, are resampled: tokens inside a window share their context, so they are
+    not independent. With a single window there is nothing to resample and the interval is the
+    point itself.
+    """
+    if result.window_nll is None:
+        raise ValueError("this PerplexityResult has no per-window NLL (computed by an older version?)")
+    if not 0 < level < 1 or samples < 1:
+        raise ValueError(f"need 0 < level < 1 and samples >= 1; got {level}, {samples}")
+    W = len(result.window_nll)
+    idx = np.random.default_rng(seed).integers(0, W, size=(samples, W))
+    ppl = _resampled_ppl(result.window_nll, result.window_tokens, idx)
+    a = (1 - level) / 2
+    return float(np.quantile(ppl, a)), float(np.quantile(ppl, 1 - a))
+
+
+def paired_interval(a: PerplexityResult, b: PerplexityResult, samples: int = 1000, level: float = 0.95,
+                    seed: int = 0) -> dict:
+    """How ``b``'s perplexity compares with ``a``'s on the same windows: the ratio b/a, its paired
+    percentile bootstrap interval (the same resampled windows for both), and ``distinguishable``,
+    True when the interval excludes 1."""
+    if a.window_nll is None or b.window_nll is None or len(a.window_nll) != len(b.window_nll) \
+            or not np.array_equal(a.window_tokens, b.window_tokens):
+        raise ValueError("paired_interval needs two results over the same windows (same tokens, context and stride)")
+    W = len(a.window_nll)
+    idx = np.random.default_rng(seed).integers(0, W, size=(samples, W))
+    ratio = _resampled_ppl(b.window_nll, b.window_tokens, idx) / _resampled_ppl(a.window_nll, a.window_tokens, idx)
+    q = (1 - level) / 2
+    lo, hi = float(np.quantile(ratio, q)), float(np.quantile(ratio, 1 - q))
+    return {"ratio": b.ppl / a.ppl, "ratio_lo": lo, "ratio_hi": hi, "distinguishable": not (lo <= 1.0 <= hi)}
 
 
 def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -68,7 +115,7 @@ def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, 
     return out
 
 
-def _progress_enabled(progress: bool | None) -> bool:
+def progress_enabled(progress: bool | None) -> bool:
     """``None``: on only for an interactive terminal, off under CI, papermill or a pipe."""
     if progress is not None:
         return progress
@@ -107,22 +154,25 @@ def perplexity(
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
     was_training = model.training
     model.eval()
-    nll_sum = 0.0
+    nll_W = np.zeros(len(wins), dtype=np.float64)
+    w = 0
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not _progress_enabled(progress)):
+            for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress_enabled(progress)):
                 x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, T)
                 y = torch.stack([ids[b + 1 : e + 1] for b, e, _ in batch]).to(device)  # (B, T)
                 n_keep = max(n for _, _, n in batch)
                 kw = {"logits_to_keep": n_keep} if keep_arg else {}
                 logits = model(input_ids=x, use_cache=False, **kw).logits[:, -n_keep:]  # (B, n_keep, V)
                 for i, (_, _, n) in enumerate(batch):
-                    nll_sum += F.cross_entropy(logits[i, -n:].float(), y[i, -n:], reduction="sum").item()
+                    nll_W[w] = F.cross_entropy(logits[i, -n:].float(), y[i, -n:], reduction="sum").item()
+                    w += 1
     finally:
         model.train(was_training)
 
     n_scored = len(ids) - 1
-    nll = nll_sum / n_scored
+    nll = float(nll_W.sum()) / n_scored
     return PerplexityResult(
-        ppl=math.exp(nll), nll=nll, n_tokens=n_scored, n_windows=len(wins), context_length=context_length, stride=stride
+        ppl=math.exp(nll), nll=nll, n_tokens=n_scored, n_windows=len(wins), context_length=context_length,
+        stride=stride, window_nll=nll_W, window_tokens=np.array([n for _, _, n in wins], dtype=np.int64),
     )

@@ -1,0 +1,126 @@
+"""Bytes per token: what a bandwidth-bound decoder must read, counted from a model's shapes.
+
+Attention weights, FFN rows read, the lm_head (the whole vocabulary matrix, tied or not), the KV
+cache, and int8 scales and mask indices where they exist. Dense bytes over sparse bytes is the
+speed-up a bandwidth-bound decoder can reach.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a decoder reads per token depends only on these sizes (MoE: experts per layer, routed per token)."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False  # lm_head is the embedding matrix (read once per token either way)
+    n_experts: int = 1
+    experts_per_token: int = 1
+
+    @classmethod
+    def of_engine(cls, engine, name: str = "model") -> "ModelShape":
+        c = engine.config
+        return cls(name, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
+                   c.head_dim, c.vocab_size, tied=engine.lm_head_VH is engine.embed_VH)  # fmt: skip
+
+    @property
+    def attention_params(self) -> int:
+        """q, k, v, o of all layers."""
+        q = (self.heads + 2 * self.kv_heads) * self.head_dim
+        return self.layers * (q * self.hidden + self.hidden * self.heads * self.head_dim)
+
+    @property
+    def ffn_params(self) -> int:
+        """gate, up, down of all experts of all layers."""
+        return self.layers * self.n_experts * 3 * self.hidden * self.intermediate
+
+    @property
+    def params(self) -> int:
+        """All parameters, a tied embedding counted once."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        router = self.layers * self.n_experts * self.hidden if self.n_experts > 1 else 0
+        norms = (2 * self.layers + 1) * self.hidden
+        return self.attention_params + self.ffn_params + embeddings + router + norms
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per stored value. ``ffn_row_scale``: bytes of a per-row scale (our int8: one float32)."""
+
+    name: str
+    weight: float  # attention, lm_head, embedding
+    ffn: float
+    ffn_row_scale: float = 0.0
+    kv: float = 4.0
+
+
+FP32 = Precision("fp32", 4, 4, 0, 4)
+OURS_INT8_FFN = Precision("fp32 attention + int8 FFN", 4, 1, 4, 4)
+FP16 = Precision("fp16", 2, 2, 0, 2)
+Q4_0 = Precision("int4 (llama.cpp Q4_0: 18 bytes per 32 weights)", 18 / 32, 18 / 32, 0, 2)
+
+
+def bytes_per_token(shape: ModelShape, ffn_active: float | None = None, context: float = 0.0,
+                    precision: Precision = FP32) -> dict[str, float]:
+    """Bytes read (and the KV row written) to decode one token at position ``context``.
+
+    ``ffn_active=None`` is the dense path (all N neurons; int8 scales of gate, up and down rows);
+    a fraction runs the sparse path (PowerInfer layout): the gate, up and down rows of the active
+    neurons of each routed expert, their scales and int64 indices. Components: ``attention``
+    (q, k, v, o weights), ``router``, ``ffn``, ``mask_indices``, ``norms`` (float32 RMSNorm
+    weights), ``embedding`` (one row), ``lm_head`` (the whole vocabulary matrix), ``kv_cache``
+    (``context + 1`` positions read, one written), and ``total``.
+    """
+    s, p = shape, precision
+    if ffn_active is not None and not 0.0 <= ffn_active <= 1.0:
+        raise ValueError(f"ffn_active must be in [0, 1] or None; got {ffn_active}")
+    experts = s.layers * s.experts_per_token  # FFN blocks run per token
+    if ffn_active is None:
+        ffn = experts * (3 * s.intermediate * s.hidden * p.ffn + (2 * s.intermediate + s.hidden) * p.ffn_row_scale)
+        indices = 0.0
+    else:
+        k = ffn_active * s.intermediate
+        ffn = experts * (3 * k * s.hidden * p.ffn + 3 * k * p.ffn_row_scale)
+        indices = experts * 8 * k
+    kv_row = s.layers * 2 * s.kv_heads * s.head_dim * p.kv
+    out = {
+        "attention": s.attention_params * p.weight,
+        "router": (s.layers * s.n_experts * s.hidden * p.weight) if s.n_experts > 1 else 0.0,
+        "ffn": ffn,
+        "mask_indices": indices,
+        "norms": (2 * s.layers + 1) * s.hidden * 4.0,
+        "embedding": s.hidden * p.weight,
+        "lm_head": s.vocab * s.hidden * p.weight,
+        "kv_cache": kv_row * (context + 2),  # read context + 1 rows, write 1
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def activated_params(shape: ModelShape, ffn_active: float = 1.0) -> float:
+    """Parameters used per token (attention, routed FFN neurons, router, lm_head; not the embedding)."""
+    router = shape.layers * shape.n_experts * shape.hidden if shape.n_experts > 1 else 0
+    routed_ffn = shape.ffn_params * shape.experts_per_token / shape.n_experts
+    return shape.attention_params + router + ffn_active * routed_ffn + shape.vocab * shape.hidden
+
+
+def ffn_active_from_activated(shape: ModelShape, activated: float) -> float:
+    """The FFN active fraction that makes ``activated_params`` equal ``activated`` (clipped to [0, 1])."""
+    fixed = activated_params(shape, 0.0)
+    return float(np.clip((activated - fixed) / (activated_params(shape, 1.0) - fixed), 0.0, 1.0))
+
+
+def weights_mb(engine) -> float:
+    """Float32 weight bytes an engine decodes with, in MB (lm_head counted once when tied)."""
+    return bytes_per_token(ModelShape.of_engine(engine), None, 0.0, FP32)["total"] / 1e6

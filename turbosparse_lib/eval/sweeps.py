@@ -1,0 +1,34 @@
+"""Sweeps over a model's sparsity: perplexity under top-k masking (paper table 3), with intervals."""
+
+from __future__ import annotations
+
+import pandas as pd
+from torch import nn
+
+from ..sparsity.masks import topk_mask
+from .perplexity import PerplexityResult, paired_interval, perplexity
+
+
+def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 512, batch_size: int = 4,
+               bootstrap_samples: int = 1000, return_results: bool = False):
+    """Perplexity under top-k masking (paper table 3) at each target sparsity.
+
+    Columns: sparsity (the target), realized_sparsity (zeros after masking, the model's own zeros
+    included), ppl with its bootstrap interval (ppl_lo, ppl_hi), nll, n_tokens, and against the
+    first level (normally 0, the unmasked model) on the same windows: ``ratio`` with its paired
+    interval (ratio_lo, ratio_hi) and ``distinguishable`` (the interval excludes 1).
+    With ``return_results`` also the ``PerplexityResult`` of each level.
+    """
+    rows, results = [], {}
+    for s in sparsities:
+        with topk_mask(model, sparsity=float(s)) as m:
+            r = perplexity(model, token_ids, context_length=context_length, batch_size=batch_size)
+        results[float(s)] = r
+        lo, hi = r.interval(bootstrap_samples)
+        rows.append(dict(sparsity=float(s), realized_sparsity=m.realized_sparsity, ppl=r.ppl, ppl_lo=lo, ppl_hi=hi,
+                         nll=r.nll, n_tokens=r.n_tokens))
+    df = pd.DataFrame(rows)
+    base: PerplexityResult = results[float(sparsities[0])]
+    cmp = pd.DataFrame([paired_interval(base, results[float(s)], bootstrap_samples) for s in sparsities])
+    df = pd.concat([df, cmp], axis=1)
+    return (df, results) if return_results else df

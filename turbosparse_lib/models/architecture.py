@@ -1,0 +1,92 @@
+"""The from-scratch architecture: a Llama-2-style decoder sized by a few numbers, built with any MLP variant.
+
+Design:
+
+- No model code of our own: a model is transformers' ``LlamaForCausalLM`` (the paper's 300M
+  models are "similar to Llama 2", appendix A.1) whose per-layer MLPs are ``GatedMLP`` modules
+  (``swap.apply_variant``). Attention, RoPE, RMSNorm, caching and ``generate`` stay transformers'.
+- ``ModelConfig`` is plain data (no torch at import), so ``presets`` can hold one per preset;
+  ``build_model`` turns a preset's config (or fields) into a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-2-style decoder (RMSNorm pre-norm, RoPE, gated MLP), sized by a few numbers."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: as many as num_heads (plain multi-head attention)
+    intermediate_size: int = 176  # the gated MLP's width F (the number of "neurons")
+    vocab_size: int = 8192  # our byte-level BPE (data/built/tokenizer)
+    context_length: int = 256  # max_position_embeddings
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False  # Llama 2 does not tie
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}), "
+                f"and num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
+
+    def to_hf(self):
+        """The equivalent ``transformers.LlamaConfig``."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.context_length,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",  # the native MLP; replaced by the chosen variant in build_model
+            bos_token_id=None,  # our tokenizer's special ids are not Llama's 1 and 2
+            eos_token_id=None,
+        )
+
+
+def build_model(variant: str = "drelu", preset: str | None = None, seed: int | None = None, **fields):
+    """A fresh ``LlamaForCausalLM`` whose MLPs are ``variant``, sized by ``preset`` and/or ``fields``.
+
+    ``fields`` are ``ModelConfig`` fields (``hidden_size=32, num_layers=2, ...``) overriding the
+    preset's model section; variant arguments go in ``variant_kwargs={"b": 0.5}``. ``seed`` makes
+    the initialisation reproducible without touching the global RNG.
+    """
+    from transformers import LlamaForCausalLM
+
+    from ..presets import get_preset
+    from .swap import apply_variant
+    from .variants import get_variant
+
+    variant_kwargs = fields.pop("variant_kwargs", None) or {}
+    get_variant(variant).kwargs(**variant_kwargs)  # fail before building anything
+    base = asdict(get_preset(preset).model) if preset is not None else {}
+    unknown = set(fields) - set(ModelConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown model fields {sorted(unknown)}; valid: {', '.join(ModelConfig.__dataclass_fields__)}")
+    cfg = ModelConfig(**{**base, **fields})
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        # transformers' own initialisation (normal, std=initializer_range) for every weight; the
+        # swap below reuses these Linear modules, so the MLP keeps it too.
+        model = LlamaForCausalLM(cfg.to_hf())
+    return apply_variant(model, variant, **variant_kwargs)

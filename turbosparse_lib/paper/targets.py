@@ -1,0 +1,64 @@
+"""This companion's pass/fail targets: what each notebook checks its measurements against.
+
+A target is a threshold on one measured number, with where it comes from (an issue of this
+project, or the paper's own claim). Notebooks call ``check(key, value)`` and print its verdict;
+no threshold is typed into a notebook cell.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    threshold: float
+    direction: Literal[">=", "<="]
+    what: str
+    source: str  # why this number
+
+    def met(self, value: float) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        return value >= self.threshold if self.direction == ">=" else value <= self.threshold
+
+
+_T = [
+    # section 7: kernels and decoding (notebook 06)
+    Target("gemv_vs_blas", 1.25, "<=", "our dense GEMV time over the faster BLAS (NumPy, torch), worst shape",
+           "speed issue: a sparse kernel is only as good as the dense baseline it is compared with"),
+    Target("ffn_sparse_speedup_90", 6.0, ">=", "sparse FFN over our dense FFN at 90% sparsity, Mistral-7B shape",
+           "speed issue (ideal 10x)"),
+    Target("e2e_of_byte_limit", 0.90, ">=", "end-to-end sparse speed-up as a fraction of its byte limit",
+           "speed issue: a bandwidth-bound decoder should reach its byte limit"),
+    Target("llama_cpp_over_ours_fp32", 1.25, "<=", "llama.cpp F32 tokens/s over our dense fp32 engine's",
+           "speed issue: our dense engine within 1.25x of llama.cpp at the same precision"),
+    # section 5: ReLUfication (notebook 05)
+    Target("relufied_ppl_ratio", 1.5, "<=", "held-out perplexity of the ReLUfied dReLU model over the original's",
+           "ReLUfication issue: recovered within 1.5x of the original"),
+    Target("relufied_zero_fraction", 0.85, ">=", "fraction of the ReLUfied dReLU model's combined activations exactly zero",
+           "ReLUfication issue (paper, section 6.2: about 90% for TurboSparse-Mistral-7B)"),
+    Target("relufication_minutes", 90.0, "<=", "minutes to ReLUfy all three variants at the cpu preset, 2 cores",
+           "ReLUfication issue"),
+    # section 3: top-k (notebook 03): the paper's own reading of table 3
+    Target("topk_robust_ratio_90", 1.05, "<=", "perplexity at 90% top-k over the unmasked model's, for a 'robust' model",
+           "paper table 3: dReLU x1.03 at 90%, SwiGLU x3.95"),
+]
+TARGETS: dict[str, Target] = {t.key: t for t in _T}
+
+
+def get_target(key: str) -> Target:
+    try:
+        return TARGETS[key]
+    except KeyError:
+        raise KeyError(f"no target {key!r}; targets: {', '.join(TARGETS)}") from None
+
+
+def check(key: str, value: float, fmt: str = ".3g") -> str:
+    """One line: the target, the measured value and the verdict ("met" / "MISSED")."""
+    t = get_target(key)
+    verdict = "met" if t.met(value) else "MISSED"
+    return f"{t.what}: {value:{fmt}} (target {t.direction} {t.threshold:g}) -> {verdict}"

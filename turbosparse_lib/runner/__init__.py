@@ -1,0 +1,1 @@
+"""Running the notebooks headless (``notebooks``) and writing their results all at once (``outputs``)."""

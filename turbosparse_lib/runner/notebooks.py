@@ -1,0 +1,182 @@
+"""Run the notebooks headless, in dependency order, at a named preset: ``turbosparse-notebooks``.
+
+- Each ``notebooks/NN_*.ipynb`` is executed with papermill, which injects ``preset = "<name>"``
+  after the cell tagged ``parameters``; extra papermill parameters can be passed with ``-p NAME VALUE``.
+- Notebooks run in the order their inputs require (``outputs.NEEDS``: 03 and 06 read the models
+  of 02), numeric order otherwise; the first cell of each checks its inputs and names the command
+  that makes them.
+- Where the executed copy goes: at the ``cpu`` preset, the default reproduction, it *replaces*
+  ``notebooks/NN_*.ipynb``, so opening a notebook shows the results the README reports; at other
+  presets it goes to ``notebooks/executed/<preset>/`` (the smoke copies there are what nbval
+  re-executes and compares). Each is written under a temporary name and renamed when the
+  notebook finished; a cell error stops the run with the notebook and cell named, and the partial
+  notebook is kept as ``<name>.failed.ipynb`` in ``notebooks/executed/<preset>/``.
+- The kernel is the one the notebooks name (``turbosparse``, bound to the project's ``.venv``);
+  the runner installs its spec into the running environment when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .. import paths
+from ..presets import get_preset
+from .outputs import NEEDS
+
+KERNEL_NAME = "turbosparse"
+KERNEL_DISPLAY = "Python (turbosparse)"
+
+
+def list_notebooks(only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks in the order their inputs require; ``only`` filters by prefix or name."""
+    nbs = sorted(p for p in paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        chosen = [p for p in nbs if any(p.stem == o or p.stem.startswith(o) for o in only)]
+        if not chosen:
+            raise ValueError(f"no notebook matches {only}; available: {[p.stem for p in nbs]}")
+        nbs = chosen
+    return dependency_order(nbs)
+
+
+def dependency_order(nbs: list[Path]) -> list[Path]:
+    """``nbs`` ordered so that every notebook comes after those of ``NEEDS`` it reads (numeric order otherwise)."""
+    by_num = {p.name[:2]: p for p in nbs}
+    done: list[Path] = []
+    visiting: set[str] = set()
+
+    def visit(num: str) -> None:
+        if by_num[num] in done:
+            return
+        if num in visiting:
+            raise ValueError(f"notebook dependencies form a cycle through {num}")
+        visiting.add(num)
+        for dep in NEEDS.get(num, ()):
+            if dep in by_num:
+                visit(dep)
+        visiting.discard(num)
+        done.append(by_num[num])
+
+    for num in sorted(by_num):
+        visit(num)
+    return done
+
+
+def executed_path(preset: str, notebook: Path) -> Path:
+    """Where the executed copy of ``notebook`` at ``preset`` lives (the cpu copy replaces the notebook)."""
+    return notebook if preset == "cpu" else paths.executed_dir(preset) / notebook.name
+
+
+def ensure_kernel() -> str:
+    """Install the ``turbosparse`` kernel spec into this environment (``--sys-prefix``) if it is missing."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    except NoSuchKernel:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY, prefix=sys.prefix)
+    return KERNEL_NAME
+
+
+def run_notebooks(
+    preset: str = "cpu",
+    only: list[str] | None = None,
+    parameters: dict | None = None,
+    timeout_s: int | None = None,
+    build_data: bool = True,
+) -> list[Path]:
+    """Execute the notebooks at ``preset``; returns the executed copies. Raises on the first cell error."""
+    import papermill as pm
+
+    p = get_preset(preset)  # fails early, with the valid names, on an unknown preset
+    notebooks = list_notebooks(only)
+    if build_data:
+        from ..data.build import build_all
+
+        build_all(quiet=True)
+    kernel = ensure_kernel()
+    work_dir = paths.executed_dir(p.name)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not logs
+    done = []
+    for nb in notebooks:
+        final = executed_path(p.name, nb)
+        tmp = work_dir / f".{nb.stem}.running.ipynb"
+        failed = work_dir / f"{nb.stem}.failed.ipynb"
+        t0 = time.perf_counter()
+        print(f"[turbosparse-notebooks] {nb.name} (preset {p.name}) ...", file=sys.stderr, flush=True)
+        try:
+            pm.execute_notebook(
+                str(nb), str(tmp),
+                parameters={"preset": p.name, **(parameters or {})},
+                cwd=str(paths.notebooks_dir()),
+                kernel_name=kernel,
+                progress_bar=False,
+                execution_timeout=timeout_s or p.notebook_timeout_s,
+            )
+        except Exception as e:
+            if tmp.exists():
+                os.replace(tmp, failed)
+            raise RuntimeError(
+                f"notebook {nb.name} failed at preset {p.name!r}: {type(e).__name__}: {str(e).strip()[:2000]}\n"
+                f"the partly executed notebook is {failed.relative_to(paths.repo_root())}"
+            ) from e
+        _relative_paths(tmp, final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        failed.unlink(missing_ok=True)
+        print(f"[turbosparse-notebooks] {nb.name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        done.append(final)
+    return done
+
+
+def _relative_paths(nb_path: Path, final: Path) -> None:
+    """papermill records absolute input/output paths; keep the committed copies machine-independent."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    root = paths.repo_root()
+    for key, value in (("input_path", meta.get("input_path")), ("output_path", str(final))):
+        if value:
+            p = Path(value)
+            meta[key] = str(p.relative_to(root)) if p.is_relative_to(root) else p.name
+    nbformat.write(nb, nb_path)
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Execute the notebooks headless with papermill at a named preset.")
+    ap.add_argument("--preset", default="cpu", help="smoke (CI), cpu (default reproduction) or paper")
+    ap.add_argument("--only", nargs="*", help="run only these notebooks (prefix such as 00, or full stem)")
+    ap.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                    help="an extra papermill parameter")
+    ap.add_argument("--timeout", type=int, help="per-cell timeout in seconds (default: the preset's)")
+    args = ap.parse_args(argv)
+    try:
+        get_preset(args.preset)
+        list_notebooks(args.only)  # every argument is checked before anything runs
+        out = run_notebooks(args.preset, args.only, {k: _parse_value(v) for k, v in args.parameter}, args.timeout)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for o in out:
+        print(o.relative_to(paths.repo_root()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""What decides a training run's result: ``TrainConfig``, built from a preset's train section.
+
+The same config serves training from scratch (``model_preset`` names the architecture) and
+continued pretraining of a given model (``model_preset=None``, ``base_model`` names it), such as
+ReLUfication, whose ``objective`` may be distillation from the original model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+PRECISIONS = ("fp32", "bf16", "auto")
+OBJECTIVES = ("lm", "kd", "kd+lm")  # next-token loss; KL to a teacher's distribution; their mean
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run's result."""
+
+    model_preset: str | None  # the architecture of a from-scratch model (a preset name); None: a given model
+    variant: str  # gated-MLP variant (models.variants.VARIANTS)
+    seed: int  # model initialisation and data order
+    total_tokens: int  # training tokens; steps = total_tokens // (batch_size * context_length)
+    batch_size: int  # sequences per optimiser step, over all processes
+    micro_batch_size: int  # sequences per forward pass; the rest is gradient accumulation
+    context_length: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01  # table 12
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    mixture: str = "table4"
+    tokenizer: str = "ours"  # "ours" (the project's BPE) or the base model's name, whose tokenizer encodes the data
+    base_model: str | None = None  # continued pretraining: the model trained from (recorded, for the config guard)
+    objective: str = "lm"  # one of OBJECTIVES; kd needs a teacher passed to train()
+    eval_every: int = 0  # steps between validation losses (0: only at the end)
+    eval_sequences: int = 16  # validation sequences per evaluation (fixed set)
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        from ..models.variants import get_variant
+        from ..presets import get_preset
+
+        if self.model_preset is None and self.base_model is None:
+            raise ValueError("a TrainConfig needs model_preset (from scratch) or base_model (continued pretraining)")
+        if self.model_preset is not None:
+            get_preset(self.model_preset)  # unknown names raise with the valid ones
+        get_variant(self.variant)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.steps < 1:
+            raise ValueError(f"total_tokens ({self.total_tokens}) is less than one batch ({self.tokens_per_step} tokens)")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
+            raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0; got {self.lr}, "
+                             f"{self.min_lr_ratio}, {self.warmup_steps}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context_length
+
+    @property
+    def steps(self) -> int:
+        return self.total_tokens // self.tokens_per_step
+
+
+def train_config(preset: str, variant: str, seed: int = 0, **overrides) -> TrainConfig:
+    """The from-scratch ``TrainConfig`` of a preset's train section for ``variant`` at ``seed``, with overrides."""
+    from dataclasses import asdict
+
+    from ..presets import get_preset
+
+    section = asdict(get_preset(preset).train)
+    for extra in ("seeds", "variants"):  # what notebook 02 loops over, not part of one run
+        section.pop(extra)
+    valid = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise TypeError(f"unknown TrainConfig fields {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
+    return TrainConfig(**{"model_preset": preset, **section, "variant": variant, "seed": seed, **overrides})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine down to ``lr * min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)  # the last step sits on the floor
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))

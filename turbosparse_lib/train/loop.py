@@ -1,0 +1,310 @@
+"""Training from scratch and continued pretraining, resumable, on one process or under torchrun.
+
+Why a loop of our own and not ``transformers.Trainer``: the paper's recipe is one optimiser and
+one schedule (AdamW, betas (0.9, 0.95), weight decay 0.01, cosine with warm-up, clipping), and
+what this project needs around it is exact: checkpoints in safetensors (``Trainer`` pickles the
+optimiser with ``torch.save``), a data position that is just the step number so that a run
+killed at any point resumes to the *same* final loss, and one JSONL line per logged step. That
+is about 200 lines here, readable in one sitting, in the spirit of nanoGPT; ``Trainer`` would
+hide the same loop behind its callbacks.
+
+A run, in order:
+
+1. ``TrainConfig`` (``train.config``) names everything that decides the result. It is written to
+   ``<run>/train_config.json``; a rerun into the same folder with another config is refused.
+2. Data (``train.data``): ``total_tokens`` drawn by the mixture sampler with ``seed`` as the data
+   seed, cut into disjoint sequences and shuffled once. Step ``s`` reads sequences
+   ``[s*B, (s+1)*B)``: the data position *is* the step, so a resumed run reads exactly what the
+   uninterrupted one would have read.
+3. Each optimiser step is ``batch_size`` sequences, split over processes and then into micro
+   batches (gradient accumulation). Under ``torchrun`` the model is wrapped in DDP.
+4. The loss is the config's ``objective``: next-token cross-entropy (``lm``), the KL divergence
+   from a teacher's next-token distribution to the model's (``kd``, distillation), or their mean.
+5. Every ``checkpoint_every`` steps a resumable checkpoint (``train.checkpoint``); at the end the
+   final weights with ``save_pretrained`` (loadable with ``models.swap.load_model``), then the
+   summary that marks the run complete.
+
+Precision: ``fp32``, ``bf16`` (autocast; master weights and optimiser stay fp32), or ``auto``,
+which times both on the model being trained (``train.precision``) and keeps the faster; the
+choice is stored with the run so a resume uses the same one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import paths
+from ..atomic import atomic_path, write_json
+from ..eval.perplexity import progress_enabled
+from ..models.architecture import build_model
+from ..models.swap import load_model
+from .checkpoint import (CHECKPOINT, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, check_config, is_complete,
+                         load_checkpoint, read_metrics, rewrite_metrics, save_checkpoint)
+from .config import PRECISIONS, TrainConfig, lr_at, train_config
+from .data import training_sequences, validation_sequences
+from .distributed import all_mean, barrier, init_distributed
+from .precision import autocast, measure_precision
+
+__all__ = ["train", "evaluate_loss", "train_scratch", "load_trained", "read_metrics", "is_complete", "main"]
+
+# called every eval_every steps on the main process: (model, step, tokens_seen) -> extra metrics
+EvalHook = Callable[[nn.Module, int, int], dict]
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, seqs: torch.Tensor, micro_batch_size: int, precision: str = "fp32") -> float:
+    """Mean next-token loss over ``seqs`` (every sequence has the same length, so a mean of means is exact)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(0, len(seqs), micro_batch_size):
+        x = seqs[i: i + micro_batch_size]
+        with autocast(precision):
+            losses.append(float(model(input_ids=x, labels=x).loss) * len(x))
+    model.train(was_training)
+    return sum(losses) / len(seqs)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over positions (nats per token)."""
+    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def _loss(model, teacher, x: torch.Tensor, objective: str, precision: str) -> torch.Tensor:
+    with autocast(precision):
+        out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False)
+    if objective == "lm":
+        return out.loss
+    with torch.inference_mode():
+        t_logits = teacher(input_ids=x, use_cache=False).logits
+    kd = distillation_loss(out.logits, t_logits.clone())  # a clone leaves inference mode, for autograd
+    return kd if objective == "kd" else 0.5 * (kd + out.loss)
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None = None,
+          sequences: torch.Tensor | None = None, progress: bool | None = None, threads: int | None = None,
+          teacher: nn.Module | None = None, eval_hook: EvalHook | None = None) -> dict:
+    """Train (or resume training) ``cfg`` into ``run_dir``; returns the summary.
+
+    ``model``: start from this model instead of a fresh ``build_model`` (continued pretraining, e.g. a
+    pretrained model after ``apply_variant(model, "drelu")``); its parameters with ``requires_grad``
+    False stay frozen. ``sequences``: train on these ``(steps * batch_size, context_length)`` token ids
+    instead of the mixture sampler's. ``teacher``: the model distilled from (objectives ``kd``,
+    ``kd+lm``). ``eval_hook``: extra metrics at every evaluation (a recovery curve). A finished run is
+    not trained again: its summary is returned.
+    """
+    run_dir = Path(run_dir)
+    if cfg.objective != "lm" and teacher is None:
+        raise ValueError(f"objective {cfg.objective!r} distils from a teacher: pass teacher=")
+    if model is None and cfg.model_preset is None:
+        raise ValueError("cfg.model_preset is None (continued pretraining): pass the model to train")
+    d = init_distributed()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        check_config(run_dir, cfg)
+        if is_complete(run_dir):
+            return json.loads((run_dir / SUMMARY_FILE).read_text())
+        if cfg.batch_size % (cfg.micro_batch_size * d.world):
+            raise ValueError(f"batch_size ({cfg.batch_size}) must divide by micro_batch_size x processes "
+                             f"({cfg.micro_batch_size} x {d.world})")
+        accum = cfg.batch_size // (cfg.micro_batch_size * d.world)
+        data = sequences if sequences is not None else training_sequences(cfg)
+        if data.shape != (cfg.steps * cfg.batch_size, cfg.context_length):
+            raise ValueError(f"sequences have shape {tuple(data.shape)}; this config needs "
+                             f"{(cfg.steps * cfg.batch_size, cfg.context_length)}")
+        val = validation_sequences(cfg)
+        if d.main:  # only once the inputs are known to be good: bad arguments create nothing
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / CONFIG_FILE, asdict(cfg))
+        barrier(d)
+
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed)
+        model.train()
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2]  # no decay on norms (as nanoGPT)
+        no_decay = [p for n, p in trainable if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+        start_step, tokens_seen, precision = 0, 0, cfg.precision
+        precision_measurement = None
+        if (run_dir / CHECKPOINT / "state.json").exists():
+            state = load_checkpoint(run_dir, model, opt)
+            start_step, tokens_seen, precision = state["step"], state["tokens_seen"], state["precision"]
+            if d.main:
+                rewrite_metrics(run_dir / METRICS_FILE, start_step)
+        elif precision == "auto":
+            precision_measurement = measure_precision(model, cfg.micro_batch_size, cfg.context_length)
+            # every rank must use the same precision: a majority of the ranks' measurements decides
+            precision = "bf16" if all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
+        barrier(d)
+
+        ddp = model
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(model)
+
+        kill_at = int(os.environ.get("TURBOSPARSE_KILL_AT_STEP", "-1"))  # for the resume tests: a real SIGKILL
+        metrics_f = open(run_dir / METRICS_FILE, "a") if d.main else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.variant} seed {cfg.seed}",
+                   disable=not (d.main and progress_enabled(progress)))
+        if d.main and start_step == 0 and eval_hook is not None:  # the curve's first point: before any step
+            metrics_f.write(json.dumps({"step": 0, "tokens_seen": 0, "precision": precision,
+                                        "val_loss": evaluate_loss(model, val, cfg.micro_batch_size, precision),
+                                        **eval_hook(model, 0, 0)}) + "\n")
+            metrics_f.flush()
+        t_last, tok_last = time.perf_counter(), tokens_seen
+        t_start = time.perf_counter()
+        train_loss, row = float("nan"), None
+        try:
+            for step in range(start_step, cfg.steps):
+                if step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                lr = lr_at(step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = data[step * cfg.batch_size: (step + 1) * cfg.batch_size]
+                mine = batch[d.rank * accum * cfg.micro_batch_size: (d.rank + 1) * accum * cfg.micro_batch_size]
+                loss_sum = 0.0
+                for m in range(accum):
+                    x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size]
+                    sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
+                    with sync:
+                        loss = _loss(ddp, teacher, x, cfg.objective, precision)
+                        (loss / accum).backward()
+                    loss_sum += float(loss.detach())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                tokens_seen += cfg.tokens_per_step
+                train_loss = all_mean(loss_sum / accum, d)
+                bar.update(1)
+                done = step + 1
+                row = None
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    now = time.perf_counter()
+                    row = {"step": done, "tokens_seen": tokens_seen, "loss": train_loss, "lr": lr,
+                           "grad_norm": grad_norm, "tokens_per_s": (tokens_seen - tok_last) / (now - t_last),
+                           "precision": precision, "seconds": now - t_start}
+                    t_last, tok_last = now, tokens_seen
+                    bar.set_postfix(loss=f"{train_loss:.3f}")
+                if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                    row = row or {"step": done, "tokens_seen": tokens_seen, "lr": lr, "precision": precision}
+                    row["val_loss"] = evaluate_loss(model, val, cfg.micro_batch_size, precision)
+                    if eval_hook is not None and d.main:
+                        row.update(eval_hook(model, done, tokens_seen))
+                    t_last = time.perf_counter()  # evaluation time is not training throughput
+                if row is not None and metrics_f is not None:
+                    metrics_f.write(json.dumps(row) + "\n")
+                    metrics_f.flush()
+                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    if d.main:
+                        save_checkpoint(run_dir, model, opt, done, tokens_seen, precision)
+                    barrier(d)
+        finally:
+            bar.close()
+            if metrics_f is not None:
+                metrics_f.close()
+
+        summary = {"steps": cfg.steps, "tokens_seen": tokens_seen, "final_train_loss": train_loss,
+                   "final_val_loss": row["val_loss"] if row else None, "precision": precision,
+                   "processes": d.world, "threads": torch.get_num_threads(),
+                   "seconds_this_session": time.perf_counter() - t_start, "resumed_from_step": start_step,
+                   "parameters": sum(p.numel() for p in model.parameters()),
+                   "trainable_parameters": sum(p.numel() for _, p in trainable)}
+        if precision_measurement is not None:
+            summary["precision_measurement"] = precision_measurement
+        if d.main:
+            # final weights in transformers' format, then the summary that marks the run complete
+            with atomic_path(run_dir / ".final", is_dir=True) as tmp:
+                model.save_pretrained(tmp)
+            for f in (run_dir / ".final").iterdir():
+                os.replace(f, run_dir / f.name)
+            (run_dir / ".final").rmdir()
+            write_json(run_dir / SUMMARY_FILE, summary)
+            shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the final weights supersede it
+        barrier(d)
+        return summary
+    finally:
+        if d.initialised_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def train_scratch(preset: str, variant: str, seed: int = 0, progress: bool | None = None, **overrides) -> tuple[Path, dict]:
+    """Train (or load the finished run of) the from-scratch model of ``preset``/``variant``/``seed`` into
+    ``paths.scratch_model_dir``; returns the folder and the run's summary."""
+    cfg = train_config(preset, variant, seed, **overrides)
+    run_dir = paths.scratch_model_dir(preset, variant, seed)
+    return run_dir, train(cfg, run_dir, progress=progress)
+
+
+def load_trained(run_dir: str | os.PathLike):
+    """The finished model of a run folder (variant re-applied from its config)."""
+    if not is_complete(run_dir):
+        raise FileNotFoundError(f"{run_dir} holds no finished run; train it first (turbosparse-train)")
+    return load_model(run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..presets import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="turbosparse-train",
+        description="Train a gated-MLP Llama-style model from scratch (resumable; runs under torchrun for DDP).",
+        epilog="Example, 8 GPUs at the paper's sizes: torchrun --nproc_per_node 8 -m turbosparse_lib.train.loop "
+               "--preset paper --variant drelu --seed 0",
+    )
+    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
+    p.add_argument("--variant", default="drelu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default: data/models/<preset>/scratch-<variant>-seed<seed>)")
+    p.add_argument("--total-tokens", type=int, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    a = p.parse_args(argv)
+    overrides = {k: v for k, v in (("total_tokens", a.total_tokens), ("precision", a.precision)) if v is not None}
+    try:  # every argument is checked here, before anything is created on disk
+        cfg = train_config(a.preset, a.variant, a.seed, **overrides)
+        if a.threads is not None and a.threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {a.threads}")
+    except (ValueError, TypeError) as e:
+        print(f"turbosparse-train: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(a.out) if a.out else paths.scratch_model_dir(a.preset, a.variant, a.seed)
+    try:
+        summary = train(cfg, run_dir, threads=a.threads)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"turbosparse-train: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run_dir": str(run_dir), **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
