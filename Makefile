@@ -1,12 +1,15 @@
 # Two entry points, each doing all of its own set-up on a fresh machine with Python 3.11:
 #   make reproduce   fetch the data, run every notebook headless at PRESET (default cpu)
-#   make test        the test suite, the notebooks under nbval (smoke preset) included
+#   make test        the test suite, and the smoke-preset notebooks re-executed and compared by nbval
+# and, for reading and editing the notebooks:
+#   make lab         a Jupyter kernel bound to .venv ("Python (turbosparse)"), JupyterLab on notebooks/
 PY ?= python3
 VENV ?= .venv
 PRESET ?= cpu
 BIN := $(VENV)/bin
+KERNEL := turbosparse
 
-.PHONY: setup data reproduce test test-benchmarks clean-results
+.PHONY: setup data reproduce test test-benchmarks lab smoke-copies
 
 setup: $(VENV)/.installed
 
@@ -14,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[notebooks,dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))"
 	touch $@
 
 data: setup
@@ -30,8 +34,17 @@ REPRODUCE_DEPS := data $(if $(filter smoke,$(PRESET)),,$(VENV)/.installed-bench)
 reproduce: $(REPRODUCE_DEPS)
 	$(BIN)/turbosparse-notebooks --preset $(PRESET)
 
+# nbval re-executes the committed smoke-preset copies (notebooks/executed/smoke/, kept in step with the notebooks
+# by tests/test_notebooks_runner.py) and compares the cells marked NBVAL_CHECK_OUTPUT
 test: data
-	$(BIN)/python -m pytest -q tests --nbval-lax $(wildcard notebooks/[0-9][0-9]_*.ipynb)
+	$(BIN)/python -m pytest -q tests --nbval-lax $(wildcard notebooks/executed/smoke/[0-9][0-9]_*.ipynb)
+
+# regenerate the smoke copies after editing a notebook
+smoke-copies: data
+	$(BIN)/turbosparse-notebooks --preset smoke
+
+lab: data
+	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 # timing runs and the llama.cpp build: not part of `make test`
 test-benchmarks: data

@@ -68,7 +68,8 @@ class RelufySection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    eval_tokens: int  # held-out tokens scored for perplexity (0 = the whole test split)
+    eval_tokens: int  # held-out tokens scored for the perplexities a notebook compares (0 = the whole test split)
+    quick_eval_tokens: int  # held-out tokens for illustrative perplexities (untrained swaps, recovery curves)
     stats_tokens: int  # tokens pushed through a model to collect activation statistics
     context_length: int  # evaluation window for perplexity, in tokens
     topk_sparsities: tuple[float, ...] = (0.0, 0.5, 0.8, 0.85, 0.9)  # table 3's levels
@@ -137,7 +138,7 @@ PRESETS: dict[str, Preset] = {
         relufy=RelufySection(total_tokens=4 * 2 * 64, batch_size=2, micro_batch_size=2, context_length=64, lr=1e-4,
                              min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=256,
                              checkpoint_every=2),
-        eval=EvalSection(eval_tokens=1024, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
+        eval=EvalSection(eval_tokens=1024, quick_eval_tokens=512, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
                          zeroshot_examples=40, bootstrap_samples=200),
         bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536),),
                            stats_tokens=256, stats_context=256, prompt_tokens=8, new_tokens=5, decode_repeats=2),
@@ -157,7 +158,7 @@ PRESETS: dict[str, Preset] = {
         relufy=RelufySection(total_tokens=196_608, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
                              min_lr_ratio=0.1, warmup_steps=6, fit_tokens=16_384, eval_every=16,
                              curve_eval_tokens=4096, checkpoint_every=16),
-        eval=EvalSection(eval_tokens=65_536, stats_tokens=4_096, context_length=512,
+        eval=EvalSection(eval_tokens=65_536, quick_eval_tokens=8192, stats_tokens=4_096, context_length=512,
                          topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95), zeroshot_examples=300, bootstrap_samples=1000),
         bench=BenchSection(bandwidth_mb=512, repeats=15, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
                            stats_tokens=4096, stats_context=512, prompt_tokens=32, new_tokens=65, decode_repeats=7,
@@ -179,7 +180,7 @@ PRESETS: dict[str, Preset] = {
         relufy=RelufySection(total_tokens=1_000_000_000, batch_size=64, micro_batch_size=8, context_length=4096,
                              lr=5e-5, min_lr_ratio=0.1, warmup_steps=1000, fit_tokens=262_144, eval_every=500,
                              curve_eval_tokens=65_536, checkpoint_every=250),
-        eval=EvalSection(eval_tokens=0, stats_tokens=65_536, context_length=2048,
+        eval=EvalSection(eval_tokens=0, quick_eval_tokens=65_536, stats_tokens=65_536, context_length=2048,
                          topk_fine=tuple(round(0.05 * i, 2) for i in range(1, 20)
                                          if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)),
                          zeroshot_examples=1000, bootstrap_samples=2000),
@@ -201,8 +202,8 @@ def get_preset(name: str) -> Preset:
         ) from None
 
 
-def set_threads(preset: Preset) -> int:
-    """Use the preset's thread count in torch and Numba (and NumPy's OpenBLAS); returns the count."""
+def set_threads(preset: Preset, override: int = 0) -> int:
+    """Use the preset's thread count (or ``override`` if > 0) in torch, Numba and NumPy's OpenBLAS; returns it."""
     from .inference.threads import set_all_threads
 
-    return set_all_threads(preset.threads)
+    return set_all_threads(override if override > 0 else preset.threads)

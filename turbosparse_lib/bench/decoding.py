@@ -159,3 +159,56 @@ def decoding_limits(shape: ModelShape, runs: dict, speed: pd.DataFrame, prompt_t
 def scratch_drelu_dirs(preset: str, seeds=(0, 1)) -> list[Path]:
     """The from-scratch dReLU models notebook 02 saved at ``preset`` (empty if it has not run)."""
     return [d for s in seeds if ((d := paths.scratch_model_dir(preset, "drelu", s)) / "config.json").exists()]
+
+
+def decoding_runs(engine_swiglu: Engine, engine: Engine, model_label: str, topk_sparsity: float,
+                  llama: "object | None" = None, shipped_label: str = "SmolLM2 as shipped (SwiGLU)",
+                  ) -> tuple[dict, dict[str, str], pd.DataFrame]:
+    """The end-to-end configurations of notebook 06, each labelled with its model, precision and mask source.
+
+    ``engine_swiglu``: the dense model as shipped (llama.cpp decodes the same); ``engine``: the sparse model
+    (``model_label`` says which, e.g. an untrained dReLU swap). Returns the runs, a key -> run-name map for the
+    code that reads them, and a legend table (run, model, precision, masks, what the mask source means).
+    """
+    m = model_label
+    spec = {  # key: (run name, engine, ffn dtype, masks, topk)
+        "swiglu": (f"{shipped_label} · dense fp32 (ours)", engine_swiglu, "float32", None),
+        "dense": (f"{m} · dense fp32", engine, "float32", None),
+        "exact": (f"{m} · sparse fp32 · exact replayed", engine, "float32", "exact"),
+        "topk": (f"{m} · sparse fp32 · top-{topk_sparsity:.0%} replayed", engine, "float32", "topk"),
+        "oracle": (f"{m} · sparse fp32 · exact in-line", engine, "float32", "oracle"),
+        "int8": (f"{m} · dense int8 FFN", engine, "int8", None),
+        "int8_exact": (f"{m} · sparse int8 FFN · exact replayed", engine, "int8", "exact"),
+        "int8_oracle": (f"{m} · sparse int8 FFN · exact in-line", engine, "int8", "oracle"),
+    }
+    runs = {name: EngineRun(eng, dtype, masks, topk_sparsity) for name, eng, dtype, masks in spec.values()}
+    keys = {k: v[0] for k, v in spec.items()}
+    legend = [{"run": name, "model": shipped_label if k == "swiglu" else m, "ffn_precision": dtype,
+               "mask_source": MASK_SOURCES[masks]} for k, (name, _, dtype, masks) in spec.items()]
+    if llama is not None:
+        keys["llama"] = f"llama.cpp · {shipped_label} · dense F32"
+        runs[keys["llama"]] = llama
+        legend.append({"run": keys["llama"], "model": shipped_label, "ffn_precision": "float32 (GGUF F32)",
+                       "mask_source": "dense"})
+    return runs, keys, pd.DataFrame(legend).set_index("run")
+
+
+def scratch_model_decoding(dirs: list[Path], prompt_ids, bench, bandwidth_gbs: float, llc_bytes: int) -> dict:
+    """End-to-end dense and exact-replay decoding of from-scratch dReLU models, where their weights exceed
+    twice the cache (smaller ones are not bandwidth-bound). Returns name -> limits table, or a reason string."""
+    from ..models.swap import load_model
+    from .bytes_model import weights_mb
+
+    out = {}
+    for d in dirs:
+        eng = Engine.from_transformers(load_model(d))
+        mb = weights_mb(eng)
+        if mb * 1e6 < 2 * llc_bytes:
+            out[d.name] = (f"{mb:.0f} MB of weights, within twice the {llc_bytes / 2**20:.0f} MB cache: not "
+                           "bandwidth-bound, so not timed end to end")
+            continue
+        runs = {"dense fp32": EngineRun(eng), "sparse fp32 exact replayed": EngineRun(eng, masks="exact")}
+        speed, _ = bench_decoding(runs, prompt_ids, bench.new_tokens, bench.decode_repeats)
+        out[d.name] = decoding_limits(ModelShape.of_engine(eng, d.name), runs, speed, bench.prompt_tokens,
+                                      bench.new_tokens, bandwidth_gbs, {"float32": "dense fp32"})
+    return out

@@ -1,0 +1,95 @@
+"""Comparisons that say what the evidence allows: intervals, seed spread, and a verdict computed by rule.
+
+A difference between two variants counts only when it is larger than what chance gives: the paired
+bootstrap interval over evaluation windows must exclude "no difference" at every seed, in the same
+direction, and the mean difference must exceed the spread between seeds. Anything less is
+reported as "not distinguishable" (at this scale, with these tokens and seeds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .perplexity import PerplexityResult, paired_interval
+
+NOT_DISTINGUISHABLE = "not distinguishable"
+
+
+def perplexity_table(results: dict[tuple[str, int], PerplexityResult], samples: int = 1000) -> pd.DataFrame:
+    """One row per (variant, seed): ppl with its bootstrap interval, nll, tokens and windows."""
+    rows = []
+    for (variant, seed), r in results.items():
+        lo, hi = r.interval(samples)
+        rows.append({"variant": variant, "seed": seed, "ppl": r.ppl, "ppl_lo": lo, "ppl_hi": hi, "nll": r.nll,
+                     "tokens": r.n_tokens, "windows": r.n_windows})
+    return pd.DataFrame(rows)
+
+
+def compare_variants(results: dict[tuple[str, int], PerplexityResult], base: str, other: str,
+                     samples: int = 1000) -> dict:
+    """``other`` against ``base`` at every seed both have (same held-out windows), and the verdict.
+
+    Returns per-seed ratios other/base with paired intervals, the mean ratio, the seed spread of each
+    variant's perplexity (max - min over seeds, relative to its mean), and ``verdict``: "<other> better",
+    "<other> worse" or "not distinguishable".
+    """
+    seeds = sorted({s for v, s in results if v == base} & {s for v, s in results if v == other})
+    if not seeds:
+        raise ValueError(f"no seed has both {base!r} and {other!r}")
+    per_seed = [{"seed": s, **paired_interval(results[(base, s)], results[(other, s)], samples)} for s in seeds]
+    ppl = {v: np.array([results[(v, s)].ppl for s in seeds]) for v in (base, other)}
+    spread = {v: float((p.max() - p.min()) / p.mean()) if len(p) > 1 else 0.0 for v, p in ppl.items()}
+    mean_ratio = float(ppl[other].mean() / ppl[base].mean())
+    above = all(r["ratio_lo"] > 1 for r in per_seed)
+    below = all(r["ratio_hi"] < 1 for r in per_seed)
+    beyond_seeds = abs(mean_ratio - 1) > max(spread.values())
+    if below and beyond_seeds:
+        verdict = f"{other} better"
+    elif above and beyond_seeds:
+        verdict = f"{other} worse"
+    else:
+        verdict = NOT_DISTINGUISHABLE
+    return {"base": base, "other": other, "per_seed": pd.DataFrame(per_seed), "mean_ratio": mean_ratio,
+            "seed_spread": spread, "verdict": verdict}
+
+
+def describe(cmp: dict) -> str:
+    """One line for a notebook: the ratio, its intervals, the seed spread, the verdict."""
+    ps = cmp["per_seed"]
+    seeds = "; ".join(f"seed {r.seed}: x{r.ratio:.3f} [{r.ratio_lo:.3f}, {r.ratio_hi:.3f}]" for r in ps.itertuples())
+    spread = ", ".join(f"{v} {s:.1%}" for v, s in cmp["seed_spread"].items())
+    return (f"{cmp['other']} / {cmp['base']} perplexity: mean x{cmp['mean_ratio']:.3f} ({seeds}); seed spread {spread} "
+            f"-> {cmp['verdict']}")
+
+
+def topk_robustness(sweeps: pd.DataFrame, level: float, a: str = "swiglu", b: str = "drelu", robust: float = 1.05) -> dict:
+    """Which variant keeps its perplexity better at top-k ``level``, by rule.
+
+    ``sweeps``: rows of ``eval.sweeps.topk_sweep`` with ``model`` and ``seed`` columns. Per model and seed,
+    the degradation is the ratio ppl(level) / ppl(0) with its paired interval. ``b`` is more robust only if
+    at every seed its interval lies wholly below ``a``'s; less robust if wholly above; otherwise the two are
+    not distinguishable. When both stay within ``robust`` (the paper's dReLU: x1.03 at 90%) at every seed,
+    the verdict is "both robust": a statistically clear but tiny gap is not a difference in robustness.
+    """
+    at = sweeps[sweeps.sparsity == level]
+    seeds = sorted(set(at[at.model == a].seed) & set(at[at.model == b].seed))
+    if not seeds:
+        raise ValueError(f"no seed has both {a!r} and {b!r} at sparsity {level}")
+    rows = []
+    for s in seeds:
+        ra = at[(at.model == a) & (at.seed == s)].iloc[0]
+        rb = at[(at.model == b) & (at.seed == s)].iloc[0]
+        rows.append({"seed": s, f"{a}_ratio": ra.ratio, f"{a}_lo": ra.ratio_lo, f"{a}_hi": ra.ratio_hi,
+                     f"{b}_ratio": rb.ratio, f"{b}_lo": rb.ratio_lo, f"{b}_hi": rb.ratio_hi,
+                     "b_below": rb.ratio_hi < ra.ratio_lo, "b_above": rb.ratio_lo > ra.ratio_hi})
+    df = pd.DataFrame(rows)
+    if (df[f"{a}_hi"] <= robust).all() and (df[f"{b}_hi"] <= robust).all():
+        verdict = f"both robust (within x{robust} at every seed)"
+    elif df.b_below.all():
+        verdict = f"{b} more robust"
+    elif df.b_above.all():
+        verdict = f"{a} more robust"
+    else:
+        verdict = NOT_DISTINGUISHABLE
+    return {"level": level, "per_seed": df, "verdict": verdict}
