@@ -6,7 +6,7 @@ from turbosparse_lib.train.config import train_config
 
 def test_presets_exist_and_grow():
     assert tuple(PRESETS) == PRESET_NAMES
-    s, c, p = (get_preset(n) for n in PRESET_NAMES)
+    s, c, p = (get_preset(n) for n in ("smoke", "cpu", "paper"))
     assert s.data.mixture_tokens < c.data.mixture_tokens < p.data.mixture_tokens
     assert s.train.total_tokens < c.train.total_tokens < p.train.total_tokens
     assert 0 < s.eval.eval_tokens < c.eval.eval_tokens and p.eval.eval_tokens == 0  # paper: the whole test split
@@ -28,5 +28,11 @@ def test_every_section_is_read_in_one_place():
 
 
 def test_unknown_preset_lists_valid_names():
-    with pytest.raises(ValueError, match="smoke, cpu, paper"):
+    with pytest.raises(ValueError, match="smoke, cpu, gpu, paper"):
         get_preset("laptop")
+
+
+def test_gpu_preset_is_cpu_with_a_longer_relufication():
+    c, g = get_preset("cpu"), get_preset("gpu")
+    assert g.relufy.total_tokens > 10 * c.relufy.total_tokens
+    assert (g.model, g.train, g.eval, g.bench) == (c.model, c.train, c.eval, c.bench)

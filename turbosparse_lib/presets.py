@@ -2,6 +2,8 @@
 
 - ``smoke``: seconds per notebook, for CI; numbers only show that the code runs.
 - ``cpu``: the default reproduction on a 2-core, 24 GB laptop-class machine.
+- ``gpu``: the cpu sizes with a longer ReLUfication budget, for a machine with one GPU (the trainer and
+  ReLUfication place the models on it; evaluation and the CPU speed benchmarks are as at cpu).
 - ``paper``: the paper's own sizes (tables 5, 11 and 12), for machines that can run them.
 
 A preset has a section per stage: ``data`` (the mixture of notebook 00), ``model`` (the
@@ -16,11 +18,11 @@ at a few thousand tokens/s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .models.architecture import ModelConfig
 
-PRESET_NAMES = ("smoke", "cpu", "paper")
+PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class RelufySection:
     eval_every: int  # optimiser steps between held-out evaluations on the recovery curve
     curve_eval_tokens: int  # held-out tokens scored at each point of the recovery curve
     checkpoint_every: int
+    compare_tokens: int = 0  # tokens per recipe in the recipe comparison (on dReLU); 0: total_tokens
+    final_eval_tokens: int = 0  # held-out tokens for the final perplexities (0: eval.eval_tokens)
+    tolerance_tokens: int = 0  # held-out tokens for the top-k-within-1% sparsity search (0: eval.quick_eval_tokens)
     variants: tuple[str, ...] = ("reglu", "shifted_relu", "drelu")
 
 
@@ -137,7 +142,7 @@ PRESETS: dict[str, Preset] = {
                            log_every=2),
         relufy=RelufySection(total_tokens=4 * 2 * 64, batch_size=2, micro_batch_size=2, context_length=64, lr=1e-4,
                              min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=256,
-                             checkpoint_every=2),
+                             checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256),
         eval=EvalSection(eval_tokens=1024, quick_eval_tokens=512, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
                          zeroshot_examples=40, bootstrap_samples=200),
         bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536),),
@@ -157,13 +162,15 @@ PRESETS: dict[str, Preset] = {
                            log_every=10),
         relufy=RelufySection(total_tokens=196_608, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
                              min_lr_ratio=0.1, warmup_steps=6, fit_tokens=16_384, eval_every=16,
-                             curve_eval_tokens=4096, checkpoint_every=16),
+                             curve_eval_tokens=4096, checkpoint_every=16, compare_tokens=65_536,
+                             final_eval_tokens=32_768, tolerance_tokens=8192),
         eval=EvalSection(eval_tokens=65_536, quick_eval_tokens=8192, stats_tokens=4_096, context_length=512,
                          topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95), zeroshot_examples=300, bootstrap_samples=1000),
         bench=BenchSection(bandwidth_mb=512, repeats=15, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
                            stats_tokens=4096, stats_context=512, prompt_tokens=32, new_tokens=65, decode_repeats=7,
                            max_load=0.35, load_wait_s=600),
     ),
+    "gpu": None,  # filled below from "cpu"
     "paper": Preset(
         name="paper",
         description="the paper's sizes (tables 5, 11, 12); needs a GPU or a lot of patience",
@@ -189,6 +196,13 @@ PRESETS: dict[str, Preset] = {
                            max_load=0.35, load_wait_s=1800),
     ),
 }  # fmt: skip
+PRESETS["gpu"] = replace(
+    PRESETS["cpu"], name="gpu", threads=None,
+    description="one GPU: the cpu sizes, ReLUfication at 50x the tokens and the paper's context for it",
+    relufy=replace(PRESETS["cpu"].relufy, total_tokens=10_000_000, batch_size=32, micro_batch_size=16,
+                   context_length=1024, lr=1e-4, warmup_steps=50, fit_tokens=65_536, eval_every=50,
+                   curve_eval_tokens=16_384, checkpoint_every=50),
+)
 
 
 def get_preset(name: str) -> Preset:

@@ -49,17 +49,26 @@ def corpus_dir() -> Path:
     return paths.built_dir() / "corpus"
 
 
-TOKENIZERS = ("ours", "smollm2-135m")  # the project's BPE, and the pretrained model's own
+TOKENIZERS = ("ours", "smollm2-135m")  # the project's BPE, and the pretrained model's own; or a model folder
 
 
 def _check_tokenizer(tokenizer: str) -> str:
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer not in TOKENIZERS and not (Path(tokenizer) / "tokenizer_config.json").exists():
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)} or give the folder "
+                         "of a Hugging Face model that holds its tokenizer")
     return tokenizer
 
 
+def _tokenizer_slug(tokenizer: str) -> str:
+    """A folder-name-safe name: the tokenizer's own, or a folder's name plus a hash of its full path."""
+    if tokenizer in TOKENIZERS:
+        return tokenizer
+    p = Path(tokenizer).resolve()
+    return f"{p.name}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+
+
 def tokens_path(split: str, tokenizer: str = "ours") -> Path:
-    folder = "tokens" if _check_tokenizer(tokenizer) == "ours" else f"tokens-{tokenizer}"
+    folder = "tokens" if _check_tokenizer(tokenizer) == "ours" else f"tokens-{_tokenizer_slug(tokenizer)}"
     return paths.built_dir() / folder / f"{split}.npz"
 
 
@@ -149,15 +158,19 @@ def load_tokenizer_named(tokenizer: str = "ours"):
         from .tokenizer import load_tokenizer
 
         return load_tokenizer()
-    from ..models.pretrained import load_smollm2_tokenizer
+    if tokenizer == "smollm2-135m":
+        from ..models.pretrained import load_smollm2_tokenizer
 
-    return load_smollm2_tokenizer()
+        return load_smollm2_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer)
 
 
 def ensure_tokens(split: str, tokenizer: str = "ours", quiet: bool = True) -> Path:
     """The token arrays of ``split`` under ``tokenizer``, made now if missing or stale."""
     path = tokens_path(split, tokenizer)
-    product = f"tokens/{tokenizer}/{split}"
+    product = f"tokens/{_tokenizer_slug(tokenizer)}/{split}"
     if not _is_current(product, path):
         if not corpus_dir().exists():
             raise FileNotFoundError(f"no corpus at {corpus_dir()}: run `turbosparse-data` first")

@@ -93,3 +93,29 @@ def topk_robustness(sweeps: pd.DataFrame, level: float, a: str = "swiglu", b: st
     else:
         verdict = NOT_DISTINGUISHABLE
     return {"level": level, "per_seed": df, "verdict": verdict}
+
+
+def sparsity_table(models: dict, base: str, ids, context_length: int, tol_ids, samples: int = 1000,
+                   tol: float = 0.01) -> tuple[pd.DataFrame, dict]:
+    """The table 1 analogue: per model, held-out perplexity with its interval, the ratio to ``base`` on the same
+    windows (paired interval), the exact-zero fraction of combined, and one sparsity for every variant: the
+    largest top-k level within ``tol`` of the model's own unmasked perplexity (``eval.sweeps.topk_tolerance``
+    on ``tol_ids``). Returns the table and the ``PerplexityResult`` of each model."""
+    from ..sparsity.instruments import record_activations
+    from .perplexity import perplexity
+    from .sweeps import topk_tolerance
+
+    results, rows = {}, []
+    for name, m in models.items():
+        with record_activations(m, kinds=("combined",)) as rec:
+            results[name] = perplexity(m, ids, context_length=context_length)
+        lo, hi = results[name].interval(samples)
+        tolerance = topk_tolerance(m, tol_ids, tol=tol, context_length=context_length)
+        rows.append({"model": name, "ppl": results[name].ppl, "ppl_lo": lo, "ppl_hi": hi,
+                     "zero_frac": float(rec.overall().zero_frac.iloc[0]),
+                     f"topk_within_{tol:.0%}": tolerance["sparsity"], "tolerance_resolution": tolerance["resolution"]})
+    df = pd.DataFrame(rows).set_index("model")
+    for name in models:
+        c = paired_interval(results[base], results[name], samples)
+        df.loc[name, ["ratio", "ratio_lo", "ratio_hi"]] = c["ratio"], c["ratio_lo"], c["ratio_hi"]
+    return df, results

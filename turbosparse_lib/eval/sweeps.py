@@ -32,3 +32,35 @@ def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 51
     cmp = pd.DataFrame([paired_interval(base, results[float(s)], bootstrap_samples) for s in sparsities])
     df = pd.concat([df, cmp], axis=1)
     return (df, results) if return_results else df
+
+
+def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_length: int = 512, batch_size: int = 4,
+                   hi: float = 0.99, iters: int = 6) -> dict:
+    """The largest top-k sparsity whose perplexity stays within ``(1 + tol)`` of the unmasked model's.
+
+    One definition of sparsity for every variant, SwiGLU included (it has no exact zeros): bisection on
+    [0, ``hi``] over top-k levels (perplexity rises with the level), ``iters`` halvings, so the answer is a
+    lower bound within ``hi / 2**iters``. For a ReLU-family model every level below its own zero fraction
+    masks nothing but zeros, so the answer is at least that fraction. Returns the sparsity, the unmasked
+    perplexity and every level evaluated.
+    """
+    def ppl_at(s: float) -> float:
+        with topk_mask(model, sparsity=s):
+            return perplexity(model, token_ids, context_length=context_length, batch_size=batch_size).ppl
+
+    base = perplexity(model, token_ids, context_length=context_length, batch_size=batch_size).ppl
+    limit = base * (1 + tol)
+    tried = [(0.0, base)]
+    good, bad = 0.0, hi
+    p_hi = ppl_at(hi)
+    tried.append((hi, p_hi))
+    if p_hi <= limit:
+        good = hi
+    else:
+        for _ in range(iters):
+            mid = round((good + bad) / 2, 6)
+            p = ppl_at(mid)
+            tried.append((mid, p))
+            good, bad = (mid, bad) if p <= limit else (good, mid)
+    return {"sparsity": good, "unmasked_ppl": base, "tol": tol,
+            "evaluated": sorted(tried), "resolution": hi / 2**iters}

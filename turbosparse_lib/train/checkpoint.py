@@ -49,7 +49,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, tokens_seen: int,
-                    precision: str) -> None:
+                    precision: str, train_seconds: float = 0.0) -> None:
     """Everything a resume needs, written atomically to ``run_dir/checkpoint``."""
     from safetensors.torch import save_file, save_model
 
@@ -59,7 +59,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
         opt_tensors["rng.torch"] = torch.get_rng_state()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "state.json", {"step": step, "tokens_seen": tokens_seen, "precision": precision,
-                                        "optimizer": opt_meta})
+                                        "train_seconds": train_seconds, "optimizer": opt_meta})
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:

@@ -71,8 +71,9 @@ def evaluate_loss(model: nn.Module, seqs: torch.Tensor, micro_batch_size: int, p
     was_training = model.training
     model.eval()
     losses = []
+    device = next(model.parameters()).device
     for i in range(0, len(seqs), micro_batch_size):
-        x = seqs[i: i + micro_batch_size]
+        x = seqs[i: i + micro_batch_size].to(device)
         with autocast(precision):
             losses.append(float(model(input_ids=x, labels=x).loss) * len(x))
     model.train(was_training)
@@ -146,11 +147,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
-        start_step, tokens_seen, precision = 0, 0, cfg.precision
+        start_step, tokens_seen, precision, seconds_before = 0, 0, cfg.precision, 0.0
         precision_measurement = None
         if (run_dir / CHECKPOINT / "state.json").exists():
             state = load_checkpoint(run_dir, model, opt)
             start_step, tokens_seen, precision = state["step"], state["tokens_seen"], state["precision"]
+            seconds_before = state.get("train_seconds", 0.0)
             if d.main:
                 rewrite_metrics(run_dir / METRICS_FILE, start_step)
         elif precision == "auto":
@@ -159,6 +161,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
             precision = "bf16" if all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
         barrier(d)
 
+        device = next(model.parameters()).device  # the caller places the model (and the teacher) on a device
         ddp = model
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -178,11 +181,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
             metrics_f.flush()
         t_last, tok_last = time.perf_counter(), tokens_seen
         t_start = time.perf_counter()
+        train_seconds = seconds_before  # optimiser steps only, evaluations excluded: the x axis of a recovery curve
         train_loss, row = float("nan"), None
         try:
             for step in range(start_step, cfg.steps):
                 if step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
+                t_step = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -190,7 +195,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                 mine = batch[d.rank * accum * cfg.micro_batch_size: (d.rank + 1) * accum * cfg.micro_batch_size]
                 loss_sum = 0.0
                 for m in range(accum):
-                    x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size]
+                    x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size].to(device)
                     sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
                     with sync:
                         loss = _loss(ddp, teacher, x, cfg.objective, precision)
@@ -200,6 +205,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 tokens_seen += cfg.tokens_per_step
+                train_seconds += time.perf_counter() - t_step
                 train_loss = all_mean(loss_sum / accum, d)
                 bar.update(1)
                 done = step + 1
@@ -208,11 +214,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     now = time.perf_counter()
                     row = {"step": done, "tokens_seen": tokens_seen, "loss": train_loss, "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": (tokens_seen - tok_last) / (now - t_last),
-                           "precision": precision, "seconds": now - t_start}
+                           "precision": precision, "train_seconds": train_seconds}
                     t_last, tok_last = now, tokens_seen
                     bar.set_postfix(loss=f"{train_loss:.3f}")
                 if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                    row = row or {"step": done, "tokens_seen": tokens_seen, "lr": lr, "precision": precision}
+                    row = row or {"step": done, "tokens_seen": tokens_seen, "lr": lr, "precision": precision,
+                                  "train_seconds": train_seconds}
                     row["val_loss"] = evaluate_loss(model, val, cfg.micro_batch_size, precision)
                     if eval_hook is not None and d.main:
                         row.update(eval_hook(model, done, tokens_seen))
@@ -222,7 +229,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     metrics_f.flush()
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     if d.main:
-                        save_checkpoint(run_dir, model, opt, done, tokens_seen, precision)
+                        save_checkpoint(run_dir, model, opt, done, tokens_seen, precision, train_seconds)
                     barrier(d)
         finally:
             bar.close()
@@ -232,7 +239,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
         summary = {"steps": cfg.steps, "tokens_seen": tokens_seen, "final_train_loss": train_loss,
                    "final_val_loss": row["val_loss"] if row else None, "precision": precision,
                    "processes": d.world, "threads": torch.get_num_threads(),
-                   "seconds_this_session": time.perf_counter() - t_start, "resumed_from_step": start_step,
+                   "seconds_this_session": time.perf_counter() - t_start, "train_seconds": train_seconds,
+                   "resumed_from_step": start_step,
                    "parameters": sum(p.numel() for p in model.parameters()),
                    "trainable_parameters": sum(p.numel() for _, p in trainable)}
         if precision_measurement is not None:

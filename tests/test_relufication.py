@@ -1,0 +1,117 @@
+"""ReLUfication on a tiny model: the swap keeps the weights, the warm start fits, distillation, kill and resume."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from turbosparse_lib.models.swap import apply_variant, mlp_modules
+from turbosparse_lib.train import relufication as R
+
+
+def _tiny(seed=0, vocab=8192):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, built_data):
+    """A tiny Llama saved with our BPE as its tokenizer: a base model relufy can load like any HF folder."""
+    from turbosparse_lib.data.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-base")
+    _tiny().save_pretrained(d)
+    load_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("variant", ["reglu", "shifted_relu", "drelu"])
+def test_swap_keeps_gate_up_and_down_exactly(variant):
+    teacher = _tiny()
+    student = apply_variant(copy.deepcopy(teacher), variant)
+    for t, s in zip(mlp_modules(teacher), mlp_modules(student)):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(t, name).weight, getattr(s, name).weight)
+    assert student.config.mlp_variant == variant
+
+
+@pytest.mark.parametrize("target", ["function", "residual"])
+def test_warm_start_fits_each_layer(target):
+    teacher = _tiny(1, vocab=64)
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    student = apply_variant(copy.deepcopy(teacher), "drelu")
+    rep = R.warm_start(student, teacher, ids, R.WarmStart(target=target))
+    assert [r["layer"] for r in rep["layers"]] == [0, 1]
+    for r in rep["layers"]:
+        assert r["rel_err_after"] < r["rel_err_before"]
+    # gate and up keep their weights up to each neuron's sign; only down is refitted
+    for t, s in zip(mlp_modules(teacher), mlp_modules(student)):
+        assert torch.equal(t.gate_proj.weight, s.gate_proj.weight)
+        assert torch.equal(t.up_proj.weight.abs(), s.up_proj.weight.abs())
+
+
+def test_warm_start_reproduces_the_native_variant():
+    """Swapped to its own variant, least squares must give back (almost) the original MLPs."""
+    teacher = _tiny(2, vocab=64)
+    ids = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(1))
+    student = apply_variant(copy.deepcopy(teacher), "swiglu")
+    rep = R.warm_start(student, teacher, ids, R.WarmStart(ridge=1e-8))
+    assert max(r["rel_err_after"] for r in rep["layers"]) < 1e-4
+
+
+def test_bad_arguments_are_refused_before_anything_is_made(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        R.relufy_config("smoke", "drelu", "magic")
+    with pytest.raises(ValueError, match="unknown gated-MLP variant"):
+        R.relufy_config("smoke", "foo")
+    with pytest.raises(ValueError, match="unknown base model"):
+        R.relufy_config("smoke", "drelu", base=str(tmp_path / "nothing"))
+    assert R.main(["--recipe", "magic", "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+_RUN = """
+import sys, json
+from turbosparse_lib.train.relufication import relufy
+d, s = relufy("smoke", "drelu", "lstsq+kd", base=sys.argv[1], run_dir=sys.argv[2], tokenizer="ours", precision="fp32")
+print(json.dumps({"final_train_loss": s["final_train_loss"], "resumed_from_step": s["resumed_from_step"]}))
+"""
+
+
+def _run(base, out, kill_at=None):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if kill_at is not None:
+        env["TURBOSPARSE_KILL_AT_STEP"] = str(kill_at)
+    return subprocess.run([sys.executable, "-c", _RUN, str(base), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_killed_relufication_resumes_to_the_same_weights(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    r = _run(tiny_base, whole)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(tiny_base, killed, kill_at=3)  # checkpoints every 2 steps: step 2 is saved, step 3 is lost
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (killed / R.WARM_FILE).exists()
+    r = _run(tiny_base, killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["resumed_from_step"] == 2
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    curve = R.recovery_curve(killed)
+    assert list(curve.step) == [0, 2, 4] and (curve.heldout_ppl > 0).all() and curve.zero_frac.between(0, 1).all()
+    from turbosparse_lib.models.swap import load_model
+
+    m = load_model(killed)
+    assert m.config.mlp_variant == "drelu"

@@ -1,0 +1,309 @@
+"""ReLUfication (paper section 5): swap a pretrained model's MLP activation, then continue training until it recovers.
+
+The paper swaps Mistral-7B's SwiGLU for dReLU and continues pretraining on 150B tokens of a diverse
+mixture (table 4) with a plain next-token loss. On a laptop we have about a millionth of that, so
+this module offers the paper's recipe and two cheaper ways to spend the same CPU time:
+
+- ``warm="lstsq"``, a layer-wise warm start before any training. Each layer's new MLP is fitted, in
+  closed form, to reproduce what the original MLP computed, on a few thousand captured tokens:
+  1. the variant's ReLU on the up branch (dReLU) keeps only ``up > 0``. SwiGLU is symmetric under
+     flipping the sign of a neuron's up row and down column, dReLU is not, so each neuron keeps the
+     sign whose rectified half carries more of ``act(gate) * up``'s energy (free: no other weight moves);
+  2. ``down_proj`` becomes the ridge least-squares solution mapping the new combined activations to
+     the original MLP's outputs (one 1536 x 1536 solve per layer for SmolLM2).
+  The layers are fitted in order inside one forward pass (``target="function"``: each layer sees the
+  inputs that the already-fitted layers below it produce, and matches the original MLP applied to
+  them), or so that each layer's output restores the original model's residual stream
+  (``target="residual"``), which also absorbs the errors of the layers below.
+- ``objective="kd"``, distillation: the KL divergence from the original model's next-token
+  distribution to the swapped model's, which carries far more signal per token than the one-hot
+  next-token loss; ``"kd+lm"`` averages the two; ``"lm"`` is the paper's.
+
+``relufy`` runs one (variant, recipe) into ``data/models/<preset>/relufied-<base>-<variant>-<recipe>/``
+with the trainer of ``train.loop`` (checkpoints, resume after a kill, progress bars, metrics), and records a
+recovery curve: held-out perplexity and the exact-zero fraction of combined at every evaluation, against
+tokens and against CPU seconds. The command line is ``turbosparse-relufy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import paths
+from ..atomic import write_json
+
+RECIPES: dict[str, tuple[str, str]] = {  # name -> (warm start, objective)
+    "paper": ("none", "lm"),  # the paper's: swap, then next-token loss
+    "kd": ("none", "kd"),  # distillation from the original model
+    "lstsq+lm": ("lstsq", "lm"),
+    "lstsq+kd": ("lstsq", "kd"),  # layer-wise warm start, then distillation
+}
+DEFAULT_RECIPE = "lstsq+kd"
+BASE_MODELS = ("smollm2-135m",)
+WARM_FILE = "warm_start.json"
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    target: str = "function"  # "function": match the original MLP on the student's inputs; "residual": restore
+    ridge: float = 1e-3  # ridge term, relative to the mean diagonal of the Gram matrix
+    sign_flip: bool = True  # pick each neuron's up sign (variants with a ReLU on up only)
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer-wise warm start
+
+
+def _gram_solve(C: torch.Tensor, Y: torch.Tensor, ridge: float, chunk: int = 4096) -> torch.Tensor:
+    """argmin_W ||C W^T - Y||^2 + lam ||W||^2 for C (N, F), Y (N, H): W (H, F). Gram in float32 chunks, solve in float64."""
+    F_, H = C.shape[1], Y.shape[1]
+    A = torch.zeros(F_, F_, dtype=torch.float64)
+    B = torch.zeros(F_, H, dtype=torch.float64)
+    for i in range(0, C.shape[0], chunk):
+        c, y = C[i:i + chunk].float(), Y[i:i + chunk].float()
+        A += (c.T @ c).double()
+        B += (c.T @ y).double()
+    lam = ridge * float(A.diagonal().mean()) + 1e-12
+    A.diagonal().add_(lam)
+    return torch.linalg.solve(A, B).T.float()  # (H, F)
+
+
+def _choose_up_signs(mlp, x: torch.Tensor) -> torch.Tensor:
+    """+1/-1 per neuron: the sign of the up row whose rectified half keeps more of act(gate) * up's energy."""
+    g = mlp.act_fn(mlp.gate_proj(x))  # (N, F)
+    u = mlp.up_proj(x)
+    keep_pos = ((g * torch.relu(u)) ** 2).sum(0)
+    keep_neg = ((g * torch.relu(-u)) ** 2).sum(0)
+    return torch.where(keep_neg > keep_pos, -1.0, 1.0).to(x.dtype)
+
+
+@torch.no_grad()
+def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, cfg: WarmStart = WarmStart()) -> dict:
+    """Fit every swapped MLP of ``student`` to ``teacher``'s, layer by layer, in one forward pass (see the module
+    docstring). ``sequences`` (B, T) are the captured tokens. Returns per-layer relative errors (before / after the
+    fit) and the seconds it took; the student is changed in place."""
+    from ..models.swap import _decoder_layers, mlp_modules
+
+    if cfg.target not in ("function", "residual"):
+        raise ValueError(f"unknown warm-start target {cfg.target!r}; choose 'function' or 'residual'")
+    t0 = time.perf_counter()
+    s_layers, t_layers = _decoder_layers(student), _decoder_layers(teacher)
+    s_mlps, t_mlps = mlp_modules(student), mlp_modules(teacher)
+    if len(s_mlps) != len(t_mlps):
+        raise ValueError(f"student has {len(s_mlps)} layers, teacher {len(t_mlps)}")
+    teacher_out: list[torch.Tensor] = []
+    if cfg.target == "residual":  # the original residual stream after every layer
+        hooks = [layer.register_forward_hook(lambda m, a, o: teacher_out.append(o[0] if isinstance(o, tuple) else o))
+                 for layer in t_layers]
+        try:
+            teacher(input_ids=sequences, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+    residual: dict[int, torch.Tensor] = {}
+    report = []
+
+    def make_hooks(i: int):
+        def on_norm(mod, args):  # the residual stream entering the MLP's norm
+            residual[i] = args[0]
+
+        def on_mlp(mod, args, out):
+            x = args[0]
+            xf = x.reshape(-1, x.shape[-1])
+            if cfg.sign_flip and getattr(mod, "up_act_fn", None) is not None and not isinstance(mod.up_act_fn, nn.Identity):
+                s = _choose_up_signs(mod, xf)
+                mod.up_proj.weight.mul_(s[:, None])
+                if mod.up_proj.bias is not None:
+                    mod.up_proj.bias.mul_(s)
+            if cfg.target == "function":
+                y = t_mlps[i](xf)  # the original MLP on the inputs the fitted layers below produce
+            else:
+                y = (teacher_out[i] - residual[i]).reshape(-1, x.shape[-1])
+            c = mod.act_fn(mod.gate_proj(xf)) * mod.up_act_fn(mod.up_proj(xf))
+            before = float(((out.reshape(-1, out.shape[-1]) - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+            mod.down_proj.weight.copy_(_gram_solve(c, y - (mod.down_proj.bias if mod.down_proj.bias is not None else 0),
+                                                   cfg.ridge))
+            new = mod.down_proj(c)
+            after = float(((new - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+            report.append({"layer": i, "rel_err_before": before, "rel_err_after": after})
+            return new.reshape(out.shape)
+
+        return on_norm, on_mlp
+
+    hooks = []
+    for i, (layer, mlp) in enumerate(zip(s_layers, s_mlps)):
+        on_norm, on_mlp = make_hooks(i)
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(on_norm))
+        hooks.append(mlp.register_forward_hook(on_mlp))
+    try:
+        was = student.training
+        student.eval()
+        student(input_ids=sequences, use_cache=False)
+        student.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"layers": report, "seconds": time.perf_counter() - t0, "tokens": int(sequences.numel()),
+            "target": cfg.target, "ridge": cfg.ridge, "sign_flip": cfg.sign_flip}
+
+
+# ----------------------------------------------------------------------------------------------
+# a run
+
+
+def relufied_dir(preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base: str = "smollm2-135m",
+                 tag: str = "") -> Path:
+    """Where ``relufy`` writes a run (and, once complete, the ``save_pretrained`` model); ``tag`` tells apart
+    runs of the same recipe with other settings (the recipe comparison's shorter budget)."""
+    return paths.models_dir() / preset / f"relufied-{Path(base).name}-{variant}-{recipe}{'-' + tag if tag else ''}"
+
+
+def relufy_config(preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base: str = "smollm2-135m", **overrides):
+    """The ``TrainConfig`` of a ReLUfication run: the preset's ``relufy`` section, the recipe's objective."""
+    from ..models.variants import get_variant
+    from ..presets import get_preset
+    from .config import TrainConfig
+
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if base not in BASE_MODELS and not (Path(base) / "config.json").exists():
+        raise ValueError(f"unknown base model {base!r}; give {', '.join(BASE_MODELS)} or the folder of a Hugging Face "
+                         "model (Llama, Mistral, Qwen2/3, Gemma families)")
+    get_variant(variant)
+    R = get_preset(preset).relufy
+    fields = dict(model_preset=None, base_model=str(base), variant=variant, seed=0, total_tokens=R.total_tokens,
+                  batch_size=R.batch_size, micro_batch_size=R.micro_batch_size, context_length=R.context_length,
+                  lr=R.lr, min_lr_ratio=R.min_lr_ratio, warmup_steps=R.warmup_steps, precision="auto",
+                  tokenizer=str(base), objective=RECIPES[recipe][1], eval_every=R.eval_every,
+                  eval_sequences=max(1, R.curve_eval_tokens // R.context_length), checkpoint_every=R.checkpoint_every,
+                  log_every=max(1, R.eval_every // 4))
+    return TrainConfig(**{**fields, **overrides})
+
+
+def load_base(base: str = "smollm2-135m"):
+    """(model, tokenizer) of a base model: SmolLM2-135M from its package, or any local Hugging Face folder."""
+    from ..models.pretrained import load_pretrained, load_smollm2
+
+    return load_smollm2() if base == "smollm2-135m" else load_pretrained(base)
+
+
+def curve_hook(eval_ids: torch.Tensor, context_length: int):
+    """An ``EvalHook``: held-out perplexity and the exact-zero fraction of combined, measured in one pass."""
+    from ..eval.perplexity import perplexity
+    from ..sparsity.instruments import record_activations
+
+    def hook(model, step, tokens):
+        with record_activations(model, kinds=("combined",)) as rec:
+            r = perplexity(model, eval_ids, context_length=context_length)
+        return {"heldout_ppl": r.ppl, "zero_frac": float(rec.overall().zero_frac.iloc[0])}
+
+    return hook
+
+
+def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RECIPE, base: str = "smollm2-135m",
+           run_dir: str | Path | None = None, warm: WarmStart = WarmStart(), progress: bool | None = None,
+           threads: int | None = None, **overrides) -> tuple[Path, dict]:
+    """Swap ``base``'s MLPs to ``variant`` and continue training it with ``recipe``; returns (run folder, summary).
+
+    A finished run is loaded, not retrained; a killed one resumes from its last checkpoint (the warm start is
+    not redone: the checkpoint holds weights that came after it). The summary adds the warm start's seconds
+    and per-layer errors. ``overrides`` are ``TrainConfig`` fields (``total_tokens=...``).
+    """
+    import copy
+
+    from ..data.build import heldout_ids
+    from ..models.swap import apply_variant
+    from ..presets import get_preset
+    from .checkpoint import CHECKPOINT, is_complete
+    from .data import training_sequences
+    from .loop import train
+
+    cfg = relufy_config(preset, variant, recipe, base, **overrides)  # every argument checked before anything is made
+    run_dir = Path(run_dir) if run_dir is not None else relufied_dir(preset, variant, recipe, base)
+    if threads:
+        torch.set_num_threads(threads)
+    warm_path = run_dir / WARM_FILE
+    if is_complete(run_dir):
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+        return run_dir, {**summary, "warm_start": json.loads(warm_path.read_text()) if warm_path.exists() else None}
+    teacher, tok = load_base(base)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the gpu and paper presets are meant for a GPU
+    teacher.to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = apply_variant(copy.deepcopy(teacher), variant)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    sequences = training_sequences(cfg)
+    warm_report = None
+    if RECIPES[recipe][0] == "lstsq" and not (run_dir / CHECKPOINT / "state.json").exists():
+        R = get_preset(preset).relufy
+        n_fit = max(1, R.fit_tokens // cfg.context_length)
+        fit = sequences[-n_fit:] if n_fit < len(sequences) else sequences  # the run's own training tokens
+        warm_report = warm_start(student, teacher, fit.to(device), warm)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(warm_path, warm_report)
+    elif warm_path.exists():
+        warm_report = json.loads(warm_path.read_text())
+    E = get_preset(preset).eval
+    hook = curve_hook(heldout_ids(tok, max_tokens=get_preset(preset).relufy.curve_eval_tokens), E.context_length)
+    summary = train(cfg, run_dir, model=student, sequences=sequences, progress=progress,
+                    teacher=teacher if cfg.objective != "lm" else None, eval_hook=hook)
+    if warm_report is not None:
+        summary = {**summary, "warm_start": warm_report}
+    tok.save_pretrained(run_dir)  # the folder loads as a complete model (weights, config, tokenizer)
+    return run_dir, summary
+
+
+def recovery_curve(run_dir: str | Path) -> "pd.DataFrame":
+    """The evaluations of a run: tokens, seconds (warm start + training), held-out ppl and exact-zero fraction."""
+    import pandas as pd
+
+    from .checkpoint import read_metrics
+
+    m = read_metrics(run_dir)
+    m = m[m.heldout_ppl.notna()].copy() if "heldout_ppl" in m else m.iloc[0:0]
+    warm_path = Path(run_dir) / WARM_FILE
+    warm_s = json.loads(warm_path.read_text())["seconds"] if warm_path.exists() else 0.0
+    m["train_seconds"] = m.get("train_seconds", pd.Series(0.0, index=m.index)).fillna(0.0)
+    m["cpu_seconds"] = warm_s + m["train_seconds"]
+    return m[["step", "tokens_seen", "cpu_seconds", "val_loss", "heldout_ppl", "zero_frac"]].reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..presets import PRESETS
+
+    p = argparse.ArgumentParser(prog="turbosparse-relufy",
+                                description="ReLUfy a pretrained model: swap its MLP activation, then continue "
+                                            "training it (resumable). Section 5 of the paper.")
+    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
+    p.add_argument("--variant", default="drelu", help="reglu, shifted_relu, drelu, ... (default drelu)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
+    p.add_argument("--base", default="smollm2-135m", help="smollm2-135m or the folder of a Hugging Face model")
+    p.add_argument("--total-tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="run folder (default: data/models/<preset>/relufied-<base>-<variant>-<recipe>)")
+    a = p.parse_args(argv)
+    overrides = {"total_tokens": a.total_tokens} if a.total_tokens is not None else {}
+    try:
+        relufy_config(a.preset, a.variant, a.recipe, a.base, **overrides)
+        if a.threads is not None and a.threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {a.threads}")
+    except (ValueError, TypeError) as e:
+        print(f"turbosparse-relufy: {e}", file=sys.stderr)
+        return 2
+    run_dir, summary = relufy(a.preset, a.variant, a.recipe, a.base, a.out, threads=a.threads, **overrides)
+    print(json.dumps({"run_dir": str(run_dir), **{k: v for k, v in summary.items() if k != "warm_start"}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
