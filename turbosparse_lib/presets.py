@@ -69,6 +69,7 @@ class RelufySection:
     final_eval_tokens: int = 0  # held-out tokens for the final perplexities (0: eval.eval_tokens)
     tolerance_tokens: int = 0  # held-out tokens for the top-k-within-1% sparsity search (0: eval.quick_eval_tokens)
     variants: tuple[str, ...] = ("reglu", "shifted_relu", "drelu")
+    base: str = "smollm2-135m"  # the model ReLUfied (train.relufication.resolve_base)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ PRESETS: dict[str, Preset] = {
                            log_every=2),
         relufy=RelufySection(total_tokens=4 * 2 * 64, batch_size=2, micro_batch_size=2, context_length=64, lr=1e-4,
                              min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=256,
-                             checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256),
+                             checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256,
+                             base="scratch-swiglu"),  # seconds in CI: notebook 02's tiny model, not SmolLM2
         eval=EvalSection(eval_tokens=1024, quick_eval_tokens=512, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
                          zeroshot_examples=40, bootstrap_samples=200),
         bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536),),
