@@ -73,6 +73,18 @@ class RelufySection:
 
 
 @dataclass(frozen=True)
+class PredictSection:
+    """Activation predictors (notebook 07): captured data, the predictors' size and training, the thresholds swept."""
+
+    capture_tokens: int  # training-split tokens whose FFN inputs and labels are captured
+    tokens_per_shard: int
+    rank: int  # of every layer's low-rank predictor
+    epochs: int
+    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)  # probabilities swept for the recall / sparsity trade-off
+    source: str = "residual"  # the predictors' input: the residual stream before the FFN norm, or "normed"
+
+
+@dataclass(frozen=True)
 class EvalSection:
     eval_tokens: int  # held-out tokens scored for the perplexities a notebook compares (0 = the whole test split)
     quick_eval_tokens: int  # held-out tokens for illustrative perplexities (untrained swaps, recovery curves)
@@ -115,6 +127,7 @@ class Preset:
     model: ModelConfig
     train: TrainSection
     relufy: RelufySection
+    predict: PredictSection
     eval: EvalSection
     bench: BenchSection
 
@@ -145,6 +158,7 @@ PRESETS: dict[str, Preset] = {
                              min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=256,
                              checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256,
                              base="scratch-swiglu"),  # seconds in CI: notebook 02's tiny model, not SmolLM2
+        predict=PredictSection(capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5)),
         eval=EvalSection(eval_tokens=1024, quick_eval_tokens=512, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
                          zeroshot_examples=40, bootstrap_samples=200),
         bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536),),
@@ -168,6 +182,7 @@ PRESETS: dict[str, Preset] = {
                              min_lr_ratio=0.1, warmup_steps=4, fit_tokens=16_384, eval_every=8,
                              curve_eval_tokens=4096, checkpoint_every=8, compare_tokens=65_536,
                              final_eval_tokens=32_768, tolerance_tokens=8192),
+        predict=PredictSection(capture_tokens=32_768, tokens_per_shard=4096, rank=128, epochs=8),
         eval=EvalSection(eval_tokens=65_536, quick_eval_tokens=8192, stats_tokens=4_096, context_length=512,
                          topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95), zeroshot_examples=300, bootstrap_samples=1000),
         bench=BenchSection(bandwidth_mb=512, repeats=15, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
@@ -191,6 +206,8 @@ PRESETS: dict[str, Preset] = {
         relufy=RelufySection(total_tokens=1_000_000_000, batch_size=64, micro_batch_size=8, context_length=4096,
                              lr=5e-5, min_lr_ratio=0.1, warmup_steps=1000, fit_tokens=262_144, eval_every=500,
                              curve_eval_tokens=65_536, checkpoint_every=250),
+        # 65k tokens of a 7B model: 32 layers x (4096 fp16 inputs + 14336 label bits) per token, about 21 GB on disk
+        predict=PredictSection(capture_tokens=65_536, tokens_per_shard=8192, rank=256, epochs=8),
         eval=EvalSection(eval_tokens=0, quick_eval_tokens=65_536, stats_tokens=65_536, context_length=2048,
                          topk_fine=tuple(round(0.05 * i, 2) for i in range(1, 20)
                                          if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)),
