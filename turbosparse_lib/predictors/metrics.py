@@ -96,3 +96,14 @@ def cost_per_token(ps: PredictorSet, ffn_active: float, bytes_per_weight: float 
     ffn_saved = len(ps.layers) * 3 * ps.hidden * ps.intermediate * (1 - ffn_active) * bytes_per_weight
     return {"predictor_params": params, "predictor_bytes": params * bytes_per_weight, "predictor_flops": 2 * params,
             "ffn_bytes_saved": ffn_saved, "predictor_over_saved": params * bytes_per_weight / max(1.0, ffn_saved)}
+
+
+def choose_threshold(by_threshold: pd.DataFrame, max_sparsity_gap: float = 0.05) -> dict | None:
+    """Among thresholds (index) whose mean predicted sparsity is within ``max_sparsity_gap`` of the true sparsity,
+    the one with the best recall (None if none qualifies). ``by_threshold``: mean recall, predicted_sparsity and
+    true_sparsity per threshold, as ``layer_metrics(...).groupby('threshold').mean()`` gives."""
+    ok = by_threshold[(by_threshold.true_sparsity - by_threshold.predicted_sparsity).abs() <= max_sparsity_gap]
+    if ok.empty:
+        return None
+    t = ok.recall.idxmax()
+    return {"threshold": float(t), **{k: float(v) for k, v in ok.loc[t].items()}}
