@@ -37,6 +37,7 @@ class TrainConfig:
     tokenizer: str = "ours"  # "ours" (the project's BPE) or the base model's name, whose tokenizer encodes the data
     base_model: str | None = None  # continued pretraining: the model trained from (recorded, for the config guard)
     objective: str = "lm"  # one of OBJECTIVES; kd needs a teacher passed to train()
+    l1_coef: float = 0.0  # weight of an L1 penalty on the MLPs' combined activations (sparsity regularisation)
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     eval_sequences: int = 16  # validation sequences per evaluation (fixed set)
     checkpoint_every: int = 100
@@ -55,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0; got {self.l1_coef}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.steps < 1:

@@ -19,7 +19,9 @@ A run, in order:
 3. Each optimiser step is ``batch_size`` sequences, split over processes and then into micro
    batches (gradient accumulation). Under ``torchrun`` the model is wrapped in DDP.
 4. The loss is the config's ``objective``: next-token cross-entropy (``lm``), the KL divergence
-   from a teacher's next-token distribution to the model's (``kd``, distillation), or their mean.
+   from a teacher's next-token distribution to the model's (``kd``, distillation), or their mean;
+   plus, with ``l1_coef > 0``, an L1 penalty on every MLP's combined activation (the mean |combined|
+   over layers), which pushes activations to exact zero (ProSparse-style sparsity regularisation).
 5. Every ``checkpoint_every`` steps a resumable checkpoint (``train.checkpoint``); at the end the
    final weights with ``save_pretrained`` (loadable with ``models.swap.load_model``), then the
    summary that marks the run complete.
@@ -87,15 +89,42 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def _loss(model, teacher, x: torch.Tensor, objective: str, precision: str) -> torch.Tensor:
+class _CombinedL1:
+    """Sums mean |combined| over the MLPs of one forward pass (pre-hooks on every ``down_proj``)."""
+
+    def __init__(self, model: nn.Module):
+        from ..models.swap import mlp_modules
+
+        self.total: torch.Tensor | None = None
+        self.handles = [m.down_proj.register_forward_pre_hook(self._add) for m in mlp_modules(model)]
+        self.n = len(self.handles)
+
+    def _add(self, mod, args):
+        if not torch.is_grad_enabled():  # evaluations run without autograd: they are not part of the loss
+            return
+        term = args[0].abs().mean()
+        self.total = term if self.total is None else self.total + term
+
+    def take(self) -> torch.Tensor:
+        t, self.total = self.total, None
+        return t / self.n
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _loss(model, teacher, x: torch.Tensor, objective: str, precision: str, l1: "_CombinedL1 | None" = None,
+          l1_coef: float = 0.0) -> torch.Tensor:
     with autocast(precision):
         out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False)
+    penalty = l1_coef * l1.take() if l1 is not None else 0.0
     if objective == "lm":
-        return out.loss
+        return out.loss + penalty
     with torch.inference_mode():
         t_logits = teacher(input_ids=x, use_cache=False).logits
     kd = distillation_loss(out.logits, t_logits.clone())  # a clone leaves inference mode, for autograd
-    return kd if objective == "kd" else 0.5 * (kd + out.loss)
+    return (kd if objective == "kd" else 0.5 * (kd + out.loss)) + penalty
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None = None,
@@ -179,6 +208,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                                         "val_loss": evaluate_loss(model, val, cfg.micro_batch_size, precision),
                                         **eval_hook(model, 0, 0)}) + "\n")
             metrics_f.flush()
+        l1 = _CombinedL1(model) if cfg.l1_coef > 0 else None
         t_last, tok_last = time.perf_counter(), tokens_seen
         t_start = time.perf_counter()
         train_seconds = seconds_before  # optimiser steps only, evaluations excluded: the x axis of a recovery curve
@@ -198,7 +228,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size].to(device)
                     sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
                     with sync:
-                        loss = _loss(ddp, teacher, x, cfg.objective, precision)
+                        loss = _loss(ddp, teacher, x, cfg.objective, precision, l1, cfg.l1_coef)
                         (loss / accum).backward()
                     loss_sum += float(loss.detach())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
@@ -233,6 +263,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     barrier(d)
         finally:
             bar.close()
+            if l1 is not None:
+                l1.remove()
             if metrics_f is not None:
                 metrics_f.close()
 
