@@ -25,9 +25,9 @@ class _NeuronCounter(MLPInstrument):
     def _register(self) -> None:
         for i, mlp in enumerate(self.mlps):
 
-            def on_down(mod, args, i=i):
+            def on_down(mod, args, i=i, mlp=mlp):
                 with torch.no_grad():
-                    live_TN = self._tokens(args[0]) != 0
+                    live_TN = self._tokens(args[0], mlp) != 0
                     c_N = live_TN.sum(0).cpu().numpy().astype(np.int64)
                 self.counts[i] = c_N if self.counts[i] is None else self.counts[i] + c_N
                 self.tokens[i] += live_TN.shape[0]
