@@ -109,6 +109,16 @@ def test_native_swap_is_eager_bit_for_bit_and_shares_the_weights(family, ids):
     assert count_parameters(model) == count_parameters(tiny(family))
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_gradients_through_the_swapped_experts_are_transformers(family, ids):
+    native, swapped = tiny(family, "eager").train(), apply_variant(tiny(family, "eager"), "swiglu").train()
+    for m in (native, swapped):
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in native.named_parameters()}
+    assert all(torch.allclose(p.grad, grads[n], atol=1e-7) for n, p in swapped.named_parameters())
+    assert swapped.model.layers[0].mlp.experts.gate_up_proj.grad.abs().sum() > 0
+
+
 def test_units_are_labelled_by_layer_and_expert():
     units = mlp_units(apply_variant(tiny("qwen2_moe"), "drelu"))
     assert [(u.layer, u.expert, u.role) for u in units] == [(0, e, "routed") for e in range(E)] + [

@@ -11,10 +11,12 @@ dReLU could be put in from outside.
 Design:
 
 - ``GatedExperts`` replaces the fused experts module and *shares* its two parameters (same names and shapes:
-  a checkpoint's state dict is unchanged and stays an ordinary transformers checkpoint). Its forward is
-  transformers' ``eager`` algorithm (loop over the experts that received tokens, gather, gated MLP, scale by
-  the routing weight, ``index_add_``), so with the native activation the logits equal those of
-  ``experts_implementation="eager"`` bit for bit.
+  the model's state dict is unchanged, and ``save_pretrained`` still writes an ordinary checkpoint; for
+  Mixtral transformers converts it back to the hub's per-expert ``block_sparse_moe.experts.<e>.w1/w2/w3``
+  layout, and ``from_pretrained`` fuses it again). Its forward is
+  transformers' eager algorithm with batched bookkeeping (the experts that received tokens, in order, each on
+  its rows in the eager loop's order; outputs scaled by the routing weights and summed per token), so with the
+  native activation and top-2 routing the logits equal those of ``experts_implementation="eager"`` bit for bit.
 - Each expert is reached through an ``ExpertMLP`` (``GatedExperts.mlps[e]``) whose ``gate_proj``, ``up_proj`` and
   ``down_proj`` are ``ExpertProjection`` modules: parameter-free views of rows of the fused tensors that behave
   like ``nn.Linear`` (``weight``, ``forward(x)``), and whose ``act_fn`` / ``up_act_fn`` are the variant's. The
@@ -70,6 +72,21 @@ def is_moe_block(mlp: nn.Module) -> bool:
     return isinstance(getattr(mlp, "experts", None), nn.Module) and hasattr(getattr(mlp, "experts"), "gate_up_proj")
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation, whose gradient is the gather ``grad[inverse]``: autograd's own backward of an
+    index would scatter-add, which on CPU is several times slower than the gather."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class ExpertProjection(nn.Module):
     """One expert's gate, up or down projection: a view of rows of the fused tensors that acts as an ``nn.Linear``.
 
@@ -104,8 +121,9 @@ class ExpertProjection(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T``; ``weight`` (this view's rows, passed by ``GatedExperts.forward``) saves a lookup."""
+        return F.linear(x, self.weight if weight is None else weight)
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, {self.which}, in={self.in_features}, out={self.out_features}"
@@ -122,8 +140,10 @@ class ExpertMLP(nn.Module):
         self.down_proj = ExpertProjection(owner, expert, "down")
         self.token_index: torch.Tensor | None = None  # during a call: flat positions of the routed tokens
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (n routed tokens, H)
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_act_fn(self.up_proj(x)))
+    def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...] = (None, None, None)) -> torch.Tensor:
+        """x: (n routed tokens, H) -> (n, H); ``weights``: the expert's (gate, up, down) rows, or looked up."""
+        w_gate, w_up, w_down = weights
+        return self.down_proj(self.act_fn(self.gate_proj(x, w_gate)) * self.up_act_fn(self.up_proj(x, w_up)), w_down)
 
 
 class GatedExperts(nn.Module):
@@ -168,23 +188,43 @@ class GatedExperts(nn.Module):
             mlp.act_fn, mlp.up_act_fn = self.act_fn, self.up_act_fn
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """hidden_states (T, H); top_k_index, top_k_weights (T, k) from the router -> (T, H). transformers' eager order."""
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, T)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            e = int(expert_idx[0])
-            top_k_pos, token_idx = torch.where(expert_mask[e])
+        """hidden_states (T, H); top_k_index, top_k_weights (T, k) from the router -> (T, H).
+
+        The (token, slot) pairs are sorted by expert, then slot, then token (the order in which the eager loop
+        gathers an expert's rows), each expert runs once on its contiguous block, and the outputs, scaled by the
+        routing weights, are summed over each token's k slots: transformers' ``batched_mm`` bookkeeping with a
+        loop over experts. On CPU, ``index_add_`` (the eager path) and a full-size gradient buffer per sliced
+        parameter cost more than the expert matmuls. Sums of two slots are order-free, so for top-2 (Mixtral)
+        the result is the eager path's bit for bit; for top-k > 2 it is to float rounding.
+        """
+        T, k = top_k_index.shape
+        flat_e = top_k_index.reshape(-1)  # (T*k,) expert of each (token, slot)
+        pair = torch.arange(T * k, device=flat_e.device)
+        # sorted by (expert, slot, token): each expert's rows in the order the eager loop gathers them
+        order = torch.argsort(flat_e * (T * k) + (pair % k) * T + pair // k)
+        inverse = torch.empty_like(order).index_copy_(0, order, pair)
+        counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
+        tokens = order // k  # the token of each sorted pair
+        x_pairs = hidden_states[:, None, :].expand(T, k, hidden_states.shape[-1]).reshape(T * k, -1)
+        blocks = _PermuteRows.apply(x_pairs, order, inverse).split(counts)  # split: one gradient buffer, not E
+        F_ = self.intermediate_size
+        # one view per expert, taken once: autograd then builds one gradient per parameter (unbind -> stack)
+        gates, ups = self.gate_up_proj[:, :F_].unbind(0), self.gate_up_proj[:, F_:].unbind(0)
+        downs = self.down_proj.unbind(0)
+        outs, start = [], 0
+        for e, (n, x_e) in enumerate(zip(counts, blocks)):
+            if n == 0:
+                continue
             mlp = self.mlps[e]
-            mlp.token_index = token_idx
+            mlp.token_index = tokens[start:start + n]
             try:
-                out = mlp(hidden_states[token_idx])  # (n, H)
+                outs.append(mlp(x_e, (gates[e], ups[e], downs[e])))
             finally:
                 mlp.token_index = None
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+            start += n
+        out = _PermuteRows.apply(torch.cat(outs), inverse, order)  # (T*k, H) back in (token, slot) order
+        out = out * top_k_weights.reshape(-1, 1)
+        return out.view(T, k, -1).sum(dim=1).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         kw = "".join(f", {k}={v}" for k, v in self.variant_kwargs.items())
