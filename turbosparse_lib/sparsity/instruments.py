@@ -66,6 +66,16 @@ class Histogram:
             raise ValueError("histograms with different bin edges cannot be added")
         return Histogram(self.counts + other.counts, self.edges, self.below + other.below, self.above + other.above)
 
+    def total_variation(self, other: "Histogram") -> float:
+        """Total-variation distance between the two distributions as binned (below / above the range count as two
+        more bins): half the L1 distance of the probability masses; 0 for the same shape, 1 for disjoint ones."""
+        if not np.array_equal(self.edges, other.edges):
+            raise ValueError("histograms with different bin edges cannot be compared")
+        p, q = (np.concatenate([[h.below], h.counts, [h.above]]).astype(np.float64) for h in (self, other))
+        if p.sum() == 0 or q.sum() == 0:
+            raise ValueError("an empty histogram has no distribution")
+        return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
     @property
     def density(self) -> np.ndarray:
         """``np.histogram(..., density=True)``: in-range counts / (their total * bin width)."""
