@@ -119,6 +119,13 @@ def test_gradients_through_the_swapped_experts_are_transformers(family, ids):
     assert swapped.model.layers[0].mlp.experts.gate_up_proj.grad.abs().sum() > 0
 
 
+def test_hooked_and_plain_expert_paths_agree_bit_for_bit(ids):
+    model = apply_variant(tiny("qwen3_moe"), "drelu")
+    plain = logits(model, ids)  # gate and up as one matmul over the fused rows
+    with record_activations(model, kinds=("gate", "up")):  # hooks on the views: gate and up one by one
+        assert torch.equal(logits(model, ids), plain)
+
+
 def test_units_are_labelled_by_layer_and_expert():
     units = mlp_units(apply_variant(tiny("qwen2_moe"), "drelu"))
     assert [(u.layer, u.expert, u.role) for u in units] == [(0, e, "routed") for e in range(E)] + [

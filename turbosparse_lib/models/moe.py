@@ -140,10 +140,29 @@ class ExpertMLP(nn.Module):
         self.down_proj = ExpertProjection(owner, expert, "down")
         self.token_index: torch.Tensor | None = None  # during a call: flat positions of the routed tokens
 
-    def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...] = (None, None, None)) -> torch.Tensor:
-        """x: (n routed tokens, H) -> (n, H); ``weights``: the expert's (gate, up, down) rows, or looked up."""
-        w_gate, w_up, w_down = weights
-        return self.down_proj(self.act_fn(self.gate_proj(x, w_gate)) * self.up_act_fn(self.up_proj(x, w_up)), w_down)
+    def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (n routed tokens, H) -> (n, H); ``weights``: the expert's (gate_up (2F, H), down (H, F)) rows, or None.
+
+        Without hooks on ``gate_proj`` and ``up_proj`` (training, plain inference) gate and up are one matmul over
+        the fused rows, as transformers computes them; with hooks each goes through its view, so the hooks see it.
+        Both give the same values (a matmul over a block of rows equals that block of the fused matmul).
+        """
+        gate_up, down = weights if weights is not None else (None, None)
+        if gate_up is not None and not (_hooked(self.gate_proj) or _hooked(self.up_proj)):
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        else:
+            F_ = self.gate_proj.out_features
+            gate = self.gate_proj(x, None if gate_up is None else gate_up[:F_])
+            up = self.up_proj(x, None if gate_up is None else gate_up[F_:])
+        return self.down_proj(self.act_fn(gate) * self.up_act_fn(up), down)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook (the module's own or a global one) would see this module's call."""
+    from torch.nn.modules import module as _m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks)
 
 
 class GatedExperts(nn.Module):
@@ -207,10 +226,8 @@ class GatedExperts(nn.Module):
         tokens = order // k  # the token of each sorted pair
         x_pairs = hidden_states[:, None, :].expand(T, k, hidden_states.shape[-1]).reshape(T * k, -1)
         blocks = _PermuteRows.apply(x_pairs, order, inverse).split(counts)  # split: one gradient buffer, not E
-        F_ = self.intermediate_size
         # one view per expert, taken once: autograd then builds one gradient per parameter (unbind -> stack)
-        gates, ups = self.gate_up_proj[:, :F_].unbind(0), self.gate_up_proj[:, F_:].unbind(0)
-        downs = self.down_proj.unbind(0)
+        gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs, start = [], 0
         for e, (n, x_e) in enumerate(zip(counts, blocks)):
             if n == 0:
@@ -218,7 +235,7 @@ class GatedExperts(nn.Module):
             mlp = self.mlps[e]
             mlp.token_index = tokens[start:start + n]
             try:
-                outs.append(mlp(x_e, (gates[e], ups[e], downs[e])))
+                outs.append(mlp(x_e, (gate_ups[e], downs[e])))
             finally:
                 mlp.token_index = None
             start += n
