@@ -109,9 +109,8 @@ def test_native_swap_is_eager_bit_for_bit_and_shares_the_weights(family, ids):
     assert count_parameters(model) == count_parameters(tiny(family))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_gradients_through_the_swapped_experts_are_transformers(family, ids):
-    native, swapped = tiny(family, "eager").train(), apply_variant(tiny(family, "eager"), "swiglu").train()
+def test_gradients_through_the_swapped_experts_are_transformers(ids):
+    native, swapped = tiny("mixtral", "eager").train(), apply_variant(tiny("mixtral", "eager"), "swiglu").train()
     for m in (native, swapped):
         m(input_ids=ids, labels=ids).loss.backward()
     grads = {n: p.grad for n, p in native.named_parameters()}

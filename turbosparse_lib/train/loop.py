@@ -24,6 +24,9 @@ A run, in order:
    final weights with ``save_pretrained`` (loadable with ``models.swap.load_model``), then the
    summary that marks the run complete.
 
+A mixture of experts (``cfg.moe``, notebook 04) trains the same way; its training loss includes the router's
+load-balancing term (transformers adds ``router_aux_loss_coef`` x aux), its validation loss does not.
+
 Precision: ``fp32``, ``bf16`` (autocast; master weights and optimiser stay fp32), or ``auto``,
 which times both on the model being trained (``train.precision``) and keeps the faster; the
 choice is stored with the run so a resume uses the same one.
