@@ -16,6 +16,7 @@ from turbosparse_lib.models.moe import ExpertMLP, GatedExperts, moe_settings
 from turbosparse_lib.models.swap import apply_variant, count_parameters, load_model, mlp_units, native_variant
 from turbosparse_lib.models.variants import combined_activation
 from turbosparse_lib.sparsity.experts import ActivityCounter, expert_activity
+from turbosparse_lib.sparsity.frequencies import neuron_frequencies
 from turbosparse_lib.sparsity.instruments import record_activations
 from turbosparse_lib.sparsity.masks import kept_count, threshold_mask, topk_keep, topk_mask
 
@@ -254,7 +255,9 @@ def test_active_parameters_are_counted_exactly(ids):
     assert act["active_params"] == always + active_neurons * 3 * H / T
     assert act["routing_fraction"] == K / E
     assert act["routed_active_fraction"] == active_neurons * 3 * H / T / expert_params
-    assert counter.neuron_frequencies().shape == (2, E, H)
+    freq = counter.neuron_frequencies()
+    assert freq.shape == (2, E, H)
+    assert np.array_equal(neuron_frequencies(model, stream, context_length=24, batch_size=1), freq.reshape(2 * E, H))
     # under a top-k mask keeping 1 of 32 neurons, at most 1 neuron per routed expert is active
     _, masked, _ = expert_activity(model, stream, context_length=24, batch_size=1, mask=topk_mask(model, 1 - 1 / H))
     assert masked["routed_active_fraction"] <= K / E / H + 1e-12
@@ -268,5 +271,7 @@ def test_shared_expert_and_dense_layer_count_for_every_token(ids):
     assert units[units.role == "routed"].tokens.sum() == T * K
     assert units[units.role == "routed"].load.sum() == pytest.approx(1.0)
     assert act["routing_fraction"] == pytest.approx(K / E)
+    with pytest.raises(ValueError, match="different widths"):
+        neuron_frequencies(model, ids.reshape(-1), context_length=12)
     with pytest.raises(ValueError, match="no 'routed' units"):
         ActivityCounter(build_model("drelu", preset="smoke")).neuron_frequencies()
