@@ -7,7 +7,10 @@
 - ``paper``: the paper's own sizes (tables 5, 11 and 12), for machines that can run them.
 
 A preset has a section per stage: ``data`` (the mixture of notebook 00), ``model`` (the
-from-scratch architecture), ``train`` (the from-scratch training of notebook 02), ``relufy``
+from-scratch architecture), ``train`` (the from-scratch training of notebook 02), ``moe`` (the
+routed experts of notebook 04's mixture of experts: the ``model`` decoder with every MLP split into
+experts, top-k of them per token reaching the dense model's width, trained by the ``train`` section
+on the same tokens), ``relufy``
 (continued pretraining of a pretrained model, notebook 05), ``eval`` (held-out tokens,
 top-k levels, zero-shot examples, bootstrap) and ``bench`` (the timing runs of notebook 06).
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .models.architecture import ModelConfig
+from .models.architecture import ModelConfig, MoEConfig
 
 PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
 
@@ -126,6 +129,7 @@ class Preset:
     data: DataSection
     model: ModelConfig
     train: TrainSection
+    moe: MoEConfig  # experts_per_token * expert_intermediate_size == model.intermediate_size: the same active width
     relufy: RelufySection
     predict: PredictSection
     eval: EvalSection
@@ -154,6 +158,7 @@ PRESETS: dict[str, Preset] = {
         train=TrainSection(total_tokens=32 * 4 * 128, batch_size=4, micro_batch_size=2, context_length=128, lr=3e-3,
                            warmup_steps=4, precision="fp32", eval_every=16, eval_sequences=4, checkpoint_every=8,
                            log_every=2),
+        moe=MoEConfig(num_experts=4, experts_per_token=2, expert_intermediate_size=88),
         relufy=RelufySection(total_tokens=4 * 2 * 64, batch_size=2, micro_batch_size=2, context_length=64, lr=1e-4,
                              min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=256,
                              checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256,
@@ -176,6 +181,8 @@ PRESETS: dict[str, Preset] = {
         train=TrainSection(total_tokens=1_500_000, batch_size=8, micro_batch_size=8, context_length=512, lr=1e-3,
                            warmup_steps=30, precision="auto", eval_every=100, eval_sequences=16, checkpoint_every=100,
                            log_every=10),
+        # Mixtral's routing, top-2 of 8, each expert half the dense width: a token reaches 704 neurons per layer
+        moe=MoEConfig(num_experts=8, experts_per_token=2, expert_intermediate_size=352),
         # sized for the three variants in 90 minutes on 2 cores: distillation runs at about 80-100 tokens/s on
         # SmolLM2-135M (student forward and backward plus the teacher's forward), the warm start takes about 3 minutes
         relufy=RelufySection(total_tokens=131_072, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
@@ -202,6 +209,7 @@ PRESETS: dict[str, Preset] = {
         train=TrainSection(total_tokens=5_000_000_000, batch_size=128, micro_batch_size=8, context_length=2048,
                            lr=1e-4, warmup_steps=2000, precision="bf16", eval_every=1000, eval_sequences=64,
                            checkpoint_every=500, log_every=10),
+        moe=MoEConfig(num_experts=8, experts_per_token=2, expert_intermediate_size=1408),
         # table 5's shape (lr 5e-5 -> 5e-6, 1000 warm-up steps, context 4096); 150B tokens is not ours to offer
         relufy=RelufySection(total_tokens=1_000_000_000, batch_size=64, micro_batch_size=8, context_length=4096,
                              lr=5e-5, min_lr_ratio=0.1, warmup_steps=1000, fit_tokens=262_144, eval_every=500,

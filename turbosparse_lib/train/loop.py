@@ -26,6 +26,9 @@ A run, in order:
    final weights with ``save_pretrained`` (loadable with ``models.swap.load_model``), then the
    summary that marks the run complete.
 
+A mixture of experts (``cfg.moe``, notebook 04) trains the same way; its training loss includes the router's
+load-balancing term (transformers adds ``router_aux_loss_coef`` x aux), its validation loss does not.
+
 Precision: ``fp32``, ``bf16`` (autocast; master weights and optimiser stay fp32), or ``auto``,
 which times both on the model being trained (``train.precision``) and keeps the faster; the
 choice is stored with the run so a resume uses the same one.
@@ -69,15 +72,19 @@ EvalHook = Callable[[nn.Module, int, int], dict]
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, seqs: torch.Tensor, micro_batch_size: int, precision: str = "fp32") -> float:
-    """Mean next-token loss over ``seqs`` (every sequence has the same length, so a mean of means is exact)."""
+    """Mean next-token loss over ``seqs`` (every sequence has the same length, so a mean of means is exact).
+
+    An MoE model's load-balancing term, part of its training loss, is left out: this is the language-model loss
+    alone, comparable with a dense model's."""
     was_training = model.training
     model.eval()
     losses = []
     device = next(model.parameters()).device
+    lm_only = {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
     for i in range(0, len(seqs), micro_batch_size):
         x = seqs[i: i + micro_batch_size].to(device)
         with autocast(precision):
-            losses.append(float(model(input_ids=x, labels=x).loss) * len(x))
+            losses.append(float(model(input_ids=x, labels=x, **lm_only).loss) * len(x))
     model.train(was_training)
     return sum(losses) / len(seqs)
 
@@ -167,7 +174,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
 
         torch.manual_seed(cfg.seed)
         if model is None:
-            model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed)
+            model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed, moe=cfg.moe)
         model.train()
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decay = [p for n, p in trainable if p.ndim >= 2]  # no decay on norms (as nanoGPT)
@@ -295,11 +302,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
             dist.destroy_process_group()
 
 
-def train_scratch(preset: str, variant: str, seed: int = 0, progress: bool | None = None, **overrides) -> tuple[Path, dict]:
+def train_scratch(preset: str, variant: str, seed: int = 0, progress: bool | None = None, moe: bool = False,
+                  **overrides) -> tuple[Path, dict]:
     """Train (or load the finished run of) the from-scratch model of ``preset``/``variant``/``seed`` into
-    ``paths.scratch_model_dir``; returns the folder and the run's summary."""
-    cfg = train_config(preset, variant, seed, **overrides)
-    run_dir = paths.scratch_model_dir(preset, variant, seed)
+    ``paths.scratch_model_dir`` (``moe=True``: the preset's mixture of experts, into ``paths.scratch_moe_dir``);
+    returns the folder and the run's summary."""
+    cfg = train_config(preset, variant, seed, moe=moe, **overrides)
+    run_dir = (paths.scratch_moe_dir if moe else paths.scratch_model_dir)(preset, variant, seed)
     return run_dir, train(cfg, run_dir, progress=progress)
 
 
@@ -326,16 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--moe", action="store_true", help="the preset's mixture of experts instead of the dense model")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in (("total_tokens", a.total_tokens), ("precision", a.precision)) if v is not None}
     try:  # every argument is checked here, before anything is created on disk
-        cfg = train_config(a.preset, a.variant, a.seed, **overrides)
+        cfg = train_config(a.preset, a.variant, a.seed, moe=a.moe, **overrides)
         if a.threads is not None and a.threads < 1:
             raise ValueError(f"--threads must be >= 1; got {a.threads}")
     except (ValueError, TypeError) as e:
         print(f"turbosparse-train: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(a.out) if a.out else paths.scratch_model_dir(a.preset, a.variant, a.seed)
+    run_dir = Path(a.out) if a.out else (paths.scratch_moe_dir if a.moe else paths.scratch_model_dir)(
+        a.preset, a.variant, a.seed)
     try:
         summary = train(cfg, run_dir, threads=a.threads)
     except (ValueError, FileNotFoundError) as e:

@@ -94,8 +94,11 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
     """Fit every swapped MLP of ``student`` to ``teacher``'s, layer by layer, in one forward pass (see the module
     docstring). ``sequences`` (B, T) are the captured tokens. Returns per-layer relative errors (before / after the
     fit) and the seconds it took; the student is changed in place."""
-    from ..models.swap import _decoder_layers, mlp_modules
+    from ..models.swap import _decoder_layers, is_moe, mlp_modules
 
+    if is_moe(student) or is_moe(teacher):
+        raise NotImplementedError("the warm start fits one dense MLP per layer; it is not implemented for "
+                                  "mixture-of-experts models: use a recipe without the lstsq warm start")
     if cfg.target not in ("function", "residual"):
         raise ValueError(f"unknown warm-start target {cfg.target!r}; choose 'function' or 'residual'")
     t0 = time.perf_counter()
