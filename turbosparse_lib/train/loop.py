@@ -191,10 +191,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
             seconds_before = state.get("train_seconds", 0.0)
             if d.main:
                 rewrite_metrics(run_dir / METRICS_FILE, start_step)
-        elif precision == "auto":
-            precision_measurement = measure_precision(model, cfg.micro_batch_size, cfg.context_length)
-            # every rank must use the same precision: a majority of the ranks' measurements decides
-            precision = "bf16" if all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
+        else:
+            if d.main:  # a fresh start: metrics of an earlier attempt killed before its first checkpoint go
+                rewrite_metrics(run_dir / METRICS_FILE, -1)
+            if precision == "auto":
+                precision_measurement = measure_precision(model, cfg.micro_batch_size, cfg.context_length)
+                # every rank must use the same precision: a majority of the ranks' measurements decides
+                precision = "bf16" if all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
         barrier(d)
 
         device = next(model.parameters()).device  # the caller places the model (and the teacher) on a device
