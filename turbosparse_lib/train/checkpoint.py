@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
@@ -86,7 +86,11 @@ def check_config(run_dir: Path, cfg: TrainConfig) -> None:
         return
     stored = json.loads(path.read_text())
     ours = asdict(cfg)
-    diff = {k: (stored.get(k), ours[k]) for k in ours if stored.get(k) != ours[k]}
+    # A field added to TrainConfig after the run was written is absent from its file: the run used the
+    # field's default then, so compare against that default rather than refuse the folder.
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+    stored = {k: stored.get(k, defaults.get(k)) for k in ours}
+    diff = {k: (stored[k], ours[k]) for k in ours if stored[k] != ours[k]}
     if diff:
         detail = ", ".join(f"{k}: stored {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{run_dir} holds a run with another config ({detail}); use another output folder "
