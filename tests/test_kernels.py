@@ -76,7 +76,24 @@ def test_the_bundle_is_gate_up_and_down_column_of_one_neuron():
     Wg, Wu, Wd, _ = _weights(rng, 5, 8)
     ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, "f32")
     np.testing.assert_array_equal(ffn.data[3].view(np.float32), np.concatenate([Wg[3], Wu[3], Wd[:, 3]]))
-    np.testing.assert_array_equal(Q.dequantize(ffn.part(2)), Wd.T)
+    np.testing.assert_array_equal(ffn.dequantized(2), Wd.T)
+    assert ffn.down_scale.shape == (0,)
+
+
+def test_quantised_down_columns_are_scaled_per_hidden_channel():
+    """A hidden channel with large weights (an LLM's outlier channel) does not set the block scale of the
+    other channels: each channel is divided by its largest weight before quantisation, multiplied back after."""
+    rng = np.random.default_rng(1)
+    Wg, Wu, Wd, x = _weights(rng, 64, 64)
+    Wd[5] *= 100.0  # one outlier channel
+    for fmt in ("q8_0", "q4_0"):
+        ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt)
+        np.testing.assert_allclose(ffn.down_scale, np.abs(Wd).max(axis=1))
+        plain = Q.dequantize(Q.quantize(Wd.T.copy(), fmt))
+        others = np.arange(64) != 5
+        err = lambda A: np.abs(A[:, others] - Wd.T[:, others]).mean()  # noqa: E731
+        assert err(ffn.dequantized(2)) < err(plain) / 5
+        _close(B.ffn(ffn, x, None, "drelu"), B.ffn_ref(ffn, x, None, "drelu"))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -106,7 +123,7 @@ def test_sparse_ffn_reads_only_active_rows_and_skips_exact_zeros(fmt):
 
     poison(~active, 0), poison(~active, 1), poison(active & (g_N <= 0), 1), poison(~live, 2)
     rows = np.zeros(3, np.int64)
-    got = B.ffn(B.FFNBundles(poisoned, fmt, H), x, idx, "drelu", rows_read=rows)
+    got = B.ffn(B.FFNBundles(poisoned, fmt, H, ffn.down_scale), x, idx, "drelu", rows_read=rows)
     assert np.isfinite(got).all()
     _close(got, want)
     np.testing.assert_array_equal(rows, [len(idx), (active & (g_N > 0)).sum(), live.sum()])
@@ -136,6 +153,10 @@ def test_quantisation_error_bound_and_zero_blocks(fmt):
     step = amax / (127 if fmt == "q8_0" else 8)
     bound = (0.5 if fmt == "q8_0" else 1.0) * step * 1.07 + 1e-12
     assert (np.abs(deq - W) <= bound).all()
+    if fmt == "q4_0":  # the search includes the reference scale, so no block gets a larger error; in all, smaller
+        searched = Q.dequantize(Q.quantize(W, fmt, method="search"))
+        assert np.square(searched - W).sum() < 0.95 * np.square(deq - W).sum()
+        assert (np.abs(searched - W) <= amax / 7 * 1.07 + 1e-12).all()
 
 
 def test_half_scales_convert_exactly_subnormals_included():

@@ -23,6 +23,13 @@ counts the rows it read of each kind, so bytes per token are measured, not model
 
 Only this layout is held: the dense path reads the same bundles, so no second copy of any FFN
 weight exists.
+
+A down column's blocks of 32 run along the hidden size, where llama.cpp's run along the neurons.
+A hidden channel whose weights are all large (LLMs have a few) would then set the scale of every
+block it falls in and crush the other 31 channels there. So the Q formats quantise
+``W_down[h, :] / s_h`` with ``s_h = max_n |W_down[h, n]|`` and multiply output h by ``s_h`` once
+(``down_scale``, H floats per layer): on SmolLM2 at Q4_0 that turns a 3% perplexity loss against
+llama.cpp's layout into a 1% gain.
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ PREFETCH_BYTES = 8192  # of the next neuron's bundle; larger bundles are streame
 
 @dataclass
 class FFNBundles:
-    """``data`` uint8 (..., N, 3 * row_bytes(H)): per neuron its gate row, up row and down column, format ``fmt``."""
+    """``data`` uint8 (..., N, 3 * row_bytes(H)): per neuron its gate row, up row and down column, format
+    ``fmt``; ``down_scale`` float32 (..., H): the output scale of each hidden channel (empty: none, f32)."""
 
     data: np.ndarray
     fmt: str
     hidden: int
+    down_scale: np.ndarray | None = None
 
     def __post_init__(self):
         self.code = quant.format_code(self.fmt)
@@ -53,16 +62,28 @@ class FFNBundles:
         if self.data.dtype != np.uint8 or not self.data.flags.c_contiguous or self.data.shape[-1] != 3 * self.seg_bytes:
             raise ValueError(f"bundles must be C-contiguous uint8 (..., N, {3 * self.seg_bytes}); got "
                              f"{self.data.dtype}{self.data.shape}")  # fmt: skip
+        if self.down_scale is None:
+            self.down_scale = np.empty((*self.data.shape[:-2], 0), np.float32)
+        if self.down_scale.shape[-1] not in (0, self.hidden) or self.down_scale.dtype != np.float32:
+            raise ValueError(f"down_scale must be float32 (..., {self.hidden}) or empty; got {self.down_scale.shape}")
 
     @classmethod
     def from_weights(cls, w_gate_NH, w_up_NH, w_down_HN, fmt: str) -> "FFNBundles":
-        """Bundle ``nn.Linear``-layout weights (gate, up: (..., N, H); down: (..., H, N)), quantised to ``fmt``."""
+        """Bundle ``nn.Linear``-layout weights (gate, up: (..., N, H); down: (..., H, N)), quantised to ``fmt``
+        (the Q formats with each hidden channel of the down projection scaled to a maximum of 1 first)."""
         gate, up = np.asarray(w_gate_NH, np.float32), np.asarray(w_up_NH, np.float32)
-        down_NH = np.swapaxes(np.asarray(w_down_HN, np.float32), -1, -2)
-        if not gate.shape == up.shape == down_NH.shape:
-            raise ValueError(f"gate {gate.shape}, up {up.shape} and down transposed {down_NH.shape} must match")
-        parts = [quant.quantize(W, fmt) for W in (gate, up, down_NH)]
-        return cls(np.ascontiguousarray(np.concatenate([p.data for p in parts], axis=-1)), fmt, gate.shape[-1])
+        down_HN = np.asarray(w_down_HN, np.float32)
+        if not gate.shape == up.shape == np.swapaxes(down_HN, -1, -2).shape:
+            raise ValueError(f"gate {gate.shape}, up {up.shape} and down transposed {np.swapaxes(down_HN, -1, -2).shape} "
+                             "must match")  # fmt: skip
+        scale = None
+        if quant.format_code(fmt) != quant.F32:
+            amax = np.abs(down_HN).max(axis=-1)
+            scale = np.where(amax > 0, amax, 1).astype(np.float32)
+            down_HN = down_HN / scale[..., None]
+        parts = [quant.quantize(W, fmt) for W in (gate, up, np.swapaxes(down_HN, -1, -2))]
+        data = np.ascontiguousarray(np.concatenate([p.data for p in parts], axis=-1))
+        return cls(data, fmt, gate.shape[-1], scale)
 
     @property
     def neurons(self) -> int:
@@ -74,13 +95,14 @@ class FFNBundles:
 
     def __getitem__(self, i) -> "FFNBundles":
         """One layer of a stack, a view."""
-        return FFNBundles(self.data[i], self.fmt, self.hidden)
+        return FFNBundles(self.data[i], self.fmt, self.hidden, self.down_scale[i])
 
     def dequantized(self, k: int) -> np.ndarray:
         """The gate (0), up (1) or down-transposed (2) weights as float32 (..., N, H): a view for f32, else a copy."""
         if self.code == quant.F32:
             return self.data.view(np.float32)[..., k * self.hidden : (k + 1) * self.hidden]
-        return quant.dequantize(self.part(k))
+        W = quant.dequantize(self.part(k))
+        return W * self.down_scale[..., None, :] if k == 2 and self.down_scale.shape[-1] else W
 
     def part(self, k: int) -> quant.QMatrix:
         """The gate (0), up (1) or down-transposed (2) rows as a ``QMatrix`` copy (for references and tests)."""
@@ -89,8 +111,9 @@ class FFNBundles:
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def ffn_into(B, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read):
-    """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,)."""
+def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read):
+    """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
+    ``down_scale`` (H,) multiplies the output channels (empty: none)."""
     seg = B.shape[1] // 3
     width = (H + 31) // 32 * 32
     partial = np.zeros((n_threads, width), dtype=np.float32)
@@ -118,11 +141,12 @@ def ffn_into(B, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_
             quant.row_axpy(row, 2 * seg, code, H, c, p)
             n_down += 1
         counts[t, 0], counts[t, 1], counts[t, 2] = n_gate, n_up, n_down
+    scaled = down_scale.shape[0] > 0
     for j in range(H):
         acc = np.float32(0.0)
         for t in range(n_threads):
             acc += partial[t, j]
-        y[j] = acc
+        y[j] = acc * down_scale[j] if scaled else acc
     for t in range(n_threads):
         for s in range(3):
             rows_read[s] += counts[t, s]
@@ -169,8 +193,8 @@ def ffn(bundles: FFNBundles, x_H, idx_K=None, variant="drelu", skip_zeros: bool 
     skip = use_idx if skip_zeros is None else bool(skip_zeros)
     y = np.empty(bundles.hidden, np.float32)
     counts = np.zeros(3, np.int64) if rows_read is None else rows_read
-    ffn_into(bundles.data, bundles.code, bundles.hidden, *quant.activation_for(bundles.code, x_H), idx, n, use_idx,
-             skip, *variant_code(variant), numba.get_num_threads(), y, counts)  # fmt: skip
+    ffn_into(bundles.data, bundles.down_scale, bundles.code, bundles.hidden, *quant.activation_for(bundles.code, x_H),
+             idx, n, use_idx, skip, *variant_code(variant), numba.get_num_threads(), y, counts)  # fmt: skip
     return y
 
 
@@ -198,4 +222,19 @@ def ffn_ref(bundles: FFNBundles, x_H, idx_K=None, variant="drelu") -> np.ndarray
         mask = np.zeros(bundles.neurons, bool)
         mask[np.asarray(idx_K, np.int64)] = True
         c = c * mask
-    return (c @ quant.dequantize(bundles.part(2)).astype(np.float64)).astype(np.float32)
+    return (c @ bundles.dequantized(2).astype(np.float64)).astype(np.float32)
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def ffn_layers_into(B, down_scale, code, H, x_LH, offsets, idx, use_idx, skip_zeros, act, shift, n_threads, y_LH,
+                    rows_read):
+    """The FFN of every layer of a stack ``B`` (L, N, bytes) in turn, layer l on ``x_LH[l]`` over neurons
+    ``idx[offsets[l]:offsets[l + 1]]`` (``use_idx``) or all: one token's FFNs in one call."""
+    nb = (H + 31) // 32
+    x16, xd = np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
+    for li in range(B.shape[0]):
+        if code != quant.F32:
+            quant._quantize_activation(x_LH[li], x16, xd)
+        lo, hi = (offsets[li], offsets[li + 1]) if use_idx else (0, B.shape[1])
+        ffn_into(B[li], down_scale[li], code, H, x_LH[li], x16, xd, idx[lo:hi], hi - lo, use_idx, skip_zeros, act,
+                 shift, n_threads, y_LH[li], rows_read)  # fmt: skip

@@ -416,8 +416,8 @@ class Engine:
             idx_K = self._provider_masks(provider, li, h_H)
             active += len(idx_K)
             t3 = perf_counter()
-            step_kernels.ffn_half(li, x_H, h_H, w.ffn.data, code, idx_K, len(idx_K), True, True, *cfg.act,
-                           numba.get_num_threads(), rows_read)  # fmt: skip
+            step_kernels.ffn_half(li, x_H, h_H, w.ffn.data, w.ffn.down_scale, code, idx_K, len(idx_K), True, True,
+                                  *cfg.act, numba.get_num_threads(), rows_read)  # fmt: skip
             t4 = perf_counter()
             times["attention"] += t2 - t1
             times["mask"] += t3 - t2

@@ -84,7 +84,7 @@ class ModelWeights:
         b_qkv = np.zeros((L, Q), np.float32) if self.b_qkv_LQ is None else self.b_qkv_LQ
         b_o = np.zeros((L, H), np.float32) if self.b_o_LH is None else self.b_o_LH
         return (self.attn_norm_LH, self.qkv.data, b_qkv, self.b_qkv_LQ is not None, self.o.data, b_o,
-                self.b_o_LH is not None, self.ffn_norm_LH, self.ffn.data)  # fmt: skip
+                self.b_o_LH is not None, self.ffn_norm_LH, self.ffn.data, self.ffn.down_scale)  # fmt: skip
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -138,14 +138,14 @@ def attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def ffn_half(li, x, h, ffn, code, idx, n, use_idx, skip_zeros, act, shift, n_threads, rows_read):
+def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, shift, n_threads, rows_read):
     """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x``."""
     H = x.shape[0]
     x16, xd = activation_buffers(code, H)
     if code != quant.F32:
         quant._quantize_activation(h, x16, xd)
     y = np.empty(H, np.float32)
-    ffn_into(ffn[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read)
+    ffn_into(ffn[li], ffn_scale[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read)
     x += y
 
 
@@ -168,8 +168,8 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, ffn, final_norm, lm_head,
-                 embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin, window, act, shift, masks_mode,
+def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, ffn, ffn_scale, final_norm,
+                 lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin, window, act, shift, masks_mode,
                  mask_offsets, mask_idx, n_threads, ticks, rows_read):
     """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
 
@@ -192,12 +192,13 @@ def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, 
         ticks[1] += t2 - t1
         if masks_mode == MASKS_PACKED:
             lo, hi = mask_offsets[li], mask_offsets[li + 1]
-            ffn_half(li, x, h, ffn, code, mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads, rows_read)
+            ffn_half(li, x, h, ffn, ffn_scale, code, mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads,
+                     rows_read)  # fmt: skip
             active += hi - lo
         else:
             before = rows_read[2]
             in_line = masks_mode == MASKS_EXACT_IN_LINE
-            ffn_half(li, x, h, ffn, code, mask_idx, N, False, in_line, act, shift, n_threads, rows_read)
+            ffn_half(li, x, h, ffn, ffn_scale, code, mask_idx, N, False, in_line, act, shift, n_threads, rows_read)
             active += rows_read[2] - before if in_line else N
         t1 = simd.cycle_counter()
         ticks[3] += t1 - t2
