@@ -236,11 +236,11 @@ def row_dot(row, offset, code, cols, x, x16, xd):
     """Weights ``row[offset:]`` (``cols`` of them in format ``code``) dotted with the activation:
     ``x`` (float32) for f32, ``(x16, xd)`` from ``quantize_activation`` for Q formats."""
     if code == F32:
-        w = row.view(np.float32)
-        base = offset // 4
+        # slice, then view: indices from 0 let LLVM vectorise (an offset index may be negative to it)
+        w = row[offset : offset + 4 * cols].view(np.float32)
         acc = np.float32(0.0)
         for j in range(cols):
-            acc += w[base + j] * x[j]
+            acc += w[j] * x[j]
         return acc
     if code == Q8_0:
         return simd.q8_dot(row, offset, x16, xd, xd.shape[0])
@@ -251,10 +251,9 @@ def row_dot(row, offset, code, cols, x, x16, xd):
 def row_axpy(row, offset, code, cols, coef, y):
     """``y += coef * weights row[offset:]``; for Q formats ``y`` holds whole blocks (``n_blocks(cols) * 32``)."""
     if code == F32:
-        w = row.view(np.float32)
-        base = offset // 4
+        w = row[offset : offset + 4 * cols].view(np.float32)
         for j in range(cols):
-            y[j] += coef * w[base + j]
+            y[j] += coef * w[j]
     elif code == Q8_0:
         simd.q8_axpy(row, offset, coef, y, (cols + 31) // 32)
     else:
