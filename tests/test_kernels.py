@@ -97,21 +97,23 @@ def test_quantised_down_columns_are_scaled_per_hidden_channel():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_sparse_ffn_reads_only_active_rows_and_skips_exact_zeros(fmt):
-    """Poison (NaN) every row the kernel must not read: inactive neurons, up rows where the gate did not
-    fire, down rows of neurons whose dReLU output is exactly zero. A read would turn the output NaN."""
+@pytest.mark.parametrize("path", ["listed", "in-line oracle"])
+def test_sparse_ffn_reads_only_active_rows_and_skips_exact_zeros(fmt, path):
+    """Poison (NaN) every row the kernel must not read. Listed neurons: the rows of unlisted neurons, and the
+    down rows of listed neurons whose dReLU output is exactly zero (gate and up are read together). The in-line
+    oracle: also the up rows where the gate did not fire. A read would turn the output NaN."""
     rng = np.random.default_rng(3)
     N, H = 97, 33
     Wg, Wu, Wd, x = _weights(rng, N, H)
     ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt)
-    idx = rng.permutation(N)[:50].astype(np.int64)
+    idx = rng.permutation(N)[:50].astype(np.int64) if path == "listed" else None
     want = B.ffn_ref(ffn, x, idx, "drelu")
     g_N = Q.dequantize(ffn.part(0)).astype(np.float64) @ Q._activation_ref(x, ffn.code)
     c_N = B.combined_ref(ffn, x, "drelu")
     active = np.zeros(N, bool)
-    active[idx] = True
-    live = active & (c_N != 0)
-    assert 0 < live.sum() < (active & (g_N > 0)).sum() < active.sum()  # both skips are exercised
+    active[idx if idx is not None else slice(None)] = True
+    fired, live = active & (g_N > 0), active & (c_N != 0)
+    assert 0 < live.sum() < fired.sum() < active.sum()  # both skips are exercised
     poisoned = ffn.data.copy()
     seg = ffn.seg_bytes
     nan = np.float32(np.nan).tobytes() if fmt == "f32" else np.float16(np.nan).tobytes()
@@ -121,12 +123,15 @@ def test_sparse_ffn_reads_only_active_rows_and_skips_exact_zeros(fmt):
         for off in range(part * seg, (part + 1) * seg, step):
             poisoned[rows, off : off + len(nan)] = np.frombuffer(nan, np.uint8)
 
-    poison(~active, 0), poison(~active, 1), poison(active & (g_N <= 0), 1), poison(~live, 2)
+    poison(~active, 0), poison(~active, 1), poison(~live, 2)
+    if path == "in-line oracle":
+        poison(~fired, 1)
     rows = np.zeros(3, np.int64)
-    got = B.ffn(B.FFNBundles(poisoned, fmt, H, ffn.down_scale), x, idx, "drelu", rows_read=rows)
+    got = B.ffn(B.FFNBundles(poisoned, fmt, H, ffn.down_scale), x, idx, "drelu", skip_zeros=True, rows_read=rows)
     assert np.isfinite(got).all()
     _close(got, want)
-    np.testing.assert_array_equal(rows, [len(idx), (active & (g_N > 0)).sum(), live.sum()])
+    up_rows = fired.sum() if path == "in-line oracle" else active.sum()
+    np.testing.assert_array_equal(rows, [active.sum(), up_rows, live.sum()])
 
 
 def test_dense_ffn_reads_every_row():
@@ -285,3 +290,22 @@ def test_validate_kernels_and_threads():
         T.set_threads(n_before)
     with pytest.raises(ValueError, match="threads"):
         T.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+
+
+def test_ffn_over_stacked_layers_is_each_layers_ffn():
+    """The benchmark's sweep (every layer in turn, each on its own input and mask) equals per-layer calls."""
+    rng = np.random.default_rng(9)
+    L, N, H = 3, 40, 33
+    layers = [_weights(rng, N, H) for _ in range(L)]
+    for fmt in FORMATS:
+        parts = [B.FFNBundles.from_weights(*w[:3], fmt) for w in layers]
+        stack = B.FFNBundles(np.stack([p.data for p in parts]), fmt, H, np.stack([p.down_scale for p in parts]))
+        x = np.stack([w[3] for w in layers])
+        masks = [rng.permutation(N)[: 5 + 7 * li] for li in range(L)]
+        offsets = np.concatenate([[0], np.cumsum([len(m) for m in masks])]).astype(np.int64)
+        y, rows = np.empty((L, H), np.float32), np.zeros(3, np.int64)
+        B.ffn_layers_into(stack.data, stack.down_scale, stack.code, H, x, offsets, np.concatenate(masks), True, True,
+                          *K.variant_code("drelu"), numba.get_num_threads(), y, rows)
+        for li in range(L):
+            _close(y[li], B.ffn_ref(stack[li], x[li], masks[li], "drelu"))
+        assert rows[0] == sum(len(m) for m in masks)
