@@ -110,9 +110,17 @@ class LlamaCppRun:
         """Free the model and context now (at interpreter exit llama-cpp-python's own cleanup can fail)."""
         self.llm.close()
 
+    def _last_logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+
     def _next_token(self) -> int:
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
-        return int(np.argmax(logits))
+        return int(np.argmax(self._last_logits()))
+
+    def prompt_logits(self, prompt_ids: np.ndarray) -> np.ndarray:
+        """The logits (a copy) after evaluating ``prompt_ids`` from an empty cache."""
+        self.llm.reset()
+        self.llm.eval([int(t) for t in prompt_ids])
+        return self._last_logits().copy()
 
     def decode(self, prompt_ids: np.ndarray, new_tokens: int, profile: dict | None = None) -> tuple[np.ndarray, float]:
         """Greedy tokens (the first from the prompt's evaluation) and the seconds of the decode steps."""
