@@ -14,9 +14,9 @@ they read:
 - in-line exact oracle (``skip_zeros=True`` over all neurons): every gate row is read, the up row
   only where the gate activation is non-zero and the down row only where the combined value is.
 
-A listed neuron's gate and up rows are read together in one pass over the activation (the bundle
-is prefetched whole anyway); the in-line oracle reads the up row only where the gate fired, and
-with ``skip_zeros`` a neuron whose combined value is zero leaves its down row unread. The down projection is an axpy,
+With ``skip_zeros`` a neuron whose gate activation is exactly zero costs its gate row only (the
+in-line oracle, or a predictor's false positive), and one whose combined value is zero leaves its
+down row unread. The down projection is an axpy,
 ``y += c_n * down_n``; the active neurons are split into one contiguous range per thread, each
 thread sums into its own partial ``y`` (no race), and the partials are added at the end. While a
 thread works on one neuron it prefetches the next one's bundle (``simd.prefetch``). Every call
@@ -131,18 +131,13 @@ def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, ac
                 for off in range(0, ahead, 64):
                     simd.prefetch(nxt, off)
             row = B[r]
-            if skip_zeros and not use_idx:
-                # the in-line oracle: the up row is read only where the gate fired
-                a = _gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
-                n_gate += 1
-                if a == 0:
-                    continue
-                c = a * _up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act)
-            else:
-                # a listed (predicted active) neuron, or dense: gate and up in one pass over the activation
-                g, u = quant.row_dot2(row, 0, seg, code, H, x, x16, xd)
-                n_gate += 1
-                c = _gate_act(g, act, shift) * _up_act(u, act)
+            # gate, up and down are read in order, one stream (two rows read side by side stream from memory
+            # at half the rate); the up row only where the gate fired, with skip_zeros
+            a = _gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
+            n_gate += 1
+            if skip_zeros and a == 0:
+                continue
+            c = a * _up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act)
             n_up += 1
             if skip_zeros and c == 0:
                 continue

@@ -22,9 +22,9 @@ Design:
   angles, rotate-half layout); other rope types raise instead of silently decoding wrongly.
 - Grouped-query attention: query head ``h`` reads kv head ``h // (heads / kv_heads)``, as
   ``repeat_kv`` does. Mistral's sliding window is honoured.
-- Prefill: float32 engines run all prompt tokens at once with NumPy matmuls (also the reference
-  for the decode attention kernel); quantised engines prefill token by token with the fused step,
-  so prefill and decoding see exactly one model. The speed tables time decoding only.
+- Prefill: float32 engines run all prompt tokens at once with NumPy matmuls (``reference``, also
+  the reference every engine is tested against); quantised engines prefill token by token with the
+  fused step, so prefill and decoding see exactly one model. The speed tables time decoding only.
 - Sparse FFN masks come from a mask provider (``inference.masks``): any callable
   ``(layer_idx, x_normed_H) -> idx`` returning the active neuron indices (int64, duplicate-free).
 - The MLP variant comes from the one registry (``models.variants``); the kernels take the integer
@@ -47,6 +47,7 @@ from . import bundles, kernels, quant
 from . import step as step_kernels
 from .attention import decode_attention
 from .masks import ExactZeroOracle, MaskProvider
+from .reference import forward_numpy
 
 _SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 
@@ -115,11 +116,6 @@ def _rope_theta(config) -> float:
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise NotImplementedError("partial_rotary_factor != 1 is not supported by the engine")
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _rms_norm(x_TH: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
-    var_T1 = np.mean(x_TH * x_TH, axis=-1, keepdims=True)
-    return w_H * (x_TH / np.sqrt(var_T1 + np.float32(eps)))
 
 
 class Engine:
@@ -229,72 +225,10 @@ class Engine:
 
     # -- prefill (NumPy, float32 engines) ----------------------------------------------------
 
-    def _rope(self, x_TnE: np.ndarray, positions_T: np.ndarray) -> np.ndarray:
-        """Rotate-half RoPE on (T, heads, head_dim) at the given positions."""
-        R = self.config.head_dim // 2
-        cos, sin = self.cos_PR[positions_T][:, None, :], self.sin_PR[positions_T][:, None, :]
-        x1, x2 = x_TnE[..., :R], x_TnE[..., R:]
-        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
     def _window_start(self, first_query_pos: int) -> int:
         """The first cached position any query from ``first_query_pos`` on may attend to."""
         window = self.config.sliding_window
         return 0 if window is None else max(0, first_query_pos - window + 1)
-
-    def _attention_prefill(self, li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, act) -> np.ndarray:
-        """T prompt tokens at positions pos..pos+T-1 with NumPy matmuls; writes their k, v to the cache."""
-        cfg, w = self.config, self.weights
-        T, E, G, rep = h_TH.shape[0], cfg.head_dim, cfg.num_kv_heads, cfg.n_rep
-        qkv_TQ = act(h_TH) @ w_qkv_QH.T
-        if w.b_qkv_LQ is not None:
-            qkv_TQ = qkv_TQ + w.b_qkv_LQ[li]
-        q_end, k_end = cfg.num_heads * E, (cfg.num_heads + G) * E
-        positions_T = np.arange(self.pos, self.pos + T)
-        q_TnE = self._rope(qkv_TQ[:, :q_end].reshape(T, cfg.num_heads, E), positions_T)
-        k_TgE = self._rope(qkv_TQ[:, q_end:k_end].reshape(T, G, E), positions_T)
-        self.k_cache[li, :, self.pos : self.pos + T] = k_TgE.transpose(1, 0, 2)
-        self.v_cache[li, :, self.pos : self.pos + T] = qkv_TQ[:, k_end:].reshape(T, G, E).transpose(1, 0, 2)
-
-        # keys lo..end-1 can be seen by some new query; the mask narrows that per query
-        lo, end = self._window_start(self.pos), self.pos + T
-        K_gSE, V_gSE = self.k_cache[li, :, lo:end], self.v_cache[li, :, lo:end]
-        q_grTE = q_TnE.reshape(T, G, rep, E).transpose(1, 2, 0, 3)  # head h reads kv head h // rep
-        scores_grTS = (q_grTE @ K_gSE[:, None].transpose(0, 1, 3, 2)) * np.float32(E**-0.5)
-        key_S, query_T1 = np.arange(lo, end), positions_T[:, None]
-        visible_TS = key_S <= query_T1
-        if cfg.sliding_window is not None:
-            visible_TS &= key_S > query_T1 - cfg.sliding_window
-        scores_grTS = np.where(visible_TS, scores_grTS, -np.inf)
-        p_grTS = np.exp(scores_grTS - scores_grTS.max(axis=-1, keepdims=True))
-        p_grTS /= p_grTS.sum(axis=-1, keepdims=True)
-        out_TD = (p_grTS @ V_gSE[:, None]).transpose(2, 0, 1, 3).reshape(T, cfg.num_heads * E)
-        y_TH = act(out_TD) @ w_o_HD.T
-        return y_TH if w.b_o_LH is None else y_TH + w.b_o_LH[li]
-
-    def _forward_numpy(self, ids_T: np.ndarray, all_logits: bool) -> np.ndarray:
-        """All tokens at once with NumPy matmuls on the (dequantised) weights, after the cached positions.
-
-        For the Q formats each matrix input is rounded to Q8_0 blocks per token first, as the kernels
-        do, so this is the quantised model in NumPy: the reference of the quantised engine.
-        """
-        cfg, w = self.config, self.weights
-        code, H = w.qkv.code, cfg.hidden_size
-
-        def act(x_TC):  # what a kernel of this format multiplies the weights with
-            return x_TC if code == quant.F32 else np.stack([quant._activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
-
-        x_TH = quant.dequantize(quant.QMatrix(w.embed.data[ids_T], w.embed.fmt, H))
-        for li in range(cfg.num_layers):
-            h_TH = _rms_norm(x_TH, w.attn_norm_LH[li], cfg.rms_norm_eps)
-            x_TH = x_TH + self._attention_prefill(li, h_TH, quant.dequantize(w.qkv[li]), quant.dequantize(w.o[li]), act)
-            h_TH = act(_rms_norm(x_TH, w.ffn_norm_LH[li], cfg.rms_norm_eps))
-            ffn = w.ffn[li]
-            c_TN = kernels.combine_ref(h_TH @ ffn.dequantized(0).T, h_TH @ ffn.dequantized(1).T, cfg.act)
-            x_TH = x_TH + c_TN @ ffn.dequantized(2)
-        self.pos += len(ids_T)
-        h_TH = act(_rms_norm(x_TH if all_logits else x_TH[-1:], w.final_norm_H, cfg.rms_norm_eps))
-        logits_TV = np.ascontiguousarray(h_TH, dtype=np.float32) @ quant.dequantize(w.lm_head).T
-        return logits_TV if all_logits else logits_TV[0]
 
     def prefill(self, token_ids, all_logits: bool = False) -> np.ndarray:
         """Run the prompt after the cached positions (dense FFN); the last logits (V,), or (T, V) with ``all_logits``.
@@ -304,7 +238,7 @@ class Engine:
         """
         ids_T = self._check_prompt(token_ids)
         if self.fmt == "f32":
-            return self._forward_numpy(ids_T, all_logits)
+            return forward_numpy(self, ids_T, all_logits)
         logits = [self.step(int(t)) for t in ids_T]
         return np.stack(logits) if all_logits else logits[-1]
 
@@ -313,7 +247,7 @@ class Engine:
         engine's own weights and activation rounding: the reference its kernels are tested against."""
         ids_T = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         self.reset(max(self.capacity, len(ids_T)))
-        return self._forward_numpy(self._check_prompt(ids_T), all_logits=True)
+        return forward_numpy(self, self._check_prompt(ids_T), all_logits=True)
 
     def _check_prompt(self, token_ids) -> np.ndarray:
         ids_T = np.asarray(token_ids, dtype=np.int64).reshape(-1)

@@ -248,23 +248,6 @@ def row_dot(row, offset, code, cols, x, x16, xd):
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def row_dot2(buf, offset_a, offset_b, code, cols, x, x16, xd):
-    """Two rows of ``buf`` (at byte offsets a and b) dotted with one activation in one pass: the
-    activation is loaded once for both (a neuron's gate and up rows; two rows of a matrix)."""
-    if code == F32:
-        wa = buf[offset_a : offset_a + 4 * cols].view(np.float32)
-        wb = buf[offset_b : offset_b + 4 * cols].view(np.float32)
-        acc_a, acc_b = np.float32(0.0), np.float32(0.0)
-        for j in range(cols):
-            acc_a += wa[j] * x[j]
-            acc_b += wb[j] * x[j]
-        return acc_a, acc_b
-    if code == Q8_0:
-        return simd.q8_dot2(buf, offset_a, offset_b, x16, xd, xd.shape[0])
-    return simd.q4_dot2(buf, offset_a, offset_b, x16, xd, xd.shape[0])
-
-
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
 def row_axpy(row, offset, code, cols, coef, y):
     """``y += coef * weights row[offset:]``; for Q formats ``y`` holds whole blocks (``n_blocks(cols) * 32``)."""
     if code == F32:
@@ -291,8 +274,8 @@ def thread_range(t, n_threads, n):
 def gemv_into(data, code, cols, x, x16, xd, y):
     """y = W x for W = ``data`` (rows, row_bytes) in format ``code``; rows split evenly across threads.
 
-    One row at a time: reading two rows side by side (``row_dot2``) saves activation loads but, measured
-    on matrices far larger than the cache, streamed from memory at half the rate (two interleaved streams)."""
+    One row at a time: reading two rows side by side saves activation loads but, measured on matrices
+    far larger than the cache, streamed from memory at about half the rate (two interleaved streams)."""
     for r in prange(data.shape[0]):
         y[r] = row_dot(data[r], 0, code, cols, x, x16, xd)
 
