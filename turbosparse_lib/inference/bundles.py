@@ -44,7 +44,7 @@ from numba import njit, prange
 from . import quant, simd
 from .kernels import _FASTMATH, _gate_act, _up_act, combine_ref, variant_code
 
-PREFETCH_BYTES = 8192  # of the next neuron's bundle; larger bundles are streamed by the hardware after that
+PREFETCH_BYTES = 2048  # of the next neuron's bundle; larger bundles are streamed by the hardware after that
 
 
 @dataclass
@@ -112,14 +112,16 @@ class FFNBundles:
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read):
+def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read,
+             prefetch_bytes):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
-    ``down_scale`` (H,) multiplies the output channels (empty: none)."""
+    ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
+    ``prefetch_bytes`` of the next listed neuron's bundle are prefetched (``prefetch_bytes_for``)."""
     seg = B.shape[1] // 3
     width = (H + 31) // 32 * 32
     partial = np.zeros((n_threads, width), dtype=np.float32)
     counts = np.zeros((n_threads, 3), dtype=np.int64)
-    ahead = min(B.shape[1], PREFETCH_BYTES)
+    ahead = min(B.shape[1], prefetch_bytes)
     for t in prange(n_threads):
         lo, hi = quant.thread_range(t, n_threads, n)
         p = partial[t]
@@ -197,7 +199,8 @@ def ffn(bundles: FFNBundles, x_H, idx_K=None, variant="drelu", skip_zeros: bool 
     y = np.empty(bundles.hidden, np.float32)
     counts = np.zeros(3, np.int64) if rows_read is None else rows_read
     ffn_into(bundles.data, bundles.down_scale, bundles.code, bundles.hidden, *quant.activation_for(bundles.code, x_H),
-             idx, n, use_idx, skip, *variant_code(variant), numba.get_num_threads(), y, counts)  # fmt: skip
+             idx, n, use_idx, skip, *variant_code(variant), numba.get_num_threads(), y, counts,
+             prefetch_bytes_for(bundles.data.shape[-1]))  # fmt: skip
     return y
 
 
@@ -240,4 +243,4 @@ def ffn_layers_into(B, down_scale, code, H, x_LH, offsets, idx, use_idx, skip_ze
             quant._quantize_activation(x_LH[li], x16, xd)
         lo, hi = (offsets[li], offsets[li + 1]) if use_idx else (0, B.shape[1])
         ffn_into(B[li], down_scale[li], code, H, x_LH[li], x16, xd, idx[lo:hi], hi - lo, use_idx, skip_zeros, act,
-                 shift, n_threads, y_LH[li], rows_read)  # fmt: skip
+                 shift, n_threads, y_LH[li], rows_read, prefetch_bytes_for(B.shape[2]))  # fmt: skip

@@ -268,6 +268,11 @@ q4_axpy = _make_block_axpy(Q4_BLOCK_BYTES)
 q4_axpy.__doc__ = "q4_axpy(w_u8, byte_offset, coef, y, n_blocks): y[:32 n_blocks] += coef * dequantised Q4_0 row."
 
 
+# LLVM's locality 2 is x86's prefetcht1: into L2 and L3, not L1, where the activation and the FFN's partial
+# output of a 4096-wide layer already take most of 32 KB
+LOCALITY = 2
+
+
 @intrinsic
 def prefetch(typingctx, arr, byte_offset):
     """Hint the hardware to start loading the cache line at ``byte_offset`` of ``arr`` (no effect on results).
@@ -281,8 +286,8 @@ def prefetch(typingctx, arr, byte_offset):
         ptr = _byte_ptr(context, builder, signature.args[0], args[0], args[1])
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read, keep in all cache levels (locality 3), data cache
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        # read, locality LOCALITY, data cache
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, LOCALITY), ir.Constant(_I32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen

@@ -30,7 +30,7 @@ from numba import njit
 
 from . import quant, simd
 from .attention import decode_attention
-from .bundles import FFNBundles, ffn_into
+from .bundles import FFNBundles, ffn_into, prefetch_bytes_for
 from .kernels import _FASTMATH
 
 MASKS_DENSE, MASKS_PACKED, MASKS_EXACT_IN_LINE = 0, 1, 2
@@ -145,7 +145,8 @@ def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, s
     if code != quant.F32:
         quant._quantize_activation(h, x16, xd)
     y = np.empty(H, np.float32)
-    ffn_into(ffn[li], ffn_scale[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read)
+    ffn_into(ffn[li], ffn_scale[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read,
+             prefetch_bytes_for(ffn.shape[2]))  # fmt: skip
     x += y
 
 
