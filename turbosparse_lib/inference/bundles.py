@@ -44,7 +44,13 @@ from numba import njit, prange
 from . import quant, simd
 from .kernels import _FASTMATH, _gate_act, _up_act, combine_ref, variant_code
 
-PREFETCH_BYTES = 2048  # of the next neuron's bundle; larger bundles are streamed by the hardware after that
+PREFETCH_BYTES = 8192  # default, of the next neuron's bundle; the hardware streams a long bundle on its own
+
+
+@njit(cache=True, inline="always")
+def prefetch_bytes_for(bundle_bytes):
+    """How much of the next listed neuron's bundle to prefetch (into L2) while working on the current one."""
+    return min(bundle_bytes, PREFETCH_BYTES)
 
 
 @dataclass
