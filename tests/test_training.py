@@ -147,3 +147,27 @@ def test_distillation_loss_is_zero_for_the_teacher_itself():
     logits = torch.randn(2, 5, 11)
     assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
     assert distillation_loss(logits, torch.randn(2, 5, 11)).item() > 0
+
+
+def test_l1_penalty_is_the_mean_absolute_combined_activation():
+    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.swap import mlp_modules
+    from turbosparse_lib.train.loop import _CombinedL1, _loss
+
+    model = build_model("drelu", preset="smoke", seed=0)
+    x = torch.randint(0, 100, (2, 16))
+    seen = []
+    hooks = [m.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].abs().mean().item()))
+             for m in mlp_modules(model)]
+    base = _loss(model, None, x, "lm", "fp32").item()
+    for h in hooks:
+        h.remove()
+    l1 = _CombinedL1(model)
+    with_l1 = _loss(model, None, x, "lm", "fp32", l1, 0.5).item()
+    l1.remove()
+    assert with_l1 == pytest.approx(base + 0.5 * sum(seen) / len(seen), rel=1e-5)
+    with torch.no_grad():  # evaluations do not feed the penalty
+        l1 = _CombinedL1(model)
+        model(input_ids=x)
+        assert l1.total is None
+        l1.remove()

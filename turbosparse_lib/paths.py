@@ -70,3 +70,8 @@ def executed_dir(preset: str) -> Path:
 def scratch_model_dir(preset: str, variant: str, seed: int) -> Path:
     """The final weights of a model trained from scratch by notebook 02 (``save_pretrained`` format)."""
     return models_dir() / preset / f"scratch-{variant}-seed{seed}"
+
+
+def scratch_moe_dir(preset: str, variant: str, seed: int) -> Path:
+    """The final weights of a mixture of experts trained from scratch by notebook 04."""
+    return models_dir() / preset / f"scratch-moe-{variant}-seed{seed}"

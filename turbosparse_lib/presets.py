@@ -7,7 +7,10 @@
 - ``paper``: the paper's own sizes (tables 5, 11 and 12), for machines that can run them.
 
 A preset has a section per stage: ``data`` (the mixture of notebook 00), ``model`` (the
-from-scratch architecture), ``train`` (the from-scratch training of notebook 02), ``relufy``
+from-scratch architecture), ``train`` (the from-scratch training of notebook 02), ``moe`` (the
+routed experts of notebook 04's mixture of experts: the ``model`` decoder with every MLP split into
+experts, top-k of them per token reaching the dense model's width, trained by the ``train`` section
+on the same tokens), ``relufy``
 (continued pretraining of a pretrained model, notebook 05), ``eval`` (held-out tokens,
 top-k levels, zero-shot examples, bootstrap) and ``bench`` (the timing runs of notebook 06).
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .models.architecture import ModelConfig
+from .models.architecture import ModelConfig, MoEConfig
 
 PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
 
@@ -69,6 +72,19 @@ class RelufySection:
     final_eval_tokens: int = 0  # held-out tokens for the final perplexities (0: eval.eval_tokens)
     tolerance_tokens: int = 0  # held-out tokens for the top-k-within-1% sparsity search (0: eval.quick_eval_tokens)
     variants: tuple[str, ...] = ("reglu", "shifted_relu", "drelu")
+    base: str = "smollm2-135m"  # the model ReLUfied (train.relufication.resolve_base)
+
+
+@dataclass(frozen=True)
+class PredictSection:
+    """Activation predictors (notebook 07): captured data, the predictors' size and training, the thresholds swept."""
+
+    capture_tokens: int  # training-split tokens whose FFN inputs and labels are captured
+    tokens_per_shard: int
+    rank: int  # of every layer's low-rank predictor
+    epochs: int
+    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)  # probabilities swept for the recall / sparsity trade-off
+    source: str = "residual"  # the predictors' input: the residual stream before the FFN norm, or "normed"
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,9 @@ class Preset:
     data: DataSection
     model: ModelConfig
     train: TrainSection
+    moe: MoEConfig  # experts_per_token * expert_intermediate_size == model.intermediate_size: the same active width
     relufy: RelufySection
+    predict: PredictSection
     eval: EvalSection
     bench: BenchSection
 
@@ -143,9 +161,12 @@ PRESETS: dict[str, Preset] = {
         train=TrainSection(total_tokens=32 * 4 * 128, batch_size=4, micro_batch_size=2, context_length=128, lr=3e-3,
                            warmup_steps=4, precision="fp32", eval_every=16, eval_sequences=4, checkpoint_every=8,
                            log_every=2),
+        moe=MoEConfig(num_experts=4, experts_per_token=2, expert_intermediate_size=88),
         relufy=RelufySection(total_tokens=4 * 2 * 64, batch_size=2, micro_batch_size=2, context_length=64, lr=1e-4,
                              min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=256,
-                             checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256),
+                             checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256,
+                             base="scratch-swiglu"),  # seconds in CI: notebook 02's tiny model, not SmolLM2
+        predict=PredictSection(capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5)),
         eval=EvalSection(eval_tokens=1024, quick_eval_tokens=512, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
                          zeroshot_examples=40, bootstrap_samples=200),
         bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536, 30),),
@@ -164,10 +185,15 @@ PRESETS: dict[str, Preset] = {
         train=TrainSection(total_tokens=1_500_000, batch_size=8, micro_batch_size=8, context_length=512, lr=1e-3,
                            warmup_steps=30, precision="auto", eval_every=100, eval_sequences=16, checkpoint_every=100,
                            log_every=10),
-        relufy=RelufySection(total_tokens=196_608, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
-                             min_lr_ratio=0.1, warmup_steps=6, fit_tokens=16_384, eval_every=16,
-                             curve_eval_tokens=4096, checkpoint_every=16, compare_tokens=65_536,
+        # Mixtral's routing, top-2 of 8, each expert half the dense width: a token reaches 704 neurons per layer
+        moe=MoEConfig(num_experts=8, experts_per_token=2, expert_intermediate_size=352),
+        # sized for the three variants in 90 minutes on 2 cores: distillation runs at about 80-100 tokens/s on
+        # SmolLM2-135M (student forward and backward plus the teacher's forward), the warm start takes about 3 minutes
+        relufy=RelufySection(total_tokens=131_072, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
+                             min_lr_ratio=0.1, warmup_steps=4, fit_tokens=16_384, eval_every=8,
+                             curve_eval_tokens=4096, checkpoint_every=8, compare_tokens=65_536,
                              final_eval_tokens=32_768, tolerance_tokens=8192),
+        predict=PredictSection(capture_tokens=32_768, tokens_per_shard=4096, rank=128, epochs=8),
         eval=EvalSection(eval_tokens=65_536, quick_eval_tokens=8192, stats_tokens=4_096, context_length=512,
                          topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95), zeroshot_examples=300, bootstrap_samples=1000),
         bench=BenchSection(bandwidth_mb=512, repeats=15, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
@@ -187,10 +213,13 @@ PRESETS: dict[str, Preset] = {
         train=TrainSection(total_tokens=5_000_000_000, batch_size=128, micro_batch_size=8, context_length=2048,
                            lr=1e-4, warmup_steps=2000, precision="bf16", eval_every=1000, eval_sequences=64,
                            checkpoint_every=500, log_every=10),
+        moe=MoEConfig(num_experts=8, experts_per_token=2, expert_intermediate_size=1408),
         # table 5's shape (lr 5e-5 -> 5e-6, 1000 warm-up steps, context 4096); 150B tokens is not ours to offer
         relufy=RelufySection(total_tokens=1_000_000_000, batch_size=64, micro_batch_size=8, context_length=4096,
                              lr=5e-5, min_lr_ratio=0.1, warmup_steps=1000, fit_tokens=262_144, eval_every=500,
                              curve_eval_tokens=65_536, checkpoint_every=250),
+        # 65k tokens of a 7B model: 32 layers x (4096 fp16 inputs + 14336 label bits) per token, about 21 GB on disk
+        predict=PredictSection(capture_tokens=65_536, tokens_per_shard=8192, rank=256, epochs=8),
         eval=EvalSection(eval_tokens=0, quick_eval_tokens=65_536, stats_tokens=65_536, context_length=2048,
                          topk_fine=tuple(round(0.05 * i, 2) for i in range(1, 20)
                                          if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)),

@@ -119,3 +119,16 @@ def sparsity_table(models: dict, base: str, ids, context_length: int, tol_ids, s
         c = paired_interval(results[base], results[name], samples)
         df.loc[name, ["ratio", "ratio_lo", "ratio_hi"]] = c["ratio"], c["ratio_lo"], c["ratio_hi"]
     return df, results
+
+
+def distribution_similarity(candidate, reference, reference_parts: list) -> dict:
+    """Is ``candidate`` (a ``sparsity.instruments.Histogram``, e.g. the activations pooled over every expert) as close
+    to ``reference`` (the dense model's, pooled over layers) as the reference's own parts (its layers) are to it?
+
+    ``tv``: total-variation distance from candidate to reference; ``spread``: the largest distance from one part to
+    the reference. The verdict is "similar" when ``tv <= spread`` (the candidate differs from the dense model no
+    more than the dense model's own layers differ from their pool), "different" otherwise.
+    """
+    tv = candidate.total_variation(reference)
+    spread = max(part.total_variation(reference) for part in reference_parts)
+    return {"tv": tv, "spread": spread, "verdict": "similar" if tv <= spread else "different"}

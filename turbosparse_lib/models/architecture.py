@@ -7,6 +7,11 @@ Design:
   (``swap.apply_variant``). Attention, RoPE, RMSNorm, caching and ``generate`` stay transformers'.
 - ``ModelConfig`` is plain data (no torch at import), so ``presets`` can hold one per preset;
   ``build_model`` turns a preset's config (or fields) into a model.
+- A mixture-of-experts model (section 4) is the same decoder with every MLP split into routed
+  experts: transformers' ``MixtralForCausalLM`` (Mistral's attention is Llama's, with no sliding
+  window here), sized by ``ModelConfig`` plus ``MoEConfig``, its experts swapped for
+  ``models.moe.GatedExperts`` of the chosen variant. Its router is trained with the
+  load-balancing loss (``output_router_logits``), which transformers adds to ``loss``.
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ class ModelConfig:
                 f"and num_heads by num_kv_heads ({self.num_kv_heads})"
             )
 
-    def to_hf(self):
-        """The equivalent ``transformers.LlamaConfig``."""
+    def to_hf(self, moe: "MoEConfig | None" = None):
+        """The equivalent ``transformers.LlamaConfig``, or with ``moe`` a ``MixtralConfig``."""
         from transformers import LlamaConfig
+
+        if moe is not None:
+            return moe.to_hf(self)
 
         return LlamaConfig(
             hidden_size=self.hidden_size,
@@ -62,14 +70,75 @@ class ModelConfig:
         )
 
 
-def build_model(variant: str = "drelu", preset: str | None = None, seed: int | None = None, **fields):
+@dataclass(frozen=True)
+class MoEConfig:
+    """The routed experts of a from-scratch MoE: every layer's MLP becomes ``num_experts`` experts of width
+    ``expert_intermediate_size``, ``experts_per_token`` of them per token (Mixtral: top-2 of 8)."""
+
+    num_experts: int = 8
+    experts_per_token: int = 2
+    expert_intermediate_size: int = 352
+    router_aux_loss_coef: float = 0.01  # Switch Transformer's alpha; transformers adds coef * aux to the loss
+
+    def __post_init__(self):
+        if not 1 <= self.experts_per_token <= self.num_experts or self.expert_intermediate_size < 1:
+            raise ValueError(f"need 1 <= experts_per_token ({self.experts_per_token}) <= num_experts "
+                             f"({self.num_experts}) and expert_intermediate_size >= 1")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0; got {self.router_aux_loss_coef}")
+
+    def active_intermediate(self) -> int:
+        """Neurons a token reaches per layer: compare with a dense model's intermediate_size."""
+        return self.experts_per_token * self.expert_intermediate_size
+
+    def to_hf(self, model: ModelConfig):
+        """The ``transformers.MixtralConfig`` of ``model``'s decoder with these experts."""
+        from transformers import MixtralConfig
+
+        return MixtralConfig(
+            hidden_size=model.hidden_size,
+            num_hidden_layers=model.num_layers,
+            num_attention_heads=model.num_heads,
+            num_key_value_heads=model.num_kv_heads,
+            head_dim=model.hidden_size // model.num_heads,
+            intermediate_size=self.expert_intermediate_size,  # Mixtral's name for one expert's width
+            num_local_experts=self.num_experts,
+            num_experts_per_tok=self.experts_per_token,
+            output_router_logits=True,  # so that the loss includes the load-balancing term
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            vocab_size=model.vocab_size,
+            max_position_embeddings=model.context_length,
+            rms_norm_eps=model.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta},
+            tie_word_embeddings=model.tie_word_embeddings,
+            sliding_window=None,
+            hidden_act="silu",
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+
+
+def moe_config(moe) -> MoEConfig | None:
+    """``moe`` as a ``MoEConfig``: one already, a dict of its fields (as a run's JSON config stores it), or None."""
+    if moe is None or isinstance(moe, MoEConfig):
+        return moe
+    if isinstance(moe, dict):
+        unknown = set(moe) - set(MoEConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown MoE fields {sorted(unknown)}; valid: {', '.join(MoEConfig.__dataclass_fields__)}")
+        return MoEConfig(**moe)
+    raise TypeError(f"moe must be a MoEConfig, a dict of its fields or None; got {type(moe).__name__}")
+
+
+def build_model(variant: str = "drelu", preset: str | None = None, seed: int | None = None, moe=None, **fields):
     """A fresh ``LlamaForCausalLM`` whose MLPs are ``variant``, sized by ``preset`` and/or ``fields``.
 
     ``fields`` are ``ModelConfig`` fields (``hidden_size=32, num_layers=2, ...``) overriding the
     preset's model section; variant arguments go in ``variant_kwargs={"b": 0.5}``. ``seed`` makes
-    the initialisation reproducible without touching the global RNG.
+    the initialisation reproducible without touching the global RNG. With ``moe`` (a ``MoEConfig``
+    or a dict of its fields) a ``MixtralForCausalLM`` whose routed experts are ``variant``.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, MixtralForCausalLM
 
     from ..presets import get_preset
     from .swap import apply_variant
@@ -82,11 +151,12 @@ def build_model(variant: str = "drelu", preset: str | None = None, seed: int | N
     if unknown:
         raise TypeError(f"unknown model fields {sorted(unknown)}; valid: {', '.join(ModelConfig.__dataclass_fields__)}")
     cfg = ModelConfig(**{**base, **fields})
+    moe = moe_config(moe)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
         # transformers' own initialisation (normal, std=initializer_range) for every weight; the
         # swap below reuses these Linear modules, so the MLP keeps it too.
-        model = LlamaForCausalLM(cfg.to_hf())
+        model = LlamaForCausalLM(cfg.to_hf()) if moe is None else MixtralForCausalLM(cfg.to_hf(moe))
     return apply_variant(model, variant, **variant_kwargs)

@@ -12,18 +12,27 @@ Design:
 - ``hidden_act`` is left as the source model had it: a plain ``from_pretrained`` of a saved
   dReLU or shifted-ReLU model therefore builds the *native* MLP. Load such checkpoints with
   ``load_model``.
-- Supported families are those whose decoder layers hold a dense Llama-style MLP:
-  Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text). Anything else (GPT-2's
-  ``c_fc``/``c_proj``, MoE blocks) raises with the supported list.
+- Supported families are those whose decoder layers hold a dense Llama-style MLP
+  (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 text) and the MoE families Mixtral,
+  Qwen2-MoE and Qwen3-MoE, whose fused routed experts become a ``models.moe.GatedExperts``
+  sharing their parameters (and Qwen2-MoE's shared expert a ``GatedMLP``). Anything else
+  (GPT-2's ``c_fc``/``c_proj``, other MoE layouts) raises with the supported list.
+- ``mlp_units`` lists every gated MLP a token can pass through, labelled by layer and expert:
+  one per layer in a dense model; in an MoE layer one per routed expert (``models.moe.ExpertMLP``),
+  then the shared expert if there is one. ``mlp_modules`` is the same list without labels; the
+  instruments of ``sparsity`` hook each of them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
+from .moe import MOE_MODEL_TYPES, ExpertProjection, GatedExperts, is_moe_block
 from .variants import GatedMLP, get_variant, variant_of_hf_act
 
 # model_type -> the config attribute that names its native MLP activation (an ACT2FN key)
@@ -35,6 +44,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "gemma": "hidden_act",
     "gemma2": "hidden_activation",
     "gemma3_text": "hidden_activation",
+    **dict.fromkeys(MOE_MODEL_TYPES, "hidden_act"),  # mixtral, qwen2_moe, qwen3_moe: experts and shared expert alike
 }
 
 
@@ -42,8 +52,9 @@ def _check_supported(model) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
-            f"{type(model).__name__} (model_type {model_type!r}) is not supported: its MLP is not a dense gated "
-            f"gate_proj/up_proj/down_proj block. Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{type(model).__name__} (model_type {model_type!r}) is not supported: its MLP is neither a dense gated "
+            f"gate_proj/up_proj/down_proj block nor a supported MoE block. Supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return model_type
 
@@ -59,19 +70,63 @@ def _decoder_layers(model) -> nn.ModuleList:
     return layers
 
 
-def mlp_modules(model) -> list[nn.Module]:
-    """Each decoder layer's MLP, native transformers or ``GatedMLP``, in layer order.
+Role = Literal["dense", "routed", "shared"]
 
-    Every module returned has ``gate_proj``, ``up_proj``, ``down_proj`` (nn.Linear) and ``act_fn``.
-    """
+
+@dataclass(frozen=True)
+class MLPUnit:
+    """One gated MLP of a model: a dense layer's MLP, a routed expert, or an MoE layer's shared expert."""
+
+    layer: int
+    expert: int | None  # the routed expert's index; None for a dense MLP or a shared expert
+    role: Role
+    mlp: nn.Module  # has gate_proj, up_proj, down_proj (nn.Linear or ExpertProjection) and act_fn
+
+
+_PROJECTIONS = (nn.Linear, ExpertProjection)
+_NATIVE_EXPERTS_HINT = ("its routed experts are transformers' fused experts, which have no per-expert module to hook: "
+                        "call models.swap.apply_variant(model, native_variant(model.config)) first (the same weights, "
+                        "shared, and the same function)")
+
+
+def _check_gated(i: int, mlp: nn.Module, what: str) -> None:
+    if not all(isinstance(getattr(mlp, n, None), _PROJECTIONS) for n in ("gate_proj", "up_proj", "down_proj")):
+        raise NotImplementedError(f"layer {i}: {what} {type(mlp).__name__} is not a gated MLP with gate_proj/up_proj/down_proj")
+
+
+def mlp_units(model) -> list[MLPUnit]:
+    """Every gated MLP of the model, labelled, in layer order (in an MoE layer: experts 0..E-1, then the shared one)."""
     _check_supported(model)
-    mlps = [layer.mlp for layer in _decoder_layers(model)]
-    for i, mlp in enumerate(mlps):
-        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-            raise NotImplementedError(
-                f"layer {i}: {type(mlp).__name__} is not a dense gated MLP with gate_proj/up_proj/down_proj"
-            )
-    return mlps
+    units = []
+    for i, layer in enumerate(_decoder_layers(model)):
+        block = layer.mlp
+        if not is_moe_block(block):
+            _check_gated(i, block, "MLP")
+            units.append(MLPUnit(i, None, "dense", block))
+            continue
+        if not isinstance(block.experts, GatedExperts):
+            raise NotImplementedError(f"layer {i}: {_NATIVE_EXPERTS_HINT}")
+        units += [MLPUnit(i, e, "routed", m) for e, m in enumerate(block.experts.mlps)]
+        shared = getattr(block, "shared_expert", None)
+        if shared is not None:
+            _check_gated(i, shared, "shared expert")
+            units.append(MLPUnit(i, None, "shared", shared))
+    return units
+
+
+def mlp_modules(model) -> list[nn.Module]:
+    """Every gated MLP of the model (``mlp_units`` without the labels): one per layer in a dense model.
+
+    Every module returned has ``gate_proj``, ``up_proj``, ``down_proj`` (``nn.Linear``, or for a routed expert an
+    ``ExpertProjection`` that acts as one) and ``act_fn``.
+    """
+    return [u.mlp for u in mlp_units(model)]
+
+
+def is_moe(model) -> bool:
+    """Whether any decoder layer of a supported model is a routed MoE block."""
+    _check_supported(model)
+    return any(is_moe_block(layer.mlp) for layer in _decoder_layers(model))
 
 
 def native_variant(config) -> str:
@@ -82,22 +137,46 @@ def native_variant(config) -> str:
     return variant_of_hf_act(getattr(config, SUPPORTED_MODEL_TYPES[model_type]))
 
 
-def apply_variant(model, variant: str, **variant_kwargs):
-    """Make every decoder layer's MLP a ``GatedMLP`` of ``variant``, keeping its weights; returns ``model``.
+def _gated(mlp: nn.Module, spec, kwargs) -> GatedMLP:
+    """``mlp`` switched to the variant (a GatedMLP), or a new GatedMLP sharing a native MLP's projections."""
+    if isinstance(mlp, GatedMLP):
+        mlp.set_variant(spec.name, **kwargs)
+        return mlp
+    new = GatedMLP.from_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj, spec.name, **kwargs)
+    new.train(mlp.training)
+    return new
 
-    Native MLPs are replaced by a GatedMLP sharing their projections; GatedMLPs are switched in
-    place. The variant is recorded as ``config.mlp_variant`` / ``config.mlp_variant_kwargs``.
+
+def apply_variant(model, variant: str, **variant_kwargs):
+    """Make every gated MLP of the model ``variant``, keeping its weights; returns ``model``.
+
+    Dense MLPs (and Qwen2-MoE's shared experts) become a ``GatedMLP`` sharing their projections; fused routed
+    experts become a ``GatedExperts`` sharing their two parameters; modules already ours are switched in place.
+    The variant is recorded as ``config.mlp_variant`` / ``config.mlp_variant_kwargs``.
     """
     spec = get_variant(variant)
     kwargs = spec.kwargs(**variant_kwargs)
-    mlps = mlp_modules(model)  # checks the architecture first
-    for layer, mlp in zip(_decoder_layers(model), mlps):
-        if isinstance(mlp, GatedMLP):
-            mlp.set_variant(spec.name, **kwargs)
+    _check_supported(model)
+    layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):  # check every layer before changing any
+        block = layer.mlp
+        if is_moe_block(block):
+            shared = getattr(block, "shared_expert", None)
+            if shared is not None:
+                _check_gated(i, shared, "shared expert")
         else:
-            new = GatedMLP.from_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj, spec.name, **kwargs)
-            new.train(mlp.training)
-            layer.mlp = new
+            _check_gated(i, block, "MLP")
+    for layer in layers:
+        block = layer.mlp
+        if not is_moe_block(block):
+            layer.mlp = _gated(block, spec, kwargs)
+            continue
+        if isinstance(block.experts, GatedExperts):
+            block.experts.set_variant(spec.name, **kwargs)
+        else:
+            block.experts = GatedExperts.from_native(block.experts, spec.name, **kwargs)
+        if getattr(block, "shared_expert", None) is not None:
+            block.shared_expert = _gated(block.shared_expert, spec, kwargs)
     model.config.mlp_variant = spec.name
     model.config.mlp_variant_kwargs = kwargs
     return model

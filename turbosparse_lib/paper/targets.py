@@ -51,6 +51,15 @@ _T = [
            "ReLUfication issue (paper, section 6.2: about 90% for TurboSparse-Mistral-7B)"),
     Target("relufication_minutes", 90.0, "<=", "minutes to ReLUfy all three variants at the cpu preset, 2 cores",
            "ReLUfication issue"),
+    # section 7: activation predictors (notebook 07)
+    Target("predictor_recall", 0.95, ">=", "mean recall of the predictors (live neurons kept), held-out tokens",
+           "predictor issue, at a predicted sparsity within 5 points of the true sparsity"),
+    Target("predicted_mask_ppl_ratio", 1.02, "<=", "held-out perplexity with predicted masks over exact masks",
+           "predictor issue"),
+    Target("predictor_bytes_share", 0.10, "<=", "the predictors' weights as a share of the model's",
+           "predictor issue"),
+    Target("predicted_speedup_vs_llama_cpp", 1.5, ">=", "sparse decoding with predicted masks over llama.cpp, same precision",
+           "predictor issue (paper, table 7: 2.08-2.81x on CPU)"),
     # section 3: top-k (notebook 03): the paper's own reading of table 3
     Target("topk_robust_ratio_90", 1.05, "<=", "perplexity at 90% top-k over the unmasked model's, for a 'robust' model",
            "paper table 3: dReLU x1.03 at 90%, SwiGLU x3.95"),

@@ -114,6 +114,10 @@ for model, total, active in (("Gemma-2B", 2e9, 2e9), ("Mistral-7B", 7e9, 7e9), (
 # --- section 4, figure 5: sparsity inside MoE experts ---------------------------------------------
 _add("figure5a/drop_at_0.5", 2.0, "%", "section 4 / figure 5a",
      "performance drops by about 1-2% at within-expert sparsity 0.5 (upper end of the range)")
+_add("figure5a/drop_at_0.5_min", 1.0, "%", "section 4 / figure 5a", "lower end of the 1-2% range")
+_add("figure5a/negligible_until", 0.5, "fraction", "figure 5 caption",
+     "the impact of activation sparsity is negligible until the sparsity ratio exceeds 0.5 (Deepseek-MoE, "
+     "Qwen1.5-MoE, Mixtral; downstream tasks, not perplexity)")
 
 # --- section 6.2, figure 6: sparsity of the ReLUfied models --------------------------------------
 _add("section6.2/TurboSparse-Mistral-7B/sparsity", 90, "%", "section 6.2 / figure 6",
@@ -121,6 +125,12 @@ _add("section6.2/TurboSparse-Mistral-7B/sparsity", 90, "%", "section 6.2 / figur
 _add("section6.2/TurboSparse-Mixtral-47B/expert_sparsity", 85, "%", "section 6.2 / figure 6",
      "neurons inactive per expert FFN on average")
 _add("section6.2/Mixtral-47B/routing_sparsity", 75, "%", "section 6.2", "top-2 of 8 experts")
+_add("section6.2/Mixtral-47B/active_moe_params", 25, "%", "section 6.2",
+     "only 25% of the FLOPs of each MoE layer computed per token (2 of 8 experts)")
+_add("section6.2/TurboSparse-Mixtral-47B/active_neurons", 15, "%", "section 6.2",
+     "each routed expert activates about 15% of its neurons after ReLUfication")
+_add("section1/TurboSparse-Mixtral-47B/moe_sparsity", 97, "%", "section 1",
+     "sparsity of the MoE layers raised from 75% (routing) to 97% by ReLUfication")
 _add("section6.2/TurboSparse-Mixtral-47B/active_moe_params", 3, "%", "section 6.2",
      "parameters of each MoE layer activated per token (25% routed x 15% of neurons)")
 

@@ -25,9 +25,9 @@ class _NeuronCounter(MLPInstrument):
     def _register(self) -> None:
         for i, mlp in enumerate(self.mlps):
 
-            def on_down(mod, args, i=i):
+            def on_down(mod, args, i=i, mlp=mlp):
                 with torch.no_grad():
-                    live_TN = self._tokens(args[0]) != 0
+                    live_TN = self._tokens(args[0], mlp) != 0
                     c_N = live_TN.sum(0).cpu().numpy().astype(np.int64)
                 self.counts[i] = c_N if self.counts[i] is None else self.counts[i] + c_N
                 self.tokens[i] += live_TN.shape[0]
@@ -36,12 +36,18 @@ class _NeuronCounter(MLPInstrument):
 
 
 def neuron_frequencies(model, token_ids, context_length: int = 256, batch_size: int = 4) -> np.ndarray:
-    """(layers, N): per layer, the fraction of tokens on which each neuron's combined value is non-zero.
+    """(units, N): per layer (MoE: per layer and expert, ``mlp_units`` order), the fraction of the tokens reaching
+    the unit on which each neuron's combined value is non-zero; NaN for a routed expert no token reached.
 
     ``model`` runs over ``token_ids`` in non-overlapping windows of ``context_length`` tokens.
     """
-    counter = run_over_stream(_NeuronCounter(model), token_ids, context_length, batch_size)
-    return np.stack([c / t for c, t in zip(counter.counts, counter.tokens)])
+    counter = _NeuronCounter(model)
+    widths = [m.gate_proj.out_features for m in counter.mlps]
+    if len(set(widths)) > 1:
+        raise ValueError(f"the model's gated MLPs have different widths {sorted(set(widths))} (a shared expert or "
+                         "dense layers beside experts): use sparsity.experts.ActivityCounter.neuron_frequencies")
+    run_over_stream(counter, token_ids, context_length, batch_size)
+    return np.stack([c / t if t else np.full(w, np.nan) for c, t, w in zip(counter.counts, counter.tokens, widths)])
 
 
 def frequency_summary(freq_LN: np.ndarray) -> dict:

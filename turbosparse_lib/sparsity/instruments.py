@@ -21,6 +21,10 @@ Design:
 - Padding: set ``instrument.attention_mask`` (B, T) before a forward pass, or call
   ``instrument.run(input_ids, attention_mask)``, and padded positions are left out of every
   count. Without a mask every position counts (inputs are taken to be unpadded).
+- Mixture-of-experts models (``models.moe``): every routed expert is one unit, hooked like a dense
+  MLP and seeing only the tokens routed to it (``ExpertMLP.token_index`` says which, for the
+  padding mask); a shared expert is one more unit. ``units`` labels each unit (layer, expert,
+  role); tables of an MoE model carry ``expert`` and ``role`` columns beside ``layer``.
 - Hooks run in registration order: an instrument entered *before* a mask (``sparsity.masks``)
   sees unmasked combined values, one entered inside the mask sees masked ones.
 """
@@ -36,7 +40,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..models.swap import mlp_modules
+from ..models.swap import mlp_units
 
 Kind = Literal["gate", "up", "up_act", "combined"]
 KINDS: tuple[str, ...] = ("gate", "up", "up_act", "combined")  # "up_act" only where the variant has one (dReLU)
@@ -61,6 +65,16 @@ class Histogram:
         if not np.array_equal(self.edges, other.edges):
             raise ValueError("histograms with different bin edges cannot be added")
         return Histogram(self.counts + other.counts, self.edges, self.below + other.below, self.above + other.above)
+
+    def total_variation(self, other: "Histogram") -> float:
+        """Total-variation distance between the two distributions as binned (below / above the range count as two
+        more bins): half the L1 distance of the probability masses; 0 for the same shape, 1 for disjoint ones."""
+        if not np.array_equal(self.edges, other.edges):
+            raise ValueError("histograms with different bin edges cannot be compared")
+        p, q = (np.concatenate([[h.below], h.counts, [h.above]]).astype(np.float64) for h in (self, other))
+        if p.sum() == 0 or q.sum() == 0:
+            raise ValueError("an empty histogram has no distribution")
+        return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
 
     @property
     def density(self) -> np.ndarray:
@@ -168,7 +182,9 @@ class MLPInstrument:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.mlps = mlp_modules(model)
+        self.units = mlp_units(model)  # labels: layer, expert, role
+        self.mlps = [u.mlp for u in self.units]
+        self.is_moe = any(u.role != "dense" for u in self.units)
         self.attention_mask: torch.Tensor | None = None  # (B, T): 1 = real token, 0 = padding
         self._handles: list = []
 
@@ -189,14 +205,25 @@ class MLPInstrument:
             h.remove()
         self._handles.clear()
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, F) -> (N, F): the rows of real tokens (all of them without an attention mask)."""
+    def _tokens(self, x: torch.Tensor, mlp: nn.Module | None = None) -> torch.Tensor:
+        """(B, T, F), or a routed expert's (n, F), -> (N, F): the rows of real tokens (all without an attention mask)."""
         if self.attention_mask is None:
             return x.reshape(-1, x.shape[-1])
         mask = self.attention_mask.to(device=x.device, dtype=torch.bool)
-        if mask.shape != x.shape[:-1]:
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; the activations are {tuple(x.shape)}")
-        return x[mask]
+        routed = getattr(mlp, "token_index", None)
+        if routed is not None:  # a routed expert sees the flat (B*T) positions routed to it
+            return x[mask.reshape(-1)[routed]]
+        if x.shape[:-1] == mask.shape:
+            return x[mask]
+        if x.ndim == 2 and x.shape[0] == mask.numel():  # an MoE block's shared expert runs on flat (B*T, H) rows
+            return x[mask.reshape(-1)]
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; the activations are {tuple(x.shape)}")
+
+    def labels(self, i: int) -> dict:
+        """Column values that name unit ``i``: its layer, and for an MoE model its expert and role."""
+        u = self.units[i]
+        return {"layer": u.layer, "expert": -1 if u.expert is None else u.expert, "role": u.role} if self.is_moe \
+            else {"layer": u.layer}
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -234,11 +261,11 @@ class ActivationRecorder(MLPInstrument):
         self.generator = torch.Generator().manual_seed(seed)
         self._acc: dict[tuple[int, str], _Accumulator] = {}
 
-    def _add(self, layer: int, kind: str, x: torch.Tensor) -> None:
-        key = (layer, kind)
+    def _add(self, unit: int, kind: str, x: torch.Tensor) -> None:
+        key = (unit, kind)
         if key not in self._acc:
             self._acc[key] = _Accumulator(self.edges[kind], self.eps, self.sample_size, self.generator)
-        self._acc[key].update(self._tokens(x))
+        self._acc[key].update(self._tokens(x, self.mlps[unit]))
 
     def _register(self) -> None:
         for i, mlp in enumerate(self.mlps):
@@ -272,9 +299,10 @@ class ActivationRecorder(MLPInstrument):
         return sorted(self._acc, key=lambda lk: (lk[0], KINDS.index(lk[1])))
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (layer, kind): layer, kind, zero_frac, near_zero_frac, neg_frac, mean, std, count."""
-        rows = [{"layer": layer, "kind": kind, **self._acc[(layer, kind)].row()} for layer, kind in self._order()]
-        cols = ["layer", "kind", "zero_frac", "near_zero_frac", "neg_frac", "mean", "std", "count"]
+        """One row per (unit, kind): layer (MoE: expert, role; expert -1 for a shared expert or dense MLP), kind,
+        zero_frac, near_zero_frac, neg_frac, mean, std, count. Units that saw no token have no row."""
+        rows = [{**self.labels(u), "kind": kind, **self._acc[(u, kind)].row()} for u, kind in self._order()]
+        cols = [*self.labels(0), "kind", "zero_frac", "near_zero_frac", "neg_frac", "mean", "std", "count"]
         return pd.DataFrame(rows, columns=cols)
 
     def overall(self) -> pd.DataFrame:
@@ -289,20 +317,22 @@ class ActivationRecorder(MLPInstrument):
                 rows.append({"kind": kind, **total.row()})
         return pd.DataFrame(rows, columns=["kind", "zero_frac", "near_zero_frac", "neg_frac", "mean", "std", "count"])
 
-    def histogram(self, layer: int | None, kind: str) -> Histogram:
-        """Histogram of one layer's ``kind`` values, or of all layers together (``layer=None``)."""
-        keys = [k for k in self._order() if k[1] == kind and (layer is None or k[0] == layer)]
+    def _keys(self, layer: int | None, kind: str, expert: int | None) -> list[tuple[int, str]]:
+        keys = [k for k in self._order() if k[1] == kind and (layer is None or self.units[k[0]].layer == layer)
+                and (expert is None or self.units[k[0]].expert == expert)]
         if not keys:
-            raise KeyError(f"nothing recorded for layer={layer}, kind={kind!r}")
-        hists = [self._acc[k].histogram() for k in keys]
+            raise KeyError(f"nothing recorded for layer={layer}, expert={expert}, kind={kind!r}")
+        return keys
+
+    def histogram(self, layer: int | None, kind: str, expert: int | None = None) -> Histogram:
+        """Histogram of one layer's ``kind`` values, or of all layers together (``layer=None``); in an MoE model
+        of one routed ``expert`` of the layer(s), or of all its units (``expert=None``)."""
+        hists = [self._acc[k].histogram() for k in self._keys(layer, kind, expert)]
         return sum(hists[1:], hists[0])
 
-    def samples(self, layer: int | None, kind: str) -> np.ndarray:
-        """The random sample (float32, at most ``sample_size`` per layer); ``layer=None`` joins all layers'."""
-        keys = [k for k in self._order() if k[1] == kind and (layer is None or k[0] == layer)]
-        if not keys:
-            raise KeyError(f"nothing recorded for layer={layer}, kind={kind!r}")
-        return np.concatenate([self._acc[k].sample() for k in keys])
+    def samples(self, layer: int | None, kind: str, expert: int | None = None) -> np.ndarray:
+        """The random sample (float32, at most ``sample_size`` per unit); ``None`` joins all layers' (experts')."""
+        return np.concatenate([self._acc[k].sample() for k in self._keys(layer, kind, expert)])
 
 
 def record_activations(

@@ -6,6 +6,9 @@
   neuron index (a stable sort), so the kept set is deterministic and has exactly k entries.
 - A mask is an ``MLPInstrument``: a forward pre-hook on every ``down_proj`` edits its input
   (combined) and counts the sparsity it realises, the model's own zeros included.
+- In a mixture-of-experts model every routed expert is masked on its own (section 4: "the same
+  method ... to control the sparsity in each expert"): per routed token, ``d`` is the expert's
+  width, and only the tokens routed to the expert count towards its sparsity.
 """
 
 from __future__ import annotations
@@ -72,8 +75,8 @@ class ActivationMask(MLPInstrument):
         else:
             raise ValueError(f"unknown mask mode {mode!r}; valid: 'topk', 'threshold'")
         self.mode, self.sparsity, self.tau = mode, sparsity, tau
-        self.zeros = [0] * len(self.mlps)  # per layer: zero entries after masking
-        self.entries = [0] * len(self.mlps)  # per layer: entries seen
+        self.zeros = [0] * len(self.mlps)  # per unit (layer; MoE: expert): zero entries after masking
+        self.entries = [0] * len(self.mlps)  # per unit: entries seen
 
     def mask(self, c: torch.Tensor) -> torch.Tensor:
         """The masked copy of combined ``c`` (..., F)."""
@@ -84,10 +87,10 @@ class ActivationMask(MLPInstrument):
     def _register(self) -> None:
         for i, mlp in enumerate(self.mlps):
 
-            def on_down(mod, args, i=i):
-                masked = self.mask(args[0])  # (B, T, F)
+            def on_down(mod, args, i=i, mlp=mlp):
+                masked = self.mask(args[0])  # (B, T, F); a routed expert's (n, F)
                 with torch.no_grad():
-                    counted = self._tokens(masked)
+                    counted = self._tokens(masked, mlp)
                     self.zeros[i] += int((counted == 0).sum())
                     self.entries[i] += counted.numel()
                 return (masked, *args[1:])
@@ -101,6 +104,7 @@ class ActivationMask(MLPInstrument):
         return sum(self.zeros) / n if n else math.nan
 
     def per_layer_sparsity(self) -> list[float]:
+        """Realised sparsity per unit (``self.units``): per layer in a dense model, per expert in an MoE one."""
         return [z / n if n else math.nan for z, n in zip(self.zeros, self.entries)]
 
 

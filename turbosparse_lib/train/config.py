@@ -2,13 +2,17 @@
 
 The same config serves training from scratch (``model_preset`` names the architecture) and
 continued pretraining of a given model (``model_preset=None``, ``base_model`` names it), such as
-ReLUfication, whose ``objective`` may be distillation from the original model.
+ReLUfication, whose ``objective`` may be distillation from the original model. With ``moe`` set the
+from-scratch model is a mixture of experts (``models.architecture.MoEConfig``, notebook 04), trained
+exactly as the dense one; the field is recorded, so a dense run folder refuses an MoE config and back.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+
+from ..models.architecture import MoEConfig, moe_config
 
 PRECISIONS = ("fp32", "bf16", "auto")
 OBJECTIVES = ("lm", "kd", "kd+lm")  # next-token loss; KL to a teacher's distribution; their mean
@@ -37,10 +41,12 @@ class TrainConfig:
     tokenizer: str = "ours"  # "ours" (the project's BPE) or the base model's name, whose tokenizer encodes the data
     base_model: str | None = None  # continued pretraining: the model trained from (recorded, for the config guard)
     objective: str = "lm"  # one of OBJECTIVES; kd needs a teacher passed to train()
+    l1_coef: float = 0.0  # weight of an L1 penalty on the MLPs' combined activations (sparsity regularisation)
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     eval_sequences: int = 16  # validation sequences per evaluation (fixed set)
     checkpoint_every: int = 100
     log_every: int = 10
+    moe: MoEConfig | None = None  # from scratch: split every MLP into routed experts (None: the dense model)
 
     def __post_init__(self):
         from ..models.variants import get_variant
@@ -51,10 +57,15 @@ class TrainConfig:
         if self.model_preset is not None:
             get_preset(self.model_preset)  # unknown names raise with the valid ones
         get_variant(self.variant)
+        object.__setattr__(self, "moe", moe_config(self.moe))  # a dict (a run's stored JSON) becomes a MoEConfig
+        if self.moe is not None and self.model_preset is None:
+            raise ValueError("moe builds a from-scratch model: it needs model_preset")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0; got {self.l1_coef}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.steps < 1:
@@ -72,8 +83,9 @@ class TrainConfig:
         return self.total_tokens // self.tokens_per_step
 
 
-def train_config(preset: str, variant: str, seed: int = 0, **overrides) -> TrainConfig:
-    """The from-scratch ``TrainConfig`` of a preset's train section for ``variant`` at ``seed``, with overrides."""
+def train_config(preset: str, variant: str, seed: int = 0, moe: bool = False, **overrides) -> TrainConfig:
+    """The from-scratch ``TrainConfig`` of a preset's train section for ``variant`` at ``seed``, with overrides;
+    ``moe=True``: the mixture of experts of the preset's ``moe`` section, on the same tokens and schedule."""
     from dataclasses import asdict
 
     from ..presets import get_preset
@@ -85,6 +97,8 @@ def train_config(preset: str, variant: str, seed: int = 0, **overrides) -> Train
     unknown = set(overrides) - valid
     if unknown:
         raise TypeError(f"unknown TrainConfig fields {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
+    if moe:
+        overrides = {"moe": get_preset(preset).moe, **overrides}
     return TrainConfig(**{"model_preset": preset, **section, "variant": variant, "seed": seed, **overrides})
 
 

@@ -19,10 +19,15 @@ A run, in order:
 3. Each optimiser step is ``batch_size`` sequences, split over processes and then into micro
    batches (gradient accumulation). Under ``torchrun`` the model is wrapped in DDP.
 4. The loss is the config's ``objective``: next-token cross-entropy (``lm``), the KL divergence
-   from a teacher's next-token distribution to the model's (``kd``, distillation), or their mean.
+   from a teacher's next-token distribution to the model's (``kd``, distillation), or their mean;
+   plus, with ``l1_coef > 0``, an L1 penalty on every MLP's combined activation (the mean |combined|
+   over layers), which pushes activations to exact zero (ProSparse-style sparsity regularisation).
 5. Every ``checkpoint_every`` steps a resumable checkpoint (``train.checkpoint``); at the end the
    final weights with ``save_pretrained`` (loadable with ``models.swap.load_model``), then the
    summary that marks the run complete.
+
+A mixture of experts (``cfg.moe``, notebook 04) trains the same way; its training loss includes the router's
+load-balancing term (transformers adds ``router_aux_loss_coef`` x aux), its validation loss does not.
 
 Precision: ``fp32``, ``bf16`` (autocast; master weights and optimiser stay fp32), or ``auto``,
 which times both on the model being trained (``train.precision``) and keeps the faster; the
@@ -67,15 +72,19 @@ EvalHook = Callable[[nn.Module, int, int], dict]
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, seqs: torch.Tensor, micro_batch_size: int, precision: str = "fp32") -> float:
-    """Mean next-token loss over ``seqs`` (every sequence has the same length, so a mean of means is exact)."""
+    """Mean next-token loss over ``seqs`` (every sequence has the same length, so a mean of means is exact).
+
+    An MoE model's load-balancing term, part of its training loss, is left out: this is the language-model loss
+    alone, comparable with a dense model's."""
     was_training = model.training
     model.eval()
     losses = []
     device = next(model.parameters()).device
+    lm_only = {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
     for i in range(0, len(seqs), micro_batch_size):
         x = seqs[i: i + micro_batch_size].to(device)
         with autocast(precision):
-            losses.append(float(model(input_ids=x, labels=x).loss) * len(x))
+            losses.append(float(model(input_ids=x, labels=x, **lm_only).loss) * len(x))
     model.train(was_training)
     return sum(losses) / len(seqs)
 
@@ -87,15 +96,42 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def _loss(model, teacher, x: torch.Tensor, objective: str, precision: str) -> torch.Tensor:
+class _CombinedL1:
+    """Sums mean |combined| over the MLPs of one forward pass (pre-hooks on every ``down_proj``)."""
+
+    def __init__(self, model: nn.Module):
+        from ..models.swap import mlp_modules
+
+        self.total: torch.Tensor | None = None
+        self.handles = [m.down_proj.register_forward_pre_hook(self._add) for m in mlp_modules(model)]
+        self.n = len(self.handles)
+
+    def _add(self, mod, args):
+        if not torch.is_grad_enabled():  # evaluations run without autograd: they are not part of the loss
+            return
+        term = args[0].abs().mean()
+        self.total = term if self.total is None else self.total + term
+
+    def take(self) -> torch.Tensor:
+        t, self.total = self.total, None
+        return t / self.n
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _loss(model, teacher, x: torch.Tensor, objective: str, precision: str, l1: "_CombinedL1 | None" = None,
+          l1_coef: float = 0.0) -> torch.Tensor:
     with autocast(precision):
         out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False)
+    penalty = l1_coef * l1.take() if l1 is not None else 0.0
     if objective == "lm":
-        return out.loss
+        return out.loss + penalty
     with torch.inference_mode():
         t_logits = teacher(input_ids=x, use_cache=False).logits
     kd = distillation_loss(out.logits, t_logits.clone())  # a clone leaves inference mode, for autograd
-    return kd if objective == "kd" else 0.5 * (kd + out.loss)
+    return (kd if objective == "kd" else 0.5 * (kd + out.loss)) + penalty
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None = None,
@@ -138,7 +174,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
 
         torch.manual_seed(cfg.seed)
         if model is None:
-            model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed)
+            model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed, moe=cfg.moe)
         model.train()
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decay = [p for n, p in trainable if p.ndim >= 2]  # no decay on norms (as nanoGPT)
@@ -155,10 +191,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
             seconds_before = state.get("train_seconds", 0.0)
             if d.main:
                 rewrite_metrics(run_dir / METRICS_FILE, start_step)
-        elif precision == "auto":
-            precision_measurement = measure_precision(model, cfg.micro_batch_size, cfg.context_length)
-            # every rank must use the same precision: a majority of the ranks' measurements decides
-            precision = "bf16" if all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
+        else:
+            if d.main:  # a fresh start: metrics of an earlier attempt killed before its first checkpoint go
+                rewrite_metrics(run_dir / METRICS_FILE, -1)
+            if precision == "auto":
+                precision_measurement = measure_precision(model, cfg.micro_batch_size, cfg.context_length)
+                # every rank must use the same precision: a majority of the ranks' measurements decides
+                precision = "bf16" if all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
         barrier(d)
 
         device = next(model.parameters()).device  # the caller places the model (and the teacher) on a device
@@ -179,6 +218,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                                         "val_loss": evaluate_loss(model, val, cfg.micro_batch_size, precision),
                                         **eval_hook(model, 0, 0)}) + "\n")
             metrics_f.flush()
+        l1 = _CombinedL1(model) if cfg.l1_coef > 0 else None
         t_last, tok_last = time.perf_counter(), tokens_seen
         t_start = time.perf_counter()
         train_seconds = seconds_before  # optimiser steps only, evaluations excluded: the x axis of a recovery curve
@@ -198,7 +238,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size].to(device)
                     sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
                     with sync:
-                        loss = _loss(ddp, teacher, x, cfg.objective, precision)
+                        loss = _loss(ddp, teacher, x, cfg.objective, precision, l1, cfg.l1_coef)
                         (loss / accum).backward()
                     loss_sum += float(loss.detach())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
@@ -233,6 +273,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     barrier(d)
         finally:
             bar.close()
+            if l1 is not None:
+                l1.remove()
             if metrics_f is not None:
                 metrics_f.close()
 
@@ -263,11 +305,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
             dist.destroy_process_group()
 
 
-def train_scratch(preset: str, variant: str, seed: int = 0, progress: bool | None = None, **overrides) -> tuple[Path, dict]:
+def train_scratch(preset: str, variant: str, seed: int = 0, progress: bool | None = None, moe: bool = False,
+                  **overrides) -> tuple[Path, dict]:
     """Train (or load the finished run of) the from-scratch model of ``preset``/``variant``/``seed`` into
-    ``paths.scratch_model_dir``; returns the folder and the run's summary."""
-    cfg = train_config(preset, variant, seed, **overrides)
-    run_dir = paths.scratch_model_dir(preset, variant, seed)
+    ``paths.scratch_model_dir`` (``moe=True``: the preset's mixture of experts, into ``paths.scratch_moe_dir``);
+    returns the folder and the run's summary."""
+    cfg = train_config(preset, variant, seed, moe=moe, **overrides)
+    run_dir = (paths.scratch_moe_dir if moe else paths.scratch_model_dir)(preset, variant, seed)
     return run_dir, train(cfg, run_dir, progress=progress)
 
 
@@ -294,16 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--moe", action="store_true", help="the preset's mixture of experts instead of the dense model")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in (("total_tokens", a.total_tokens), ("precision", a.precision)) if v is not None}
     try:  # every argument is checked here, before anything is created on disk
-        cfg = train_config(a.preset, a.variant, a.seed, **overrides)
+        cfg = train_config(a.preset, a.variant, a.seed, moe=a.moe, **overrides)
         if a.threads is not None and a.threads < 1:
             raise ValueError(f"--threads must be >= 1; got {a.threads}")
     except (ValueError, TypeError) as e:
         print(f"turbosparse-train: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(a.out) if a.out else paths.scratch_model_dir(a.preset, a.variant, a.seed)
+    run_dir = Path(a.out) if a.out else (paths.scratch_moe_dir if a.moe else paths.scratch_model_dir)(
+        a.preset, a.variant, a.seed)
     try:
         summary = train(cfg, run_dir, threads=a.threads)
     except (ValueError, FileNotFoundError) as e:

@@ -1,0 +1,78 @@
+"""Activation predictors on a tiny dReLU model: capture, shapes, save/load, masks, and the engine provider."""
+
+import numpy as np
+import pytest
+import torch
+
+from turbosparse_lib.models.architecture import build_model
+from turbosparse_lib.predictors import data as D
+from turbosparse_lib.predictors.metrics import PredictedMask, cost_per_token, layer_metrics
+from turbosparse_lib.predictors.model import PredictorSet
+from turbosparse_lib.predictors.train import PredictorTraining, train_predictors
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=64,
+                       context_length=64, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 64, (2048,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("source", ["residual", "normed"])
+def test_capture_is_resumable_and_labels_are_the_exact_zeros(tiny, ids, tmp_path, source):
+    cfg = D.CaptureConfig(source=source, tokens_per_shard=512, context_length=64)
+    info = D.capture(tiny, ids, tmp_path, cfg)
+    assert info["shards"] == 4 and info["layers"] == 2 and info["intermediate"] == 64
+    x, y = D.load_layer(tmp_path, 1)
+    assert x.shape == (2048, 32) and y.shape == (2048, 64) and y.dtype == torch.bool
+    assert 0.5 < 1 - y.float().mean() < 0.95  # a dReLU model: most neurons are exactly zero
+    (tmp_path / "shard-00002.safetensors").unlink()  # a run killed mid-way: only the missing shard is made again
+    D.capture(tiny, ids, tmp_path, cfg)
+    x2, y2 = D.load_layer(tmp_path, 1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(ValueError, match="another configuration"):
+        D.capture(tiny, ids, tmp_path, D.CaptureConfig(source=source, label="topk", tokens_per_shard=512, context_length=64))
+
+
+def test_topk_labels_keep_exactly_k():
+    c = torch.randn(5, 100)
+    y = D.labels_of(c, D.CaptureConfig(label="topk", topk_sparsity=0.9, context_length=1, tokens_per_shard=1))
+    assert (y.sum(1) == 10).all()
+
+
+def test_predictors_train_save_load_and_mask(tiny, ids, tmp_path):
+    D.capture(tiny, ids, tmp_path / "cap", D.CaptureConfig(source="normed", tokens_per_shard=512, context_length=64))
+    ps = train_predictors(tmp_path / "cap", tmp_path / "work", PredictorTraining(rank=8, epochs=3, batch_size=256))
+    x = torch.randn(3, 7, 32)
+    assert ps.layers[0](x).shape == (3, 7, 64) and ps.predict(0, x).dtype == torch.bool
+    m = layer_metrics(ps, tmp_path / "cap", thresholds=(0.1, 0.5, 0.9))
+    assert set(m.columns) >= {"recall", "precision", "predicted_sparsity"} and m.recall.between(0, 1).all()
+    low, high = m[m.threshold == 0.1].recall.mean(), m[m.threshold == 0.9].recall.mean()
+    assert low >= high  # a lower threshold admits more neurons
+    ps.save(tmp_path / "model")
+    again = PredictorSet.load(tmp_path / "model", tiny)
+    assert all(torch.equal(ps.predict(i, x), again.predict(i, x)) for i in range(2))
+    other = build_model("drelu", hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, vocab_size=64)
+    with pytest.raises(ValueError, match="are for"):
+        PredictorSet.load(tmp_path / "model", other)
+    # a threshold that admits every neuron leaves the model's outputs unchanged
+    batch = ids[:128].view(2, 64)
+    with torch.no_grad():
+        want = tiny(input_ids=batch).logits
+        with PredictedMask(tiny, ps, threshold=1e-9) as pm:
+            got = tiny(input_ids=batch).logits
+    assert torch.equal(want, got) and pm.summary()["recall"] == 1.0
+    assert cost_per_token(ps, ffn_active=0.2)["predictor_params"] == ps.n_params()
+    # and so does the engine provider: admitting every neuron, sparse decoding equals dense decoding
+    from turbosparse_lib.inference.engine import Engine
+    from turbosparse_lib.predictors.provider import PredictorMaskProvider
+
+    engine = Engine.from_transformers(tiny)
+    prov = PredictorMaskProvider(ps, threshold=1e-9)
+    assert len(prov(0, np.random.default_rng(0).standard_normal(32).astype(np.float32))) == 64
+    prompt = ids[:8].numpy()
+    np.testing.assert_array_equal(engine.generate(prompt, 6, sparse=True, mask_provider=prov), engine.generate(prompt, 6))

@@ -1,0 +1,102 @@
+"""Activation predictors: one small low-rank MLP per FFN that guesses which neurons will fire.
+
+As in the paper (section 7, after PowerInfer / Deja Vu): ``logits = W2 relu(W1 x) + b``, with ``W1`` of shape
+(rank, hidden) and ``W2`` of shape (intermediate, rank); a neuron is predicted active when its probability
+``sigmoid(logit)`` is at least the threshold. The rank is chosen per layer (``ranks``), so a layer that is
+hard to predict can get more capacity.
+
+A ``PredictorSet`` saves beside the model it serves (``predictors.safetensors`` and ``predictors.json`` in
+the model's folder, both written atomically) and loads from there; the JSON records the model's sizes and
+the capture configuration (input source, labels), and loading refuses predictors made for another model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_path, write_json
+
+WEIGHTS_FILE = "predictors.safetensors"
+CONFIG_FILE = "predictors.json"
+
+
+class LowRankPredictor(nn.Module):
+    """``hidden -> rank -> intermediate`` with a ReLU between: the logits of each neuron firing."""
+
+    def __init__(self, hidden: int, intermediate: int, rank: int):
+        super().__init__()
+        if not 1 <= rank <= hidden:
+            raise ValueError(f"rank must be in [1, hidden={hidden}]; got {rank}")
+        self.down = nn.Linear(hidden, rank, bias=False)  # W1 (rank, hidden)
+        self.up = nn.Linear(rank, intermediate, bias=True)  # W2 (intermediate, rank), b (intermediate,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., N)
+        return self.up(torch.relu(self.down(x)))
+
+
+class PredictorSet(nn.Module):
+    """One ``LowRankPredictor`` per layer, with what they were trained for."""
+
+    def __init__(self, hidden: int, intermediate: int, ranks: list[int], source: str = "residual",
+                 label: str = "nonzero", threshold: float = 0.5, meta: dict | None = None):
+        super().__init__()
+        self.hidden, self.intermediate, self.ranks = hidden, intermediate, list(ranks)
+        self.source, self.label, self.threshold = source, label, float(threshold)
+        self.meta = dict(meta or {})
+        self.layers = nn.ModuleList(LowRankPredictor(hidden, intermediate, r) for r in ranks)
+
+    def logit_threshold(self, threshold: float | None = None) -> float:
+        p = self.threshold if threshold is None else threshold
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"threshold must be a probability in (0, 1); got {p}")
+        return math.log(p / (1 - p))
+
+    @torch.no_grad()
+    def predict(self, layer: int, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """(..., H) -> (..., N) bool: the neurons predicted active."""
+        return self.layers[layer](x.float()) >= self.logit_threshold(threshold)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def config(self) -> dict:
+        return {"hidden": self.hidden, "intermediate": self.intermediate, "ranks": self.ranks, "source": self.source,
+                "label": self.label, "threshold": self.threshold, "meta": self.meta}
+
+    def save(self, model_dir: str | Path) -> Path:
+        """Write the predictors into ``model_dir`` beside the model (weights first, then the JSON)."""
+        from safetensors.torch import save_file
+
+        model_dir = Path(model_dir)
+        with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        write_json(model_dir / CONFIG_FILE, self.config())
+        return model_dir
+
+    @classmethod
+    def load(cls, model_dir: str | Path, model=None) -> "PredictorSet":
+        """The predictors saved in ``model_dir``; with ``model`` given, its sizes must match theirs."""
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir)
+        if not (model_dir / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"no predictors in {model_dir}: train them first (predictors.train.train_predictors)")
+        cfg = json.loads((model_dir / CONFIG_FILE).read_text())
+        if model is not None:
+            from ..models.swap import mlp_modules
+
+            mlps = mlp_modules(model)
+            want = (model.config.hidden_size, mlps[0].down_proj.in_features, len(mlps))
+            got = (cfg["hidden"], cfg["intermediate"], len(cfg["ranks"]))
+            if want != got:
+                raise ValueError(f"predictors in {model_dir} are for (hidden, intermediate, layers) = {got}; "
+                                 f"this model is {want}")
+        ps = cls(cfg["hidden"], cfg["intermediate"], cfg["ranks"], cfg["source"], cfg["label"], cfg["threshold"],
+                 cfg.get("meta"))
+        ps.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
+        return ps.eval()

@@ -1,0 +1,35 @@
+"""The predictors as the decode engine's mask provider, run with the engine's own Numba kernels.
+
+Per layer and token: ``h = relu(W1 x)``, ``logits = W2 h + b`` (two GEMVs of the engine), and the neurons whose
+logit reaches the threshold's are the mask. Its time is the profile's ``mask`` entry and its weights count in
+bytes per token (``predictors.metrics.cost_per_token``). ``input`` says which vector the engine must hand it:
+the residual stream before the FFN's norm, or the normalised FFN input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..inference import kernels
+from .model import PredictorSet
+
+
+class PredictorMaskProvider:
+    """``(layer_idx, x_H) -> active neuron indices`` from a ``PredictorSet``, float32 NumPy copies of its weights."""
+
+    def __init__(self, ps: PredictorSet, threshold: float | None = None):
+        self.input = ps.source  # "residual" or "normed"
+        self.threshold = ps.threshold if threshold is None else threshold
+        self.logit_threshold = np.float32(ps.logit_threshold(self.threshold))
+        self.w1 = [np.ascontiguousarray(p.down.weight.detach().float().numpy()) for p in ps.layers]  # (r, H)
+        self.w2 = [np.ascontiguousarray(p.up.weight.detach().float().numpy()) for p in ps.layers]  # (N, r)
+        self.b = [np.ascontiguousarray(p.up.bias.detach().float().numpy()) for p in ps.layers]  # (N,)
+
+    def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
+        h_R = np.maximum(kernels.gemv(self.w1[layer_idx], x_H), np.float32(0))
+        logits_N = kernels.gemv(self.w2[layer_idx], h_R) + self.b[layer_idx]
+        return np.flatnonzero(logits_N >= self.logit_threshold)
+
+    @property
+    def n_params(self) -> int:
+        return sum(a.size + b.size + c.size for a, b, c in zip(self.w1, self.w2, self.b))

@@ -1,0 +1,110 @@
+"""Training activation predictors on captured data, one layer at a time, resumably.
+
+- Loss: class-weighted binary cross-entropy. Active neurons are the minority (10-20% for a dReLU model), and
+  a missed active neuron (a false negative) costs quality while a false positive only costs one row read,
+  so the positives are weighted by ``neg / pos`` of the layer (capped at ``max_pos_weight``).
+- The last ``val_fraction`` of each layer's tokens is held out for the metrics (``predictors.metrics``).
+- Each finished layer is stored in ``<work_dir>/layer-XX.safetensors``; a rerun skips finished layers, so a
+  killed training resumes at the layer it was in. ``train_predictors`` returns the whole ``PredictorSet``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_path, write_json
+from .data import CAPTURE_FILE, load_layer
+from .model import LowRankPredictor, PredictorSet
+
+
+@dataclass(frozen=True)
+class PredictorTraining:
+    rank: int | list[int] = 128  # one rank for every layer, or one per layer
+    epochs: int = 8
+    batch_size: int = 1024
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    max_pos_weight: float = 20.0
+    seed: int = 0
+
+
+def _ranks(cfg: PredictorTraining, n_layers: int) -> list[int]:
+    if isinstance(cfg.rank, int):
+        return [cfg.rank] * n_layers
+    if len(cfg.rank) != n_layers:
+        raise ValueError(f"{len(cfg.rank)} ranks for {n_layers} layers")
+    return list(cfg.rank)
+
+
+def split(n: int, val_fraction: float) -> int:
+    """Index where the held-out tail of a layer's tokens begins."""
+    return max(1, int(round(n * (1 - val_fraction))))
+
+
+def train_layer(x: torch.Tensor, y: torch.Tensor, rank: int, cfg: PredictorTraining) -> tuple[LowRankPredictor, dict]:
+    """One layer's predictor from inputs ``x`` (T, H) and labels ``y`` (T, N) (the held-out tail is not used)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_train = split(len(x), cfg.val_fraction)
+    xt, yt = x[:n_train], y[:n_train].float()
+    pos = yt.mean().clamp(1e-6, 1 - 1e-6)
+    pos_weight = torch.clamp((1 - pos) / pos, max=cfg.max_pos_weight)
+    torch.manual_seed(cfg.seed)
+    net = LowRankPredictor(x.shape[1], y.shape[1], rank)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * max(1, n_train // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    t0, last = time.perf_counter(), float("nan")
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n_train, generator=g)
+        for b in range(0, max(1, n_train - cfg.batch_size + 1), cfg.batch_size):
+            idx = order[b:b + cfg.batch_size]
+            loss = loss_fn(net(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = float(loss.detach())
+    return net.eval(), {"train_tokens": n_train, "pos_fraction": float(pos), "pos_weight": float(pos_weight),
+                        "final_loss": last, "seconds": time.perf_counter() - t0}
+
+
+def train_predictors(capture_dir: str | Path, work_dir: str | Path, cfg: PredictorTraining = PredictorTraining(),
+                     progress: bool | None = None) -> PredictorSet:
+    """A ``PredictorSet`` for the captured model, trained layer by layer (resuming at the first missing layer)."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from ..eval.perplexity import progress_enabled
+
+    capture_dir, work_dir = Path(capture_dir), Path(work_dir)
+    info = json.loads((capture_dir / CAPTURE_FILE).read_text())
+    ranks = _ranks(cfg, info["layers"])
+    work_dir.mkdir(parents=True, exist_ok=True)
+    guard = work_dir / "training.json"
+    ours = {"training": asdict(cfg), "capture": info}
+    if guard.exists() and json.loads(guard.read_text()) != json.loads(json.dumps(ours)):
+        raise ValueError(f"{work_dir} holds predictors trained with another configuration; use another folder")
+    write_json(guard, ours)
+    ps = PredictorSet(info["hidden"], info["intermediate"], ranks, info["source"], info["label"],
+                      meta={"training": asdict(cfg), "capture_tokens": info["tokens"], "layers": {}})
+    for i in tqdm(range(info["layers"]), desc="predictors", disable=not progress_enabled(progress)):
+        path = work_dir / f"layer-{i:02d}.safetensors"
+        if path.exists():
+            ps.layers[i].load_state_dict(load_file(str(path)))
+            ps.meta["layers"][str(i)] = json.loads((work_dir / f"layer-{i:02d}.json").read_text())
+            continue
+        x, y = load_layer(capture_dir, i)
+        net, stats = train_layer(x, y, ranks[i], cfg)
+        ps.layers[i].load_state_dict(net.state_dict())
+        ps.meta["layers"][str(i)] = stats
+        write_json(work_dir / f"layer-{i:02d}.json", stats)
+        with atomic_path(path) as tmp:  # last: its presence marks the layer finished
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    return ps.eval()
