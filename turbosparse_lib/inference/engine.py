@@ -118,6 +118,12 @@ def _rope_theta(config) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def _reads_residual(provider) -> bool:
+    """Whether a mask provider wants the residual stream entering the FFN's norm (PowerInfer-style predictors)
+    instead of the normalised FFN input: its ``input`` attribute says so."""
+    return getattr(provider, "input", "normed") == "residual"
+
+
 class Engine:
     """Greedy decoding of a Llama/Mistral model with Numba kernels, dense or sparse FFN, f32 or quantised."""
 
@@ -347,7 +353,7 @@ class Engine:
             h_H = np.empty(cfg.hidden_size, np.float32)
             step_kernels.attention_half(*self._attention_args((li, x_H, h_H)))
             t2 = perf_counter()
-            idx_K = self._provider_masks(provider, li, h_H)
+            idx_K = self._provider_masks(provider, li, x_H if _reads_residual(provider) else h_H)
             active += len(idx_K)
             t3 = perf_counter()
             step_kernels.ffn_half(li, x_H, h_H, w.ffn.data, w.ffn.down_scale, code, idx_K, len(idx_K), True, True,
@@ -383,7 +389,7 @@ class Engine:
             x_H += y_H if w.b_o_LH is None else y_H + w.b_o_LH[li]
             step_kernels.rms_norm_into(x_H, w.ffn_norm_LH[li], eps, h_H)
             t2 = perf_counter()
-            idx_K = self._provider_masks(provider, li, h_H) if sparse else None
+            idx_K = self._provider_masks(provider, li, x_H if _reads_residual(provider) else h_H) if sparse else None
             active += cfg.intermediate_size if idx_K is None else len(idx_K)
             t3 = perf_counter()
             x_H += bundles.ffn(w.ffn[li], h_H, idx_K, cfg.act, rows_read=rows_read)

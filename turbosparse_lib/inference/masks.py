@@ -95,6 +95,11 @@ class RecordedMasks:
         self.recording, self.cursor = True, 0
         self._packed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @property
+    def input(self) -> str:
+        """The vector the engine hands the recorded provider (see ``engine._reads_residual``)."""
+        return getattr(self.provider, "input", "normed")
+
     def rewind(self) -> None:
         """Start replaying from the first recorded mask (ends recording)."""
         self.recording, self.cursor = False, 0
