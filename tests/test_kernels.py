@@ -1,16 +1,22 @@
-"""Every Numba kernel against its NumPy reference, on odd sizes and edge-case index sets."""
+"""Every Numba kernel against its NumPy reference, in every weight format, on odd sizes and edge-case index sets."""
 
 import numba
 import numpy as np
 import pytest
+from numba import njit
 
 from turbosparse_lib.inference import attention as A
+from turbosparse_lib.inference import bundles as B
 from turbosparse_lib.inference import kernels as K
+from turbosparse_lib.inference import quant as Q
+from turbosparse_lib.inference import simd
 from turbosparse_lib.inference import threads as T
 from turbosparse_lib.models.variants import VARIANTS
 
-# (N neurons / out rows, H hidden / in): sizes that are not multiples of 8 or 16, and 1
-SHAPES = [(1, 1), (7, 33), (33, 7), (257, 16), (40, 257)]
+FORMATS = ["f32", "q8_0", "q4_0"]
+# (N neurons / out rows, H hidden / in): 1, sizes that are not multiples of the 32-weight block or
+# of the 8-float vector, and whole blocks
+SHAPES = [(1, 1), (7, 33), (33, 7), (40, 257), (64, 96)]
 
 
 def _close(got, want, rtol=2e-4):
@@ -20,8 +26,8 @@ def _close(got, want, rtol=2e-4):
 
 def _weights(rng, N, H):
     Wg, Wu = (rng.standard_normal((N, H), dtype=np.float32) / np.float32(np.sqrt(H)) for _ in range(2))
-    WdT = rng.standard_normal((N, H), dtype=np.float32) / np.float32(np.sqrt(N))
-    return Wg, Wu, WdT, rng.standard_normal(H, dtype=np.float32)
+    Wd = rng.standard_normal((H, N), dtype=np.float32) / np.float32(np.sqrt(N))
+    return Wg, Wu, Wd, rng.standard_normal(H, dtype=np.float32)
 
 
 def _index_sets(rng, N):
@@ -34,45 +40,165 @@ def _index_sets(rng, N):
     }
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,H", SHAPES)
-def test_dense_gemv_float_and_int8(N, H):
+def test_gemv_gather_and_axpy_match_reference(fmt, N, H):
     rng = np.random.default_rng(N * 1000 + H)
     W, _, _, x = _weights(rng, N, H)
-    _close(K.gemv(W, x), K.gemv_ref(W, x))
-    q, s = K.quantize_int8_rows(W)
-    _close(K.gemv_int8(q, s, x), K.gemv_int8_ref(q, s, x))
+    Wq = Q.quantize(W, fmt)
+    assert Wq.data.shape == (N, Q.row_bytes(H, fmt)) and Wq.data.dtype == np.uint8
+    _close(Q.gemv(Wq, x), Q.gemv_ref(Wq, x))
+    for idx in _index_sets(rng, N).values():
+        coef = rng.standard_normal(len(idx), dtype=np.float32)
+        _close(Q.gather_gemv(Wq, x, idx), Q.gather_gemv_ref(Wq, x, idx))
+        _close(Q.axpy_rows(Wq, coef, idx), Q.axpy_rows_ref(Wq, coef, idx))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,H", SHAPES)
-@pytest.mark.parametrize("kind", ["none", "single", "all", "sorted", "unsorted"])
-def test_sparse_kernels_match_reference(N, H, kind):
-    rng = np.random.default_rng(N * 1000 + H)
-    Wg, Wu, WdT, x = _weights(rng, N, H)
-    idx = _index_sets(rng, N)[kind]
-    coef = rng.standard_normal(len(idx), dtype=np.float32)
-    _close(K.gather_gemv(Wg, x, idx), K.gather_gemv_ref(Wg, x, idx))
-    _close(K.axpy_rows(WdT, coef, idx), K.axpy_rows_ref(WdT, coef, idx))
-    qg, qu, qd = (K.quantize_int8_rows(W) for W in (Wg, Wu, WdT))
-    deq = [K.dequantize_int8_rows(*q) for q in (qg, qu, qd)]
-    _close(K.gather_gemv_int8(*qg, x, idx), K.gather_gemv_ref(deq[0], x, idx))
-    _close(K.axpy_rows_int8(*qd, coef, idx), K.axpy_rows_ref(deq[2], coef, idx))
+def test_bundled_ffn_matches_reference_for_every_variant(fmt, N, H):
+    rng = np.random.default_rng(7 + N + H)
+    Wg, Wu, Wd, x = _weights(rng, N, H)
+    ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt)
+    assert ffn.data.shape == (N, 3 * Q.row_bytes(H, fmt))
     for variant in VARIANTS:
-        _close(K.ffn_sparse(x, Wg, Wu, WdT, idx, variant), K.ffn_sparse_ref(x, Wg, Wu, WdT, idx, variant))
-        _close(K.ffn_sparse_int8(x, qg, qu, qd, idx, variant), K.ffn_sparse_ref(x, *deq, idx, variant), rtol=1e-3)
+        dense = B.ffn_ref(ffn, x, None, variant)
+        _close(B.ffn(ffn, x, None, variant), dense)
+        _close(B.ffn(ffn, x, None, variant, skip_zeros=True), dense)  # the in-line exact-zero oracle
+        _close(B.combined(ffn, x, variant), B.combined_ref(ffn, x, variant))
+        for idx in _index_sets(rng, N).values():
+            _close(B.ffn(ffn, x, idx, variant), B.ffn_ref(ffn, x, idx, variant))
+        _close(B.ffn(ffn, x, np.arange(N), variant), dense)  # all active = dense
 
 
-@pytest.mark.parametrize("N,H", SHAPES)
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_dense_ffn_matches_reference_and_full_sparse(N, H, variant):
-    rng = np.random.default_rng(7)
-    Wg, Wu, WdT, x = _weights(rng, N, H)
-    Wd = np.ascontiguousarray(WdT.T)
-    dense = K.ffn_dense(x, Wg, Wu, Wd, variant)
-    _close(dense, K.ffn_dense_ref(x, Wg, Wu, Wd, variant))
-    _close(K.ffn_sparse(x, Wg, Wu, WdT, np.arange(N, dtype=np.int64), variant), dense)
-    qs = [K.quantize_int8_rows(W) for W in (Wg, Wu, Wd)]
-    deq = [K.dequantize_int8_rows(*q) for q in qs]
-    _close(K.ffn_dense_int8(x, *qs, variant), K.ffn_dense_ref(x, *deq, variant), rtol=1e-3)
+def test_the_bundle_is_gate_up_and_down_column_of_one_neuron():
+    rng = np.random.default_rng(0)
+    Wg, Wu, Wd, _ = _weights(rng, 5, 8)
+    ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, "f32")
+    np.testing.assert_array_equal(ffn.data[3].view(np.float32), np.concatenate([Wg[3], Wu[3], Wd[:, 3]]))
+    np.testing.assert_array_equal(ffn.dequantized(2), Wd.T)
+    assert ffn.down_scale.shape == (0,)
+
+
+def test_quantised_down_columns_are_scaled_per_hidden_channel():
+    """A hidden channel with large weights (an LLM's outlier channel) does not set the block scale of the
+    other channels: each channel is divided by its largest weight before quantisation, multiplied back after."""
+    rng = np.random.default_rng(1)
+    Wg, Wu, Wd, x = _weights(rng, 64, 64)
+    Wd[5] *= 100.0  # one outlier channel
+    for fmt in ("q8_0", "q4_0"):
+        ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt)
+        np.testing.assert_allclose(ffn.down_scale, np.abs(Wd).max(axis=1))
+        plain = Q.dequantize(Q.quantize(Wd.T.copy(), fmt))
+        others = np.arange(64) != 5
+        err = lambda A: np.abs(A[:, others] - Wd.T[:, others]).mean()  # noqa: E731
+        assert err(ffn.dequantized(2)) < err(plain) / 5
+        _close(B.ffn(ffn, x, None, "drelu"), B.ffn_ref(ffn, x, None, "drelu"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", ["listed", "in-line oracle"])
+def test_sparse_ffn_reads_only_active_rows_and_skips_exact_zeros(fmt, path):
+    """Poison (NaN) every row the kernel must not read: the rows of unlisted neurons, the up rows where the gate
+    did not fire, the down rows of neurons whose dReLU output is exactly zero. A read would turn the output NaN."""
+    rng = np.random.default_rng(3)
+    N, H = 97, 33
+    Wg, Wu, Wd, x = _weights(rng, N, H)
+    ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt)
+    idx = rng.permutation(N)[:50].astype(np.int64) if path == "listed" else None
+    want = B.ffn_ref(ffn, x, idx, "drelu")
+    g_N = Q.dequantize(ffn.part(0)).astype(np.float64) @ Q._activation_ref(x, ffn.code)
+    c_N = B.combined_ref(ffn, x, "drelu")
+    active = np.zeros(N, bool)
+    active[idx if idx is not None else slice(None)] = True
+    fired, live = active & (g_N > 0), active & (c_N != 0)
+    assert 0 < live.sum() < fired.sum() < active.sum()  # both skips are exercised
+    poisoned = ffn.data.copy()
+    seg = ffn.seg_bytes
+    nan = np.float32(np.nan).tobytes() if fmt == "f32" else np.float16(np.nan).tobytes()
+    step = 4 if fmt == "f32" else Q._BLOCK_BYTES[ffn.code]  # poison every float, or every block's scale
+
+    def poison(rows, part):
+        for off in range(part * seg, (part + 1) * seg, step):
+            poisoned[rows, off : off + len(nan)] = np.frombuffer(nan, np.uint8)
+
+    poison(~active, 0), poison(~fired, 1), poison(~live, 2)
+    rows = np.zeros(3, np.int64)
+    got = B.ffn(B.FFNBundles(poisoned, fmt, H, ffn.down_scale), x, idx, "drelu", skip_zeros=True, rows_read=rows)
+    assert np.isfinite(got).all()
+    _close(got, want)
+    np.testing.assert_array_equal(rows, [active.sum(), fired.sum(), live.sum()])
+
+
+def test_dense_ffn_reads_every_row():
+    rng = np.random.default_rng(4)
+    Wg, Wu, Wd, x = _weights(rng, 50, 16)
+    rows = np.zeros(3, np.int64)
+    B.ffn(B.FFNBundles.from_weights(Wg, Wu, Wd, "q4_0"), x, None, "drelu", rows_read=rows)
+    np.testing.assert_array_equal(rows, [50, 50, 50])
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_quantisation_error_bound_and_zero_blocks(fmt):
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((33, 257), dtype=np.float32) * rng.uniform(0.01, 10, (33, 1)).astype(np.float32)
+    W[5] = 0.0  # an all-zero row must not divide by zero
+    Wq = Q.quantize(W, fmt)
+    deq = Q.dequantize(Wq)
+    assert deq.shape == W.shape and (deq[5] == 0).all()
+    blocks = np.zeros((33, 9 * 32), np.float32)
+    blocks[:, :257] = W
+    amax = np.abs(blocks.reshape(33, 9, 32)).max(-1).repeat(32, -1)[:, :257]
+    # a step is max|block| / 127 (Q8_0) or / 8 (Q4_0); rounding costs half a step, Q4_0's clipping of
+    # the top level a whole one, and the half-precision scale a little more
+    step = amax / (127 if fmt == "q8_0" else 8)
+    bound = (0.5 if fmt == "q8_0" else 1.0) * step * 1.07 + 1e-12
+    assert (np.abs(deq - W) <= bound).all()
+    if fmt == "q4_0":  # the search includes the reference scale, so no block gets a larger error; in all, smaller
+        searched = Q.dequantize(Q.quantize(W, fmt, method="search"))
+        assert np.square(searched - W).sum() < 0.95 * np.square(deq - W).sum()
+        assert (np.abs(searched - W) <= amax / 7 * 1.07 + 1e-12).all()
+
+
+def test_half_scales_convert_exactly_subnormals_included():
+    # block maxima down to 1e-5 give scales far below fp16's smallest normal number (6.1e-5)
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((16, 64), dtype=np.float32) * np.logspace(-5, 1, 16, dtype=np.float32)[:, None]
+    x = rng.standard_normal(64, dtype=np.float32)
+    for fmt in ("q8_0", "q4_0"):
+        Wq = Q.quantize(W, fmt)
+        scales = Wq.data.reshape(16, 2, -1)[:, :, :2].copy().view(np.float16)
+        assert (np.abs(scales[np.abs(scales) > 0]) < np.float16(6.1e-5)).any()  # subnormals present
+        _close(Q.gemv(Wq, x), Q.gemv_ref(Wq, x))
+
+
+@njit
+def _halves(bits):
+    out = np.empty((2, bits.shape[0]), np.float32)
+    for i in range(bits.shape[0]):
+        out[0, i], out[1, i] = simd.half_to_float(bits[i]), simd.half_to_float_portable(bits[i])
+    return out
+
+
+def test_half_to_float_both_ways_over_every_finite_half():
+    """The kernels' conversion (an instruction where the CPU has one) and the integer fallback."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(want)
+    got = _halves(bits[finite])
+    np.testing.assert_array_equal(got[0], want[finite])
+    np.testing.assert_array_equal(got[1], want[finite])
+
+
+def test_activation_quantisation_is_bit_exact_and_pads_with_zeros():
+    rng = np.random.default_rng(8)
+    for x in (rng.standard_normal(70, dtype=np.float32) * 5, np.zeros(33, np.float32),
+              np.array([0.5, -0.5, 127.0, -1e-30, 3.0], np.float32)):  # fmt: skip
+        x16, xd = Q.quantize_activation(x)
+        r16, rd = Q.quantize_activation_ref(x)
+        np.testing.assert_array_equal(x16, r16)
+        np.testing.assert_array_equal(xd, rd)
+        assert len(x16) % 32 == 0 and (x16[len(x) :] == 0).all() and np.abs(x16).max(initial=0) <= 127
 
 
 @pytest.mark.parametrize(
@@ -99,47 +225,22 @@ def test_combine_is_equation_2_for_drelu():
     np.testing.assert_array_equal(K.combine_ref(g, u, "reglu"), [0, 0, -6, 6, 0])
 
 
-def test_sparse_ffn_reads_only_active_rows_and_skips_exact_zeros():
-    """Poison (NaN) every row the kernel must not read: inactive rows, and the W_down_T rows of
-    active neurons whose dReLU output is exactly zero. A read would turn the output NaN."""
-    rng = np.random.default_rng(3)
-    N, H = 97, 33
-    Wg, Wu, WdT, x = _weights(rng, N, H)
-    idx = rng.permutation(N)[:50].astype(np.int64)
-    want = K.ffn_sparse_ref(x, Wg, Wu, WdT, idx, "drelu")
-    c_N = K.combine_ref(Wg @ x, Wu @ x, "drelu")
-    active = np.zeros(N, bool)
-    active[idx] = True
-    live = active & (c_N != 0)
-    assert 0 < live.sum() < active.sum()  # the skip is actually exercised
-    Wg_p, Wu_p, WdT_p = Wg.copy(), Wu.copy(), WdT.copy()
-    Wg_p[~active] = Wu_p[~active] = np.nan
-    Wu_p[active & (Wg @ x <= 0)] = np.nan  # up rows are read only where the gate fired
-    WdT_p[~live] = np.nan
-    got = K.ffn_sparse(x, Wg_p, Wu_p, WdT_p, idx, "drelu")
-    assert np.isfinite(got).all()
-    _close(got, want)
-
-
-def test_int32_indices_work():
+def test_int32_indices_work_and_bad_input_raises():
     rng = np.random.default_rng(0)
-    Wg, _, _, x = _weights(rng, 20, 9)
+    Wg, Wu, Wd, x = _weights(rng, 20, 9)
+    Wq = Q.quantize(Wg, "q8_0")
     idx = np.array([19, 0, 5], np.int32)
-    _close(K.gather_gemv(Wg, x, idx), K.gather_gemv_ref(Wg, x, idx))
-
-
-def test_int8_quantisation_error_bound():
-    rng = np.random.default_rng(1)
-    W = rng.standard_normal((33, 257), dtype=np.float32) * rng.uniform(0.01, 10, (33, 1)).astype(np.float32)
-    W[5] = 0.0  # an all-zero row must not divide by zero
-    q, s = K.quantize_int8_rows(W)
-    assert q.dtype == np.int8 and s.dtype == np.float32 and q.flags.c_contiguous
-    assert np.abs(q.astype(np.int16)).max() <= 127
-    err = np.abs(K.dequantize_int8_rows(q, s) - W)
-    # rounding to the nearest step: at most half a step, step = max|row| / 127
-    assert (err <= 0.5 * s[:, None] * (1 + 1e-5)).all()
-    assert (K.dequantize_int8_rows(q, s)[5] == 0).all()
-    np.testing.assert_array_equal(np.abs(q).max(axis=1)[np.arange(33) != 5], 127)
+    _close(Q.gather_gemv(Wq, x, idx), Q.gather_gemv_ref(Wq, x, idx))
+    ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, "q8_0")
+    _close(B.ffn(ffn, x, idx), B.ffn_ref(ffn, x, idx))
+    with pytest.raises(IndexError, match=r"\[0, 20\)"):
+        B.ffn(ffn, x, np.array([20]))
+    with pytest.raises(ValueError, match="hidden size is 9"):
+        B.ffn(ffn, x[:8])
+    with pytest.raises(ValueError, match="8 columns|9 columns"):
+        Q.gemv(Wq, x[:8])
+    with pytest.raises(ValueError, match="q4_0"):
+        Q.quantize(Wg, "q5_k")
 
 
 def test_variant_registry_error_lists_names():
@@ -159,18 +260,48 @@ def test_numpy_reference_combine_equals_the_torch_module(variant):
     np.testing.assert_allclose(K.combine_ref(g, u, variant), want, rtol=1e-5, atol=1e-5)
 
 
+def test_cycle_counter_runs_forward():
+    @njit
+    def two():
+        return simd.cycle_counter(), simd.cycle_counter()
+
+    a, b = two()
+    assert (b >= a > 0) if simd.CYCLE_COUNTER_AVAILABLE else a == b == 0
+
+
 def test_validate_kernels_and_threads():
     worst = K.validate_kernels(shapes=((7, 33), (33, 7)))
     assert worst and max(worst.values()) < 2e-4
+    assert {"gemv[q4_0]", "ffn_sparse[q8_0]", "ffn_exact_in_line[f32]"} <= worst.keys()
     n_before = numba.get_num_threads()
-    WdT = np.random.default_rng(0).standard_normal((5, 40), dtype=np.float32)
-    coef, idx = np.ones(2, np.float32), np.array([1, 3])
+    rng = np.random.default_rng(0)
+    ffn = B.FFNBundles.from_weights(*_weights(rng, 40, 16)[:3], "q4_0")
+    x, idx = rng.standard_normal(16, dtype=np.float32), np.array([1, 3, 30, 7])
     try:
-        T.set_threads(1)  # one output chunk instead of one per thread: same answer
+        T.set_threads(1)  # one thread's range instead of one per thread: same answer
         info = T.thread_info()
         assert info["numba_threads"] == 1 and info["torch_threads"] == 1
-        _close(K.axpy_rows(WdT, coef, idx), K.axpy_rows_ref(WdT, coef, idx))
+        _close(B.ffn(ffn, x, idx), B.ffn_ref(ffn, x, idx))
     finally:
         T.set_threads(n_before)
     with pytest.raises(ValueError, match="threads"):
         T.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+
+
+def test_ffn_over_stacked_layers_is_each_layers_ffn():
+    """The benchmark's sweep (every layer in turn, each on its own input and mask) equals per-layer calls."""
+    rng = np.random.default_rng(9)
+    L, N, H = 3, 40, 33
+    layers = [_weights(rng, N, H) for _ in range(L)]
+    for fmt in FORMATS:
+        parts = [B.FFNBundles.from_weights(*w[:3], fmt) for w in layers]
+        stack = B.FFNBundles(np.stack([p.data for p in parts]), fmt, H, np.stack([p.down_scale for p in parts]))
+        x = np.stack([w[3] for w in layers])
+        masks = [rng.permutation(N)[: 5 + 7 * li] for li in range(L)]
+        offsets = np.concatenate([[0], np.cumsum([len(m) for m in masks])]).astype(np.int64)
+        y, rows = np.empty((L, H), np.float32), np.zeros(3, np.int64)
+        B.ffn_layers_into(stack.data, stack.down_scale, stack.code, H, x, offsets, np.concatenate(masks), True, True,
+                          *K.variant_code("drelu"), numba.get_num_threads(), y, rows)
+        for li in range(L):
+            _close(y[li], B.ffn_ref(stack[li], x[li], masks[li], "drelu"))
+        assert rows[0] == sum(len(m) for m in masks)

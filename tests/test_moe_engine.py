@@ -103,7 +103,7 @@ def test_dense_and_sparse_expert_runs_with_bytes_per_token(prompt):
     assert all(np.array_equal(tokens[n], tokens[names[0]]) for n in names)  # exact zeros: lossless
     assert speed.same_tokens_each_run.all() and list(legend.index) == names
     shape = moe_shape(eng, "tiny")
-    limits = decoding_limits(shape, runs, speed, 5, 6, 10.0, {"float32": names[0]})
+    limits = decoding_limits(shape, runs, speed, 5, 6, 10.0, {"f32": names[0]})
     dense, sparse = limits.loc[names[0]], limits.loc[names[1]]
     assert dense.ffn_active == 1.0 and 0 < sparse.ffn_active < 1 and sparse.byte_limit > 1
     routed_ffn = bytes_per_token(shape, None)["ffn"]

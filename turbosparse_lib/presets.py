@@ -102,20 +102,23 @@ class EvalSection:
 @dataclass(frozen=True)
 class BenchSection:
     """What notebook 06 measures. Shapes: (name, out rows, in columns) for GEMV, (name, hidden H,
-    intermediate N) for the FFN layer."""
+    intermediate N, the model's layer count) for the FFN layer. Weight formats: 'f32', 'q8_0', 'q4_0'."""
 
     bandwidth_mb: int  # array size of the bandwidth measurement (>> 32 MB L3)
     repeats: int  # timed repeats of every kernel measurement; medians are reported
     gemv_shapes: tuple[tuple[str, int, int], ...]
-    ffn_shapes: tuple[tuple[str, int, int], ...]
+    ffn_shapes: tuple[tuple[str, int, int, int], ...]
     ffn_sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
-    ffn_dtypes: tuple[str, ...] = ("float32", "int8")
+    ffn_dtypes: tuple[str, ...] = ("f32", "q8_0", "q4_0")  # GEMV and FFN benchmarks, and end to end
+    ffn_memory_mb: int = 6144  # the FFN benchmark cycles through the model's layers, at most this many MB of them
     stats_tokens: int = 256  # held-out tokens for the per-neuron activation frequencies
     stats_context: int = 256
     prompt_tokens: int = 16  # end to end: prompt length (prefill is not timed)
     new_tokens: int = 8  # tokens generated per decoding run (the first comes from prefill)
     decode_repeats: int = 2  # timed decoding runs per engine configuration
     topk_sparsity: float = 0.9  # the lossy top-k run end to end
+    quality_tokens: int = 512  # held-out tokens scored for the perplexity of each format (ours and llama.cpp's)
+    quality_chunk: int = 128  # ... in chunks of this many tokens, each from an empty cache
     max_load: float | None = None  # refuse to time when the 1-minute load average per core exceeds this
     load_wait_s: int = 0  # wait up to this long for the load to fall before refusing
 
@@ -144,7 +147,7 @@ _BIG_GEMV = (
     ("Mistral-7B gate/up", 14336, 4096),
     ("Mistral-7B down", 4096, 14336),
 )
-_BIG_FFN = (("SmolLM2-135M", 576, 1536), ("TinyLlama-1.1B", 2048, 5632), ("Mistral-7B", 4096, 14336))
+_BIG_FFN = (("SmolLM2-135M", 576, 1536, 30), ("TinyLlama-1.1B", 2048, 5632, 22), ("Mistral-7B", 4096, 14336, 32))
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
@@ -166,8 +169,9 @@ PRESETS: dict[str, Preset] = {
         predict=PredictSection(capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5)),
         eval=EvalSection(eval_tokens=1024, quick_eval_tokens=512, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
                          zeroshot_examples=40, bootstrap_samples=200),
-        bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536),),
-                           stats_tokens=256, stats_context=256, prompt_tokens=8, new_tokens=5, decode_repeats=2),
+        bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536, 30),),
+                           ffn_memory_mb=64, stats_tokens=256, stats_context=256, prompt_tokens=8, new_tokens=5,
+                           decode_repeats=2, quality_tokens=64, quality_chunk=32),
     ),
     "cpu": Preset(
         name="cpu",

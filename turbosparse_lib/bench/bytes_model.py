@@ -1,13 +1,14 @@
 """Bytes per token: what a bandwidth-bound decoder must read, counted from a model's shapes.
 
 Attention weights, FFN rows read, the lm_head (the whole vocabulary matrix, tied or not), the KV
-cache, and int8 scales and mask indices where they exist. Dense bytes over sparse bytes is the
-speed-up a bandwidth-bound decoder can reach.
+cache, and mask indices where they exist; block formats count their scales in their bytes per
+weight (Q8_0: 34 bytes per 32 weights, Q4_0: 18). Dense bytes over sparse bytes is the speed-up a
+bandwidth-bound decoder can reach.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class ModelShape:
     def of_engine(cls, engine, name: str = "model") -> "ModelShape":
         c = engine.config
         return cls(name, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
-                   c.head_dim, c.vocab_size, tied=engine.lm_head_VH is engine.embed_VH)  # fmt: skip
+                   c.head_dim, c.vocab_size, tied=engine.weights.tied)  # fmt: skip
 
     @property
     def attention_params(self) -> int:
@@ -56,28 +57,45 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per stored value. ``ffn_row_scale``: bytes of a per-row scale (our int8: one float32)."""
+    """Bytes per stored value: ``weight`` (attention, lm_head, embedding) and ``ffn`` (block scales
+    included), ``kv`` per KV-cache value; ``ffn_out_scales``: H float32 output scales of the down
+    projection per FFN (our engine's Q formats, ``inference.bundles``)."""
 
     name: str
-    weight: float  # attention, lm_head, embedding
+    weight: float
     ffn: float
-    ffn_row_scale: float = 0.0
     kv: float = 4.0
+    ffn_out_scales: bool = False
 
 
-FP32 = Precision("fp32", 4, 4, 0, 4)
-OURS_INT8_FFN = Precision("fp32 attention + int8 FFN", 4, 1, 4, 4)
-FP16 = Precision("fp16", 2, 2, 0, 2)
-Q4_0 = Precision("int4 (llama.cpp Q4_0: 18 bytes per 32 weights)", 18 / 32, 18 / 32, 0, 2)
+FP32 = Precision("f32", 4, 4, 4)
+FP16 = Precision("fp16", 2, 2, 2)
+Q8_0 = Precision("int8 (llama.cpp Q8_0: 34 bytes per 32 weights)", 34 / 32, 34 / 32, 2)
+Q4_0 = Precision("int4 (llama.cpp Q4_0: 18 bytes per 32 weights)", 18 / 32, 18 / 32, 2)
+_BY_FORMAT = {"f32": FP32, "q8_0": Q8_0, "q4_0": Q4_0}
+
+
+def engine_precision(fmt: str) -> Precision:
+    """Our engine in weight format ``fmt`` ('f32', 'q8_0', 'q4_0'): every matrix in it, a float32 KV cache."""
+    if fmt not in _BY_FORMAT:
+        raise ValueError(f"unknown weight format {fmt!r}; valid: {', '.join(_BY_FORMAT)}")
+    return replace(_BY_FORMAT[fmt], name=f"ours {fmt}", kv=4.0, ffn_out_scales=fmt != "f32")
+
+
+def llama_cpp_precision(fmt: str) -> Precision:
+    """llama.cpp on a GGUF of type ``fmt`` (every matrix in it), with its default F16 KV cache."""
+    if fmt not in _BY_FORMAT:
+        raise ValueError(f"unknown weight format {fmt!r}; valid: {', '.join(_BY_FORMAT)}")
+    return replace(_BY_FORMAT[fmt], name=f"llama.cpp {fmt}", kv=2.0)
 
 
 def bytes_per_token(shape: ModelShape, ffn_active: float | None = None, context: float = 0.0,
                     precision: Precision = FP32) -> dict[str, float]:
     """Bytes read (and the KV row written) to decode one token at position ``context``.
 
-    ``ffn_active=None`` is the dense path (all N neurons; int8 scales of gate, up and down rows);
-    a fraction runs the sparse path (PowerInfer layout): the gate, up and down rows of the active
-    neurons of each routed expert, their scales and int64 indices. Components: ``attention``
+    ``ffn_active=None`` is the dense path (all N neurons); a fraction runs the sparse path (bundled
+    neurons): the gate, up and down rows of the active neurons of each routed expert and their
+    int64 indices. Components: ``attention``
     (q, k, v, o weights), ``router``, ``ffn``, ``mask_indices``, ``norms`` (float32 RMSNorm
     weights), ``embedding`` (one row), ``lm_head`` (the whole vocabulary matrix), ``kv_cache``
     (``context + 1`` positions read, one written), and ``total``.
@@ -87,12 +105,12 @@ def bytes_per_token(shape: ModelShape, ffn_active: float | None = None, context:
         raise ValueError(f"ffn_active must be in [0, 1] or None; got {ffn_active}")
     experts = s.layers * s.experts_per_token  # FFN blocks run per token
     if ffn_active is None:
-        ffn = experts * (3 * s.intermediate * s.hidden * p.ffn + (2 * s.intermediate + s.hidden) * p.ffn_row_scale)
-        indices = 0.0
+        ffn, indices = experts * 3 * s.intermediate * s.hidden * p.ffn, 0.0
     else:
         k = ffn_active * s.intermediate
-        ffn = experts * (3 * k * s.hidden * p.ffn + 3 * k * p.ffn_row_scale)
-        indices = experts * 8 * k
+        ffn, indices = experts * 3 * k * s.hidden * p.ffn, experts * 8 * k
+    if p.ffn_out_scales:
+        ffn += experts * 4 * s.hidden
     kv_row = s.layers * 2 * s.kv_heads * s.head_dim * p.kv
     out = {
         "attention": s.attention_params * p.weight,
@@ -121,6 +139,20 @@ def ffn_active_from_activated(shape: ModelShape, activated: float) -> float:
     return float(np.clip((activated - fixed) / (activated_params(shape, 1.0) - fixed), 0.0, 1.0))
 
 
+def measured_bytes_per_token(shape: ModelShape, profile: dict, context: float, precision: Precision,
+                             index_bytes: bool = True) -> dict[str, float]:
+    """``bytes_per_token`` with the FFN bytes an engine profile counted: the gate, up and down rows its
+    kernels read (``rows_gate``, ``rows_up``, ``rows_down``) and, with ``index_bytes``, 8 bytes per
+    active neuron of a mask that was handed to the kernel (not for dense or the in-line oracle)."""
+    n = profile["tokens"]
+    rows = (profile["rows_gate"] + profile["rows_up"] + profile["rows_down"]) / n
+    out = bytes_per_token(shape, None, context, precision)
+    out["ffn"] = rows * shape.hidden * precision.ffn + (shape.layers * 4 * shape.hidden if precision.ffn_out_scales else 0)
+    out["mask_indices"] = 8.0 * profile["active_neurons"] / n if index_bytes else 0.0
+    out["total"] = sum(v for k, v in out.items() if k != "total")
+    return out
+
+
 def weights_mb(engine) -> float:
-    """Float32 weight bytes an engine decodes with, in MB (lm_head counted once when tied)."""
-    return bytes_per_token(ModelShape.of_engine(engine), None, 0.0, FP32)["total"] / 1e6
+    """Weight bytes an engine decodes with, in MB (lm_head counted once when tied)."""
+    return engine.weights.nbytes / 1e6

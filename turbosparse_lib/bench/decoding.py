@@ -1,9 +1,9 @@
-"""End-to-end decoding benchmarks: our engine (dense or sparse, float32 or int8) beside llama.cpp.
+"""End-to-end decoding benchmarks: our engine (dense or sparse, in f32, Q8_0 or Q4_0) beside llama.cpp.
 
 Sparse runs are labelled by their mask source: ``exact`` and ``topk`` replay masks recorded on a
 first pass (``inference.masks.RecordedMasks``: the cost of an ideal, free predictor); ``oracle``
-computes the exact mask in line from the weights (``ExactZeroOracle``), so the price of computing
-masks shows in the profile's ``mask`` entry.
+computes the exact mask in line from the weights (``ExactZeroOracle``, inside the FFN kernel), so
+it reads every gate row. Every run of ours decodes a token in one compiled call (``inference.step``).
 """
 
 from __future__ import annotations
@@ -20,36 +20,38 @@ import pandas as pd
 from .. import paths
 from ..inference.engine import Engine
 from ..inference.masks import ExactZeroOracle, MaskProvider, RecordedMasks, TopKOracle
-from .bytes_model import FP32, OURS_INT8_FFN, ModelShape, bytes_per_token
+from ..inference.quant import FORMATS
+from .bytes_model import ModelShape, bytes_per_token, engine_precision, llama_cpp_precision, measured_bytes_per_token
 from .timing import median
 
 MASK_SOURCES = {
     None: "dense",
     "exact": "exact zeros, recorded then replayed at no cost (an ideal predictor)",
     "topk": "top-k oracle, recorded then replayed at no cost (an ideal predictor, lossy)",
-    "oracle": "exact zeros computed in line from the weights (oracle cost paid every token)",
+    "oracle": "exact zeros computed in line from the weights (every gate row read each token)",
 }
+PROFILE_PARTS = ("embed", "attention", "mask", "ffn", "lm_head", "other")
 
 
 @dataclass
 class EngineRun:
-    """One configuration of our engine: ``masks`` None (dense), 'oracle' (ExactZeroOracle in-line),
+    """One configuration of our engine: weight format ``precision`` ('f32', 'q8_0', 'q4_0'; the engine is
+    quantised from the float one once and kept), ``masks`` None (dense), 'oracle' (ExactZeroOracle in line),
     'exact' (its masks, recorded then replayed) or 'topk' (TopKOracle at ``topk_sparsity``, replayed)."""
 
     engine: Engine
-    ffn_dtype: Literal["float32", "int8"] = "float32"
+    precision: Literal["f32", "q8_0", "q4_0"] = "f32"
     masks: Literal["oracle", "exact", "topk"] | None = None
     topk_sparsity: float = 0.9
     profile: dict = field(default_factory=dict)  # accumulated over timed runs
     _replay: RecordedMasks | None = None
 
     def __post_init__(self):
-        if self.ffn_dtype not in ("float32", "int8"):
-            raise ValueError(f"ffn_dtype must be 'float32' or 'int8'; got {self.ffn_dtype!r}")
+        if self.precision not in FORMATS:
+            raise ValueError(f"precision must be one of {', '.join(FORMATS)}; got {self.precision!r}")
         if self.masks not in (None, "oracle", "exact", "topk"):
             raise ValueError(f"masks must be None, 'oracle', 'exact' or 'topk'; got {self.masks!r}")
-        if self.ffn_dtype == "int8" and self.engine.layers[0].gate_q is None:
-            self.engine.quantize_ffn_int8()
+        self.engine = self.engine.quantized(self.precision)
 
     def _provider(self) -> MaskProvider | None:
         if self.masks is None:
@@ -68,7 +70,6 @@ class EngineRun:
     def decode(self, prompt_ids: np.ndarray, new_tokens: int, profile: dict | None = None) -> tuple[np.ndarray, float]:
         """Greedy tokens (the first from prefill) and the seconds of the ``new_tokens - 1`` decode steps."""
         eng = self.engine
-        eng.ffn_dtype = self.ffn_dtype  # the float weights stay beside the int8 ones
         provider = self._provider()
         eng.reset(len(prompt_ids) + new_tokens)
         tokens = [int(np.argmax(eng.prefill(prompt_ids)))]
@@ -106,54 +107,61 @@ def bench_decoding(runs: dict, prompt_ids, new_tokens: int, repeats: int) -> tup
 
 
 def profile_table(runs: dict) -> pd.DataFrame:
-    """Milliseconds per token in each engine component (attention incl. norms, mask, ffn, lm_head),
-    and the mean FFN active fraction, for every ``EngineRun`` that has a profile."""
+    """Milliseconds per token in each engine component (attention incl. norms, mask, ffn, lm_head, other:
+    call overhead outside the compiled step), the mean FFN active fraction and the FFN rows read per
+    token, for every ``EngineRun`` that has a profile."""
     rows = []
     for name, run in runs.items():
         p = getattr(run, "profile", None)
         if not p or not p.get("tokens"):
             continue
         n = p["tokens"]
-        row = {"run": name, **{k: 1e3 * p[k] / n for k in ("embed", "attention", "mask", "ffn", "lm_head")}}
-        row["total"] = sum(row[k] for k in ("embed", "attention", "mask", "ffn", "lm_head"))
+        row = {"run": name, **{k: 1e3 * p.get(k, 0.0) / n for k in PROFILE_PARTS}}
+        row["total"] = sum(row[k] for k in PROFILE_PARTS)
         row["ffn_active"] = p["active_neurons"] / (p["ffn_calls"] * run.engine.config.intermediate_size)
+        row["ffn_rows_per_token"] = (p["rows_gate"] + p["rows_up"] + p["rows_down"]) / n
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")
 
 
 def decoding_limits(shape: ModelShape, runs: dict, speed: pd.DataFrame, prompt_tokens: int, new_tokens: int,
                     bandwidth_gbs: float, baselines: dict[str, str]) -> pd.DataFrame:
-    """Per run: bytes per token (at the run's measured FFN active fraction and mean decode position),
-    achieved GB/s and its fraction of ``bandwidth_gbs``, the GB/s of the FFN kernels alone (from the
-    profile; NaN for llama.cpp); and against ``baselines[ffn_dtype]`` (the
-    dense run of the same FFN precision) the measured ``speedup``, the ``byte_limit`` (baseline
-    bytes / own bytes) and ``of_limit`` = speedup / byte_limit. llama.cpp runs count as dense fp32.
+    """Per run: bytes per token, achieved GB/s and its fraction of ``bandwidth_gbs``, the GB/s of the FFN
+    kernels alone (from the profile; NaN for llama.cpp); and against ``baselines[precision]`` (the dense
+    run of ours at the same precision) the measured ``speedup``, the ``byte_limit`` (baseline bytes / own
+    bytes) and ``of_limit`` = speedup / byte_limit.
+
+    Bytes per token at the mean decode position: the model's attention, lm_head, norms and KV cache
+    (``bytes_per_token``) and, for our runs, the FFN rows the kernels counted (``measured_bytes_per_token``:
+    the in-line oracle's every gate row included) and the mask indices handed to them. llama.cpp runs are
+    dense, with its F16 KV cache.
     """
     prof = profile_table(runs)
     context = prompt_tokens + (new_tokens - 2) / 2  # mean position of the decode steps
     rows = []
     for name, run in runs.items():
-        dtype, masks = getattr(run, "ffn_dtype", "float32"), getattr(run, "masks", None)
-        active = None if masks is None else float(prof.loc[name, "ffn_active"])
-        b = bytes_per_token(shape, active, context, OURS_INT8_FFN if dtype == "int8" else FP32)
+        fmt, masks = run.precision, getattr(run, "masks", None)
+        if name in prof.index:
+            b = measured_bytes_per_token(shape, run.profile, context, engine_precision(fmt),
+                                         index_bytes=masks not in (None, "oracle"))  # fmt: skip
+        else:
+            b = bytes_per_token(shape, None, context, llama_cpp_precision(fmt))
         ffn_ms = float(prof.loc[name, "ffn"]) if name in prof.index else math.nan
-        rows.append({"run": name, "ffn_dtype": dtype, "masks": masks or "dense",
-                     "ffn_active": 1.0 if active is None else active, "MB_per_token": b["total"] / 1e6,
-                     "tokens_per_s": speed.loc[name, "tokens_per_s"],
+        rows.append({"run": name, "precision": fmt, "masks": masks or "dense",
+                     "ffn_active": float(prof.loc[name, "ffn_active"]) if name in prof.index else 1.0,
+                     "MB_per_token": b["total"] / 1e6, "tokens_per_s": speed.loc[name, "tokens_per_s"],
                      "ffn_GBps": (b["ffn"] + b["mask_indices"]) / ffn_ms / 1e6})  # fmt: skip
     df = pd.DataFrame(rows).set_index("run")
     df["GBps"] = df.MB_per_token * df.tokens_per_s / 1e3
     df["bw_frac"] = df.GBps / bandwidth_gbs
-    for dtype, base in baselines.items():
+    for fmt, base in baselines.items():
         if base not in df.index:
-            raise KeyError(f"baseline {base!r} for {dtype} is not among the runs {list(df.index)}")
-        same = df.ffn_dtype == dtype
+            raise KeyError(f"baseline {base!r} for {fmt} is not among the runs {list(df.index)}")
+        same = df.precision == fmt
         df.loc[same, "speedup"] = df.tokens_per_s[same] / df.loc[base, "tokens_per_s"]
         df.loc[same, "byte_limit"] = df.loc[base, "MB_per_token"] / df.MB_per_token[same]
     df["of_limit"] = df.speedup / df.byte_limit
     return df
-
-
 
 
 def scratch_drelu_dirs(preset: str, seeds=(0, 1)) -> list[Path]:
@@ -162,34 +170,34 @@ def scratch_drelu_dirs(preset: str, seeds=(0, 1)) -> list[Path]:
 
 
 def decoding_runs(engine_swiglu: Engine, engine: Engine, model_label: str, topk_sparsity: float,
-                  llama: "object | None" = None, shipped_label: str = "SmolLM2 as shipped (SwiGLU)",
-                  ) -> tuple[dict, dict[str, str], pd.DataFrame]:
+                  llama: dict | None = None, precisions=("f32", "q8_0", "q4_0"),
+                  shipped_label: str = "SmolLM2 as shipped (SwiGLU)") -> tuple[dict, dict, pd.DataFrame]:
     """The end-to-end configurations of notebook 06, each labelled with its model, precision and mask source.
 
     ``engine_swiglu``: the dense model as shipped (llama.cpp decodes the same); ``engine``: the sparse model
-    (``model_label`` says which, e.g. an untrained dReLU swap). Returns the runs, a key -> run-name map for the
-    code that reads them, and a legend table (run, model, precision, masks, what the mask source means).
+    (``model_label`` says which, e.g. an untrained dReLU swap), both float32 (each precision is quantised from
+    them). ``llama``: precision -> ``LlamaCppRun`` on the shipped model in that format (or None). For every
+    precision: the shipped model dense, the sparse model dense, sparse with exact masks replayed and with the
+    oracle in line; at f32 also top-k replayed. Returns the runs, a (precision, kind) -> run-name map for the
+    code that reads them (kinds: swiglu, dense, exact, oracle, topk, llama), and a legend table.
     """
-    m = model_label
-    spec = {  # key: (run name, engine, ffn dtype, masks, topk)
-        "swiglu": (f"{shipped_label} · dense fp32 (ours)", engine_swiglu, "float32", None),
-        "dense": (f"{m} · dense fp32", engine, "float32", None),
-        "exact": (f"{m} · sparse fp32 · exact replayed", engine, "float32", "exact"),
-        "topk": (f"{m} · sparse fp32 · top-{topk_sparsity:.0%} replayed", engine, "float32", "topk"),
-        "oracle": (f"{m} · sparse fp32 · exact in-line", engine, "float32", "oracle"),
-        "int8": (f"{m} · dense int8 FFN", engine, "int8", None),
-        "int8_exact": (f"{m} · sparse int8 FFN · exact replayed", engine, "int8", "exact"),
-        "int8_oracle": (f"{m} · sparse int8 FFN · exact in-line", engine, "int8", "oracle"),
-    }
-    runs = {name: EngineRun(eng, dtype, masks, topk_sparsity) for name, eng, dtype, masks in spec.values()}
-    keys = {k: v[0] for k, v in spec.items()}
-    legend = [{"run": name, "model": shipped_label if k == "swiglu" else m, "ffn_precision": dtype,
-               "mask_source": MASK_SOURCES[masks]} for k, (name, _, dtype, masks) in spec.items()]
-    if llama is not None:
-        keys["llama"] = f"llama.cpp · {shipped_label} · dense F32"
-        runs[keys["llama"]] = llama
-        legend.append({"run": keys["llama"], "model": shipped_label, "ffn_precision": "float32 (GGUF F32)",
-                       "mask_source": "dense"})
+    m, llama = model_label, llama or {}
+    spec = {}  # (precision, kind) -> (run name, engine, masks)
+    for p in precisions:
+        spec[(p, "swiglu")] = (f"{shipped_label} · dense {p} (ours)", engine_swiglu, None)
+        spec[(p, "dense")] = (f"{m} · dense {p}", engine, None)
+        spec[(p, "exact")] = (f"{m} · sparse {p} · exact replayed", engine, "exact")
+        spec[(p, "oracle")] = (f"{m} · sparse {p} · exact in-line", engine, "oracle")
+        if p == "f32":
+            spec[(p, "topk")] = (f"{m} · sparse {p} · top-{topk_sparsity:.0%} replayed", engine, "topk")
+    runs = {name: EngineRun(eng, key[0], masks, topk_sparsity) for key, (name, eng, masks) in spec.items()}
+    keys = {key: v[0] for key, v in spec.items()}
+    legend = [{"run": name, "model": shipped_label if key[1] == "swiglu" else m, "precision": key[0],
+               "mask_source": MASK_SOURCES[masks]} for key, (name, _, masks) in spec.items()]
+    for p, run in llama.items():
+        keys[(p, "llama")] = name = f"llama.cpp · {shipped_label} · dense {p}"
+        runs[name] = run
+        legend.append({"run": name, "model": shipped_label, "precision": f"{p} (GGUF, pure)", "mask_source": "dense"})
     return runs, keys, pd.DataFrame(legend).set_index("run")
 
 
@@ -207,8 +215,8 @@ def scratch_model_decoding(dirs: list[Path], prompt_ids, bench, bandwidth_gbs: f
             out[d.name] = (f"{mb:.0f} MB of weights, within twice the {llc_bytes / 2**20:.0f} MB cache: not "
                            "bandwidth-bound, so not timed end to end")
             continue
-        runs = {"dense fp32": EngineRun(eng), "sparse fp32 exact replayed": EngineRun(eng, masks="exact")}
+        runs = {"dense f32": EngineRun(eng), "sparse f32 exact replayed": EngineRun(eng, masks="exact")}
         speed, _ = bench_decoding(runs, prompt_ids, bench.new_tokens, bench.decode_repeats)
         out[d.name] = decoding_limits(ModelShape.of_engine(eng, d.name), runs, speed, bench.prompt_tokens,
-                                      bench.new_tokens, bandwidth_gbs, {"float32": "dense fp32"})
+                                      bench.new_tokens, bandwidth_gbs, {"f32": "dense f32"})
     return out

@@ -1,26 +1,32 @@
-"""Kernel benchmarks: our dense GEMV against BLAS, and one FFN layer sparse against dense.
+"""Kernel benchmarks: our GEMV in every format against BLAS and the bandwidth, and the FFN sparse against dense.
 
 FFN masks come from real activation statistics (``sparsity.frequencies.sample_masks``), not
 uniform draws, and the inputs make every masked neuron fire, as an exact predictor would give:
 otherwise the kernel would skip the mask's false positives and read fewer rows than the stated
 sparsity.
+
+The FFN benchmark cycles through as many distinct layers as the model has (up to a memory
+budget), one call per layer in turn as decoding does: a layer's hot neurons then cannot stay in
+the last-level cache from one call to the next, which a benchmark calling one layer again and
+again would let them do (a hot 90%-sparse working set of a mid-sized layer fits in 32 MB).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
+import numba
 import numpy as np
 import pandas as pd
 import torch
 
-from ..inference import kernels
+from ..inference import bundles, quant
+from ..inference.kernels import variant_code
 from ..inference.threads import numpy_blas_threads
 from ..presets import BenchSection
 from ..sparsity.frequencies import sample_masks
 from ..sparsity.masks import kept_count
-from .timing import median, speedup, time_round_robin, warm_up
+from .timing import llc_bytes, median, speedup, time_round_robin, warm_up
 
 
 def blas_info() -> dict:
@@ -39,11 +45,14 @@ def blas_info() -> dict:
     }
 
 
-def bench_gemv(sizes: BenchSection, seed: int = 0) -> pd.DataFrame:
-    """Dense float32 GEMV, cold cache: ``kernels.gemv`` vs ``W @ x`` (NumPy) vs ``torch.mv``.
+def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.DataFrame:
+    """Dense GEMV, cold cache, in every format of ``sizes.ffn_dtypes``: ``quant.gemv`` (f32, Q8_0, Q4_0)
+    beside ``W @ x`` (NumPy) and ``torch.mv`` on the float32 matrix, all in one round-robin loop per shape.
 
-    One row per shape: medians in ms, GB/s of our kernel, and ``ours_vs_best`` = our median time
-    over the faster baseline's (the target is <= 1.25).
+    One row per (shape, format): median ms, GB/s of the bytes our kernel reads and their fraction of
+    ``bandwidth_gbs``, ``above_cache`` (the matrix is larger than the last-level cache, so the
+    bandwidth fraction is meaningful), and for f32 ``ours_vs_best`` = our median time over the faster
+    baseline's (the target is <= 1.25).
     """
     warm_up()
     rng = np.random.default_rng(seed)
@@ -52,97 +61,117 @@ def bench_gemv(sizes: BenchSection, seed: int = 0) -> pd.DataFrame:
         W = rng.standard_normal((out, inp), dtype=np.float32)
         x = rng.standard_normal(inp, dtype=np.float32)
         W_t, x_t = torch.from_numpy(W), torch.from_numpy(x)
-        np.testing.assert_allclose(kernels.gemv(W, x), W @ x, rtol=1e-3, atol=1e-3 * np.abs(W @ x).max())
-        t = time_round_robin(
-            {"ours": lambda r: kernels.gemv(W, x), "numpy": lambda r: W @ x, "torch": lambda r: torch.mv(W_t, x_t)},
-            sizes.repeats,
-        )
+        mats = {fmt: quant.quantize(W, fmt) for fmt in sizes.ffn_dtypes}
+        for fmt, Wq in mats.items():
+            want = quant.gemv_ref(Wq, x)
+            np.testing.assert_allclose(quant.gemv(Wq, x), want, rtol=0, atol=1e-3 * np.abs(want).max())
+        fns = {fmt: (lambda r, Wq=Wq: quant.gemv(Wq, x)) for fmt, Wq in mats.items()}
+        t = time_round_robin({**fns, "numpy": lambda r: W @ x, "torch": lambda r: torch.mv(W_t, x_t)}, sizes.repeats)
         ms = {k: 1e3 * median(v) for k, v in t.items()}
         best = min(ms["numpy"], ms["torch"])
-        rows.append({
-            "shape": name, "out": out, "in": inp, "MB": W.nbytes / 2**20,
-            "ours_ms": ms["ours"], "numpy_ms": ms["numpy"], "torch_ms": ms["torch"],
-            "ours_GBps": W.nbytes / ms["ours"] / 1e6, "ours_vs_best": ms["ours"] / best,
-        })  # fmt: skip
+        for fmt, Wq in mats.items():
+            rows.append({
+                "shape": name, "fmt": fmt, "out": out, "in": inp, "MB": Wq.nbytes / 2**20, "ours_ms": ms[fmt],
+                "GBps": Wq.nbytes / ms[fmt] / 1e6, "bw_frac": Wq.nbytes / ms[fmt] / 1e6 / bandwidth_gbs,
+                "above_cache": Wq.nbytes > llc_bytes(), "numpy_ms": ms["numpy"], "torch_ms": ms["torch"],
+                "ours_vs_best": ms[fmt] / best if fmt == "f32" else np.nan,
+            })  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def ffn_bytes(H: int, N: int, k: int | None, dtype: str) -> int:
-    """Bytes one FFN call reads: weights, int8 row scales, mask indices (``k=None``: dense).
+def ffn_bytes(H: int, N: int, k: int | None, fmt: str) -> int:
+    """Bytes one FFN call reads in format ``fmt`` (``k=None``: dense, all N neurons).
 
-    Dense reads all 3 N H weights (int8: scales of the N gate, N up and H down rows). Sparse reads
-    the gate, up and down-transposed rows of the ``k`` active neurons, their scales, and ``k``
-    int64 indices.
+    Dense reads the gate, up and down rows of all N neurons; sparse those of the ``k`` active
+    neurons and ``k`` int64 indices. A row is ``quant.row_bytes(H, fmt)`` (Q formats: block scales
+    included), and the Q formats read H float32 output scales of the down projection.
     """
-    per_weight = {"float32": 4, "int8": 1}.get(dtype)
-    if per_weight is None:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: 'float32', 'int8'")
-    scale = 4 if dtype == "int8" else 0
-    if k is None:
-        return 3 * N * H * per_weight + (2 * N + H) * scale
-    return 3 * k * H * per_weight + 3 * k * scale + 8 * k
+    row = quant.row_bytes(H, fmt)
+    scales = 0 if fmt == "f32" else 4 * H
+    return (3 * N * row if k is None else 3 * k * row + 8 * k) + scales
+
+
+def cycled_layers(H: int, N: int, model_layers: int, fmt: str, memory_mb: float) -> int:
+    """How many distinct layers the FFN benchmark cycles through: the model's count, or as many as fit
+    in ``memory_mb`` (at least one)."""
+    return max(1, min(model_layers, int(memory_mb * 2**20 // (3 * N * quant.row_bytes(H, fmt)))))
+
+
+def _stacked_bundles(rng, H: int, N: int, layers: int, fmt: str) -> bundles.FFNBundles:
+    """``layers`` copies of one random layer, each in its own memory. Gate and up weights are positive (with
+    positive inputs every masked neuron fires); copies, since only addresses matter to the caches and a
+    Mistral-sized layer takes seconds to quantise."""
+    Wg = np.abs(rng.standard_normal((N, H), dtype=np.float32)) / np.float32(np.sqrt(H))
+    Wu = np.abs(rng.standard_normal((N, H), dtype=np.float32)) / np.float32(np.sqrt(H))
+    Wd = rng.standard_normal((H, N), dtype=np.float32) / np.float32(np.sqrt(N))
+    one = bundles.FFNBundles.from_weights(Wg, Wu, Wd, fmt)
+    del Wg, Wu, Wd
+    data = np.empty((layers, *one.data.shape), np.uint8)
+    data[:] = one.data  # broadcast: one copy per layer
+    return bundles.FFNBundles(data, fmt, H, np.ascontiguousarray(np.broadcast_to(one.down_scale, (layers, *one.down_scale.shape))))
+
+
+def _validate_sparse(stack: bundles.FFNBundles, x: np.ndarray, idx: np.ndarray, n: int = 512) -> None:
+    """The sparse kernel against its reference on the first ``n`` neurons of layer 0 (a full
+    Mistral-sized reference would need gigabytes of float64)."""
+    part = bundles.FFNBundles(np.ascontiguousarray(stack.data[0, :n]), stack.fmt, stack.hidden, stack.down_scale[0])
+    sub = idx[idx < n]
+    got, want = bundles.ffn(part, x, sub, "drelu"), bundles.ffn_ref(part, x, sub, "drelu")
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * (np.abs(want).max() + 1e-6))
 
 
 def bench_ffn(sizes: BenchSection, freq: np.ndarray, bandwidth_gbs: float, seed: int = 0) -> pd.DataFrame:
-    """Sparse vs dense dReLU FFN at every shape, dtype and sparsity of ``sizes``, cold cache.
+    """Sparse vs dense dReLU FFN at every shape, format and sparsity of ``sizes``, cycling through layers.
 
-    For each (shape, dtype) one round-robin loop times our dense FFN, NumPy's dense FFN (float32),
-    and the sparse FFN at every sparsity with masks from ``sample_masks(freq, ...)`` (a new mask
-    each repeat). Gate and up weights and the inputs are positive, so every masked neuron fires.
+    For each (shape, format) a stack of ``cycled_layers`` distinct layers is built; one timed call
+    runs the FFN of every layer in turn (``bundles.ffn_layers_into``, each layer on its own input and,
+    sparse, its own mask drawn by ``sample_masks(freq, ...)``), and the time per FFN is that call's over
+    the layer count. Dense and every sparsity run interleaved in one round-robin loop. No cache
+    flush: the other layers between two calls of one layer are what evicts it, as in decoding.
 
-    One row per (shape, dtype, sparsity): medians (ms), ``speedup`` (dense / sparse), ``ideal``
-    1/(1-s), ``byte_limit`` (dense bytes / sparse bytes), achieved GB/s and their fraction of
-    ``bandwidth_gbs``, and ``numpy_dense_ms`` (float32 only).
+    One row per (shape, format, sparsity): medians per FFN call (ms), ``speedup`` (dense / sparse),
+    ``ideal`` 1/(1-s), ``byte_limit`` (dense bytes / sparse bytes), achieved GB/s and their fraction
+    of ``bandwidth_gbs``, the layers cycled and the model's, and the MB the sparse sweep reads.
     """
     warm_up()
     rng = np.random.default_rng(seed)
     rows = []
-    n_x = 4  # a few inputs, cycled, so no call sees exactly the previous one's vector
-    for name, H, N in sizes.ffn_shapes:
-        Wg = np.abs(rng.standard_normal((N, H), dtype=np.float32)) / np.float32(np.sqrt(H))
-        Wu = np.abs(rng.standard_normal((N, H), dtype=np.float32)) / np.float32(np.sqrt(H))
-        Wd = rng.standard_normal((H, N), dtype=np.float32) / np.float32(np.sqrt(N))
-        WdT = np.ascontiguousarray(Wd.T)
-        xs = [np.abs(rng.standard_normal(H, dtype=np.float32)) + np.float32(0.1) for _ in range(n_x)]
-        masks = {s: sample_masks(freq, N, s, sizes.repeats, seed) for s in sizes.ffn_sparsities}
-        for dtype in sizes.ffn_dtypes:
-            if dtype == "float32":
-                fns = {
-                    "dense": lambda r: kernels.ffn_dense(xs[r % n_x], Wg, Wu, Wd, "drelu"),
-                    "numpy_dense": lambda r: kernels.ffn_dense_ref(xs[r % n_x], Wg, Wu, Wd, "drelu"),
-                }
-                sparse = lambda idx, x: kernels.ffn_sparse(x, Wg, Wu, WdT, idx, "drelu")  # noqa: E731
-                ref = lambda idx, x: kernels.ffn_sparse_ref(x, Wg, Wu, WdT, idx, "drelu")  # noqa: E731
-            elif dtype == "int8":
-                gq, uq, dq, dTq = (kernels.quantize_int8_rows(W) for W in (Wg, Wu, Wd, WdT))
-                fns = {"dense": lambda r: kernels.ffn_dense_int8(xs[r % n_x], gq, uq, dq, "drelu")}
-                sparse = lambda idx, x: kernels.ffn_sparse_int8(x, gq, uq, dTq, idx, "drelu")  # noqa: E731
-
-                def ref(idx, x):  # dequantised copies only for the one validation call, then freed
-                    deq = [kernels.dequantize_int8_rows(*q) for q in (gq, uq, dTq)]
-                    return kernels.ffn_sparse_ref(x, *deq, idx, "drelu")
-            else:
-                raise ValueError(f"unknown FFN dtype {dtype!r}; valid: 'float32', 'int8'")
-            # validate the sparse path on one mask before anything is timed
-            got, want = sparse(masks[sizes.ffn_sparsities[0]][0], xs[0]), ref(masks[sizes.ffn_sparsities[0]][0], xs[0])
-            np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * (np.abs(want).max() + 1e-6))
+    threads, act = numba.get_num_threads(), variant_code("drelu")
+    for name, H, N, model_layers in sizes.ffn_shapes:
+        for fmt in sizes.ffn_dtypes:
+            L = cycled_layers(H, N, model_layers, fmt, sizes.ffn_memory_mb)
+            stack = _stacked_bundles(rng, H, N, L, fmt)
+            xs = [np.abs(rng.standard_normal((L, H), dtype=np.float32)) + np.float32(0.1) for _ in range(2)]
+            y, counts = np.empty((L, H), np.float32), np.zeros(3, np.int64)
+            packed = {}  # sparsity -> per round, the L layers' masks as (offsets, indices)
             for s in sizes.ffn_sparsities:
-                fns[f"sparse@{s}"] = lambda r, s=s: sparse(masks[s][r], xs[r % n_x])
-            t = time_round_robin(fns, sizes.repeats)
-            dense_ms, dense_b = 1e3 * median(t["dense"]), ffn_bytes(H, N, None, dtype)
+                masks, k = sample_masks(freq, N, s, sizes.repeats * L, seed), kept_count(s, N)
+                offsets = np.arange(L + 1, dtype=np.int64) * k
+                packed[s] = [(offsets, np.concatenate(masks[r * L : (r + 1) * L])) for r in range(sizes.repeats)]
+            s0 = sizes.ffn_sparsities[0]
+            _validate_sparse(stack, xs[0][0], packed[s0][0][1][: kept_count(s0, N)])
+            no_idx = (np.zeros(1, np.int64), np.empty(0, np.int64))
+
+            def sweep(x, masks, use_idx):
+                bundles.ffn_layers_into(stack.data, stack.down_scale, stack.code, H, x, *masks, use_idx, use_idx, *act, threads,
+                                        y, counts)  # fmt: skip
+
+            fns = {"dense": lambda r: sweep(xs[r % 2], no_idx, False)}
+            for s in sizes.ffn_sparsities:
+                fns[f"sparse@{s}"] = lambda r, s=s: sweep(xs[r % 2], packed[s][r], True)
+            t = time_round_robin(fns, sizes.repeats, flush=False)
+            dense_ms, dense_b = 1e3 * median(t["dense"]) / L, ffn_bytes(H, N, None, fmt)
             for s in sizes.ffn_sparsities:
                 k = kept_count(s, N)
-                sparse_ms, sparse_b = 1e3 * median(t[f"sparse@{s}"]), ffn_bytes(H, N, k, dtype)
+                sparse_ms, sparse_b = 1e3 * median(t[f"sparse@{s}"]) / L, ffn_bytes(H, N, k, fmt)
                 rows.append({
-                    "shape": name, "H": H, "N": N, "dtype": dtype, "sparsity": s, "active": k,
-                    "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-                    "speedup": speedup(t["dense"], t[f"sparse@{s}"]),
+                    "shape": name, "H": H, "N": N, "dtype": fmt, "sparsity": s, "active": k,
+                    "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": speedup(t["dense"], t[f"sparse@{s}"]),
                     "ideal": 1 / (1 - s), "byte_limit": dense_b / sparse_b,
                     "dense_GBps": dense_b / dense_ms / 1e6, "sparse_GBps": sparse_b / sparse_ms / 1e6,
                     "dense_bw_frac": dense_b / dense_ms / 1e6 / bandwidth_gbs,
                     "sparse_bw_frac": sparse_b / sparse_ms / 1e6 / bandwidth_gbs,
-                    "numpy_dense_ms": 1e3 * median(t["numpy_dense"]) if "numpy_dense" in t else math.nan,
+                    "layers_cycled": L, "model_layers": model_layers, "sweep_MB_sparse": L * sparse_b / 2**20,
                 })  # fmt: skip
-            del fns
-        del Wg, Wu, Wd, WdT
+            del stack, fns
     return pd.DataFrame(rows)

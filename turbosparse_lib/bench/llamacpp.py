@@ -46,28 +46,46 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def smollm2_f32_gguf(threads: int = 2) -> Path:
-    """SmolLM2-135M as an F32 GGUF, requantised by llama.cpp from the shipped Q4_1 file (cached).
+def _ftype(llama_cpp, fmt: str) -> int:
+    ftypes = {"f32": llama_cpp.LLAMA_FTYPE_ALL_F32, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+              "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}  # fmt: skip
+    if fmt not in ftypes:
+        raise ValueError(f"unknown weight format {fmt!r}; valid: {', '.join(ftypes)}")
+    return ftypes[fmt]
 
-    Dequantising Q4_1 to F32 gives the same float weights transformers loads, so llama.cpp and
-    our engine decode the same model at the same precision.
+
+def smollm2_gguf(fmt: str = "f32", threads: int = 2) -> Path:
+    """SmolLM2-135M as a GGUF of type ``fmt`` ('f32', 'q8_0', 'q4_0'), requantised by llama.cpp from the
+    shipped Q4_1 file (cached).
+
+    Dequantising Q4_1 gives the same float weights transformers loads, so llama.cpp and our engine
+    start from one model. The quantisation is *pure*: every matrix, the token embedding (which is
+    also the output matrix: SmolLM2 ties them) included, gets the one format, as in our engine,
+    instead of llama.cpp's default of keeping some tensors at a higher precision.
     """
     from ..models.pretrained import gguf_path
 
     llama_cpp = require_llama_cpp()
-    out = paths.models_dir() / "smollm2-135m-f32.gguf"
+    ftype = _ftype(llama_cpp, fmt)
+    out = paths.models_dir() / f"smollm2-135m-{fmt}.gguf"
     if out.exists():
         return out
     src = gguf_path()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+    params.ftype = ftype
     params.nthread = threads
     params.allow_requantize = True
+    params.pure = True
     with atomic_path(out) as tmp, _quiet_stderr():  # llama.cpp logs every tensor to fd 2
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
-            raise RuntimeError(f"llama_model_quantize({src} -> F32) failed with code {rc}")
+            raise RuntimeError(f"llama_model_quantize({src} -> {fmt}) failed with code {rc}")
     return out
+
+
+def smollm2_f32_gguf(threads: int = 2) -> Path:
+    """``smollm2_gguf('f32')``: the precision of our float32 engine."""
+    return smollm2_gguf("f32", threads)
 
 
 class LlamaCppRun:
@@ -75,24 +93,34 @@ class LlamaCppRun:
 
     The logits of the last token are read straight from the context (``llama_get_logits_ith``),
     a view without a copy, and the greedy argmax is taken in NumPy as for our engine.
+    ``precision`` names the GGUF's weight format, for the bytes-per-token bookkeeping.
     """
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int = 512):
+    def __init__(self, gguf: Path, threads: int, n_ctx: int = 512, precision: str = "f32"):
         llama_cpp = self._lib = require_llama_cpp()
+        _ftype(llama_cpp, precision)
         self.llm = llama_cpp.Llama(
             model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
             n_batch=n_ctx, logits_all=False, verbose=False,
         )  # fmt: skip
         self.threads, self.profile = threads, {}
-        self.ffn_dtype, self.masks = "float32", None  # dense F32, for decoding_limits
+        self.precision, self.masks = precision, None  # dense, for decoding_limits
 
     def close(self) -> None:
         """Free the model and context now (at interpreter exit llama-cpp-python's own cleanup can fail)."""
         self.llm.close()
 
+    def _last_logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+
     def _next_token(self) -> int:
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
-        return int(np.argmax(logits))
+        return int(np.argmax(self._last_logits()))
+
+    def prompt_logits(self, prompt_ids: np.ndarray) -> np.ndarray:
+        """The logits (a copy) after evaluating ``prompt_ids`` from an empty cache."""
+        self.llm.reset()
+        self.llm.eval([int(t) for t in prompt_ids])
+        return self._last_logits().copy()
 
     def decode(self, prompt_ids: np.ndarray, new_tokens: int, profile: dict | None = None) -> tuple[np.ndarray, float]:
         """Greedy tokens (the first from the prompt's evaluation) and the seconds of the decode steps."""
@@ -108,3 +136,33 @@ class LlamaCppRun:
         return np.array(tokens, dtype=np.int64), perf_counter() - t0
 
 
+
+
+def llama_cpp_nll(gguf: Path, ids: np.ndarray, chunk: int, threads: int) -> np.ndarray:
+    """Negative log-likelihood (nats) of every token of ``ids`` after the first of its chunk, by llama.cpp.
+
+    ``ids`` is cut into chunks of ``chunk`` tokens, each evaluated from an empty cache with the logits
+    of every position kept; token t of a chunk is scored from the logits after token t - 1, as
+    ``quality.engine_nll`` scores our engine on the same chunks.
+    """
+    llama_cpp = require_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=chunk,
+                          n_batch=chunk, logits_all=True, verbose=False)  # fmt: skip
+    try:
+        nll = []
+        for lo in range(0, len(ids) - 1, chunk):
+            part = [int(t) for t in ids[lo : lo + chunk]]
+            if len(part) < 2:
+                break
+            llm.reset()
+            llm.eval(part)
+            logits = np.asarray(llm.scores[: len(part) - 1], dtype=np.float64)
+            nll.append(_nll(logits, np.asarray(part[1:])))
+        return np.concatenate(nll)
+    finally:
+        llm.close()
+
+
+def _nll(logits_TV: np.ndarray, next_T: np.ndarray) -> np.ndarray:
+    z = logits_TV - logits_TV.max(axis=1, keepdims=True)
+    return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(next_T)), next_T]

@@ -46,13 +46,13 @@ class MoERun:
     engine: MoEEngine
     masks: Literal["exact", "oracle"] | None = None
     profile: dict = field(default_factory=dict)  # accumulated over timed runs
-    ffn_dtype: str = "float32"
+    precision: str = "f32"
     _replay: RecordedExpertMasks | None = None
 
     def __post_init__(self):
         if self.masks not in MOE_MASK_SOURCES:
             raise ValueError(f"masks must be one of {list(MOE_MASK_SOURCES)}; got {self.masks!r}")
-        if self.ffn_dtype != "float32":
+        if self.precision != "f32":
             raise ValueError("the MoE engine decodes float32 experts only")
 
     def _provider(self):

@@ -1,47 +1,53 @@
-"""A CPU decode engine for Llama/Mistral-shaped weights, dense or activation-sparse FFN.
+"""A CPU decode engine for Llama/Mistral-shaped weights: dense or activation-sparse FFN, f32, Q8_0 or Q4_0.
 
 This is the laptop-scale stand-in for PowerInfer in the paper's section 7: the same weights
 decoded once with dense FFNs (the llama.cpp baseline) and once with FFNs that read only the
-neurons a mask provider marks active.
+neurons a mask provider marks active, at the precisions llama.cpp users run.
 
 Design:
 
-- NumPy/Numba float32 throughout; decode-time GEMVs are the kernels of ``kernels``. q, k and v
-  are one fused ``(q+k+v, hidden)`` matrix, so a token costs one GEMV for them, as in gpt-fast.
-- Both down-projection layouts are kept: ``w_down_HN`` (nn.Linear layout) for the dense GEMV
-  baseline and ``w_down_T_NH`` (one row per neuron) for the sparse axpy. Twice the down weights
-  in memory, so that each path reads its weights the way its real counterpart does.
-- The KV cache is two preallocated arrays per engine, ``(layers, kv_heads, capacity, head_dim)``.
+- Every matrix the engine reads per token (q, k, v, o, gate, up, down and the lm_head) is in one
+  format, ``f32``, ``q8_0`` or ``q4_0`` (``quant``: llama.cpp's block layouts); ``quantized(fmt)``
+  makes a quantised engine from a float one. Norms and biases stay float32, as in llama.cpp.
+- q, k and v are one fused ``(q+k+v, hidden)`` matrix; the FFN is stored once, in the bundled
+  neuron layout (``bundles``), which the dense and the sparse path both read.
+- ``step`` is one compiled call per token (``step.decode_token``) when the FFN masks are known up
+  front or computed in line: dense decoding, masks recorded and replayed (``RecordedMasks``), the
+  exact-zero oracle (``ExactZeroOracle``). Any other mask provider, e.g. a trained predictor,
+  is called between two compiled halves of each layer (``step.attention_half`` / ``step.ffn_half``).
+  ``step(..., fused=False)`` runs the unfused engine (one kernel per op, Python between them),
+  the reference the fused step is tested against.
+- The KV cache is two preallocated float32 arrays, ``(layers, kv_heads, capacity, head_dim)``.
 - RoPE matches ``LlamaRotaryEmbedding`` for the default rope type (float32 ``inv_freq`` and
   angles, rotate-half layout); other rope types raise instead of silently decoding wrongly.
 - Grouped-query attention: query head ``h`` reads kv head ``h // (heads / kv_heads)``, as
   ``repeat_kv`` does. Mistral's sliding window is honoured.
-- ``step`` decodes one token, dense or sparse: GEMVs and a fused RoPE + KV-write + attention
-  kernel, so a layer is a handful of kernel calls rather than dozens of small NumPy ops.
-  Prefill runs all prompt tokens at once with NumPy matmuls and a dense FFN (the speed tables
-  time decoding only); its attention is also the NumPy reference for the decode kernel.
+- Prefill: float32 engines run all prompt tokens at once with NumPy matmuls (``reference``, also
+  the reference every engine is tested against); quantised engines prefill token by token with the
+  fused step, so prefill and decoding see exactly one model. The speed tables time decoding only.
 - Sparse FFN masks come from a mask provider (``inference.masks``): any callable
   ``(layer_idx, x_normed_H) -> idx`` returning the active neuron indices (int64, duplicate-free).
-  ``ExactZeroOracle`` and ``TopKOracle`` read the model's own activations; a trained predictor
-  plugs in the same way.
 - The MLP variant comes from the one registry (``models.variants``); the kernels take the integer
   code it derives, so any registered variant decodes.
 - ``profile``: pass a dict to ``step``/``generate`` and it accumulates seconds per component
-  (``embed``, ``attention``, ``mask``, ``ffn``, ``lm_head``) plus token and active-neuron counts.
+  (``embed``, ``attention``, ``mask``, ``ffn``, ``lm_head``, ``other``: call overhead), token and
+  active-neuron counts and the FFN rows read of each kind (``rows_gate``, ``rows_up``, ``rows_down``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Literal
 
+import numba
 import numpy as np
 
 from ..models.variants import get_variant, variant_of_hf_act
-from . import kernels
+from . import bundles, kernels, quant
+from . import step as step_kernels
 from .attention import decode_attention
 from .masks import ExactZeroOracle, MaskProvider
+from .reference import forward_numpy
 
 _SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 
@@ -112,49 +118,39 @@ def _rope_theta(config) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-@dataclass
-class LayerWeights:
-    """One decoder layer, float32, C-contiguous. Q = (heads + 2 kv_heads) * head_dim, D = heads * head_dim."""
-
-    attn_norm_H: np.ndarray
-    w_qkv_QH: np.ndarray  # rows: q heads, then k heads, then v heads
-    w_o_HD: np.ndarray
-    ffn_norm_H: np.ndarray
-    w_gate_NH: np.ndarray
-    w_up_NH: np.ndarray
-    w_down_HN: np.ndarray  # nn.Linear layout, for the dense GEMV
-    w_down_T_NH: np.ndarray  # one row per neuron, for the sparse axpy
-    b_qkv_Q: np.ndarray | None = None  # attention_bias=True models only
-    b_o_H: np.ndarray | None = None
-    # int8 copies of the FFN weights, (q, scale) pairs, set by Engine.quantize_ffn_int8()
-    gate_q: tuple | None = None
-    up_q: tuple | None = None
-    down_q: tuple | None = None  # (hidden, N)
-    down_T_q: tuple | None = None  # (N, hidden)
-
-
-def _rms_norm(x_TH: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
-    var_T1 = np.mean(x_TH * x_TH, axis=-1, keepdims=True)
-    return w_H * (x_TH / np.sqrt(var_T1 + np.float32(eps)))
+def _reads_residual(provider) -> bool:
+    """Whether a mask provider wants the residual stream entering the FFN's norm (PowerInfer-style predictors)
+    instead of the normalised FFN input: its ``input`` attribute says so."""
+    return getattr(provider, "input", "normed") == "residual"
 
 
 class Engine:
-    """Greedy decoding of a Llama/Mistral model with NumPy/Numba kernels, dense or sparse FFN."""
+    """Greedy decoding of a Llama/Mistral model with Numba kernels, dense or sparse FFN, f32 or quantised."""
 
-    def __init__(self, config: EngineConfig, layers: list[LayerWeights], embed_VH, final_norm_H, lm_head_VH):
-        if len(layers) != config.num_layers:
-            raise ValueError(f"{len(layers)} layers given, config says {config.num_layers}")
-        self.config, self.layers = config, layers
-        self.embed_VH, self.final_norm_H, self.lm_head_VH = embed_VH, final_norm_H, lm_head_VH
-        self.ffn_dtype: Literal["float32", "int8"] = "float32"
+    def __init__(self, config: EngineConfig, weights: step_kernels.ModelWeights):
+        c, w = config, weights
+        expect = {"qkv": (c.num_layers, c.qkv_size, c.hidden_size), "o": (c.num_layers, c.hidden_size, c.num_heads * c.head_dim),
+                  "ffn": (c.num_layers, c.intermediate_size, c.hidden_size), "lm_head": (c.vocab_size, c.hidden_size)}
+        got = {"qkv": (*w.qkv.data.shape[:2], w.qkv.cols), "o": (*w.o.data.shape[:2], w.o.cols),
+               "ffn": (*w.ffn.data.shape[:2], w.ffn.hidden), "lm_head": (w.lm_head.rows, w.lm_head.cols)}  # fmt: skip
+        if got != expect:
+            raise ValueError(f"weights {got} do not match the config's shapes {expect}")
+        self.config, self.weights = config, weights
+        self._args = weights.kernel_args()
+        self._quantized: dict[str, Engine] = {}
         self.capacity, self.pos = 0, 0
         self.reset(256)
+
+    @property
+    def fmt(self) -> str:
+        """The weights' format: 'f32', 'q8_0' or 'q4_0'."""
+        return self.weights.fmt
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_transformers(cls, model) -> "Engine":
-        """Copy the weights of a transformers LlamaForCausalLM / MistralForCausalLM."""
+    def from_transformers(cls, model, fmt: str = "f32") -> "Engine":
+        """Copy the weights of a transformers LlamaForCausalLM / MistralForCausalLM, in format ``fmt``."""
         import torch
 
         config = getattr(model, "config", None)
@@ -170,42 +166,51 @@ class Engine:
         def f32(t: torch.Tensor) -> np.ndarray:  # a private float32 copy, never a view of torch memory
             return np.array(t.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
 
-        def bias(linear) -> np.ndarray | None:
-            return None if linear.bias is None else f32(linear.bias)
+        def stack(get) -> np.ndarray:
+            return np.stack([get(block) for block in model.model.layers])
 
-        layers = []
-        for block in model.model.layers:
-            att, mlp = block.self_attn, block.mlp
-            b_qkv = [bias(att.q_proj), bias(att.k_proj), bias(att.v_proj)]
-            w_down = f32(mlp.down_proj.weight)
-            layers.append(
-                LayerWeights(
-                    attn_norm_H=f32(block.input_layernorm.weight),
-                    w_qkv_QH=np.concatenate([f32(att.q_proj.weight), f32(att.k_proj.weight), f32(att.v_proj.weight)]),
-                    w_o_HD=f32(att.o_proj.weight),
-                    ffn_norm_H=f32(block.post_attention_layernorm.weight),
-                    w_gate_NH=f32(mlp.gate_proj.weight),
-                    w_up_NH=f32(mlp.up_proj.weight),
-                    w_down_HN=w_down,
-                    w_down_T_NH=np.ascontiguousarray(w_down.T),
-                    b_qkv_Q=None if b_qkv[0] is None else np.concatenate(b_qkv),
-                    b_o_H=bias(att.o_proj),
-                )
-            )
-        embed = f32(model.model.embed_tokens.weight)
+        att = lambda b: b.self_attn  # noqa: E731
+        has_bias = att(model.model.layers[0]).q_proj.bias is not None
+        qkv_bias = (lambda b: np.concatenate([f32(att(b).q_proj.bias), f32(att(b).k_proj.bias), f32(att(b).v_proj.bias)]))
         tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-        lm_head = embed if tied else f32(model.lm_head.weight)  # one array when the embedding is tied
-        return cls(cfg, layers, embed, f32(model.model.norm.weight), lm_head)
+        weights = step_kernels.ModelWeights.quantize(
+            fmt,
+            attn_norm_LH=stack(lambda b: f32(b.input_layernorm.weight)),
+            ffn_norm_LH=stack(lambda b: f32(b.post_attention_layernorm.weight)),
+            w_qkv_LQH=stack(lambda b: np.concatenate([f32(att(b).q_proj.weight), f32(att(b).k_proj.weight),
+                                                      f32(att(b).v_proj.weight)])),
+            w_o_LHD=stack(lambda b: f32(att(b).o_proj.weight)),
+            w_gate_LNH=stack(lambda b: f32(b.mlp.gate_proj.weight)),
+            w_up_LNH=stack(lambda b: f32(b.mlp.up_proj.weight)),
+            w_down_LHN=stack(lambda b: f32(b.mlp.down_proj.weight)),
+            final_norm_H=f32(model.model.norm.weight),
+            lm_head_VH=f32(model.lm_head.weight),
+            embed_VH=None if tied else f32(model.model.embed_tokens.weight),  # one matrix when the embedding is tied
+            b_qkv_LQ=stack(qkv_bias) if has_bias else None,
+            b_o_LH=stack(lambda b: f32(att(b).o_proj.bias)) if att(model.model.layers[0]).o_proj.bias is not None else None,
+        )  # fmt: skip
+        return cls(cfg, weights)
 
-    def quantize_ffn_int8(self) -> "Engine":
-        """Quantise every FFN matrix to per-row int8; ``step`` then runs the int8 FFN kernels."""
-        for layer in self.layers:
-            layer.gate_q = kernels.quantize_int8_rows(layer.w_gate_NH)
-            layer.up_q = kernels.quantize_int8_rows(layer.w_up_NH)
-            layer.down_q = kernels.quantize_int8_rows(layer.w_down_HN)
-            layer.down_T_q = kernels.quantize_int8_rows(layer.w_down_T_NH)
-        self.ffn_dtype = "int8"
-        return self
+    def quantized(self, fmt: str) -> "Engine":
+        """This model with every matrix in ``fmt`` ('f32', 'q8_0', 'q4_0'), made once from the float32 weights
+        and kept (an engine of its own: its own KV cache); ``self`` for this engine's own format."""
+        quant.format_code(fmt)
+        if fmt == self.fmt:
+            return self
+        if self.fmt != "f32":
+            raise ValueError(f"quantise from the float32 engine, not from a {self.fmt} one (that would round twice)")
+        if fmt not in self._quantized:
+            w, deq = self.weights, quant.dequantize  # float32 views of a float32 engine's weights
+            weights = step_kernels.ModelWeights.quantize(
+                fmt, w.attn_norm_LH, w.ffn_norm_LH, deq(w.qkv), deq(w.o), w.ffn.dequantized(0), w.ffn.dequantized(1),
+                np.swapaxes(w.ffn.dequantized(2), -1, -2), w.final_norm_H, deq(w.lm_head),
+                None if w.tied else deq(w.embed), w.b_qkv_LQ, w.b_o_LH)  # fmt: skip
+            self._quantized[fmt] = Engine(self.config, weights)
+        return self._quantized[fmt]
+
+    def ffn_layer(self, layer_idx: int) -> bundles.FFNBundles:
+        """Layer ``layer_idx``'s FFN bundles (a view), for mask providers that read the weights."""
+        return self.weights.ffn[layer_idx]
 
     # -- state -------------------------------------------------------------------------------
 
@@ -224,158 +229,184 @@ class Engine:
             self.capacity = capacity
         self.pos = 0
 
-    # -- the forward pass --------------------------------------------------------------------
-
-    def _rope(self, x_TnE: np.ndarray, positions_T: np.ndarray) -> np.ndarray:
-        """Rotate-half RoPE on (T, heads, head_dim) at the given positions."""
-        R = self.config.head_dim // 2
-        cos, sin = self.cos_PR[positions_T][:, None, :], self.sin_PR[positions_T][:, None, :]
-        x1, x2 = x_TnE[..., :R], x_TnE[..., R:]
-        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    # -- prefill (NumPy, float32 engines) ----------------------------------------------------
 
     def _window_start(self, first_query_pos: int) -> int:
         """The first cached position any query from ``first_query_pos`` on may attend to."""
         window = self.config.sliding_window
         return 0 if window is None else max(0, first_query_pos - window + 1)
 
-    def _attention_step(self, li: int, h_H: np.ndarray) -> np.ndarray:
-        """One decode token: fused QKV GEMV, the fused Numba attention kernel, o_proj GEMV."""
-        cfg, layer = self.config, self.layers[li]
-        qkv_Q = kernels.gemv(layer.w_qkv_QH, h_H)
-        if layer.b_qkv_Q is not None:
-            qkv_Q += layer.b_qkv_Q
-        out_D = decode_attention(
-            qkv_Q, self.k_cache[li], self.v_cache[li], self.cos_PR[self.pos], self.sin_PR[self.pos],
-            self.pos, cfg.num_heads, self._window_start(self.pos),
-        )  # fmt: skip
-        y_H = kernels.gemv(layer.w_o_HD, out_D)
-        return y_H if layer.b_o_H is None else y_H + layer.b_o_H
+    def prefill(self, token_ids, all_logits: bool = False) -> np.ndarray:
+        """Run the prompt after the cached positions (dense FFN); the last logits (V,), or (T, V) with ``all_logits``.
 
-    def _attention_prefill(self, li: int, h_TH: np.ndarray) -> np.ndarray:
-        """T prompt tokens at positions pos..pos+T-1 with NumPy matmuls; writes their k, v to the cache."""
-        cfg, layer = self.config, self.layers[li]
-        T, E, G, rep = h_TH.shape[0], cfg.head_dim, cfg.num_kv_heads, cfg.n_rep
-        qkv_TQ = h_TH @ layer.w_qkv_QH.T
-        if layer.b_qkv_Q is not None:
-            qkv_TQ = qkv_TQ + layer.b_qkv_Q
-        q_end, k_end = cfg.num_heads * E, (cfg.num_heads + G) * E
-        positions_T = np.arange(self.pos, self.pos + T)
-        q_TnE = self._rope(qkv_TQ[:, :q_end].reshape(T, cfg.num_heads, E), positions_T)
-        k_TgE = self._rope(qkv_TQ[:, q_end:k_end].reshape(T, G, E), positions_T)
-        self.k_cache[li, :, self.pos : self.pos + T] = k_TgE.transpose(1, 0, 2)
-        self.v_cache[li, :, self.pos : self.pos + T] = qkv_TQ[:, k_end:].reshape(T, G, E).transpose(1, 0, 2)
+        A float32 engine runs all tokens at once with NumPy matmuls; a quantised engine runs them one
+        by one through the fused step, so that prefill and decoding use one set of kernels and numerics.
+        """
+        ids_T = self._check_prompt(token_ids)
+        if self.fmt == "f32":
+            return forward_numpy(self, ids_T, all_logits)
+        logits = [self.step(int(t)) for t in ids_T]
+        return np.stack(logits) if all_logits else logits[-1]
 
-        # keys lo..end-1 can be seen by some new query; the mask narrows that per query
-        lo, end = self._window_start(self.pos), self.pos + T
-        K_gSE, V_gSE = self.k_cache[li, :, lo:end], self.v_cache[li, :, lo:end]
-        q_grTE = q_TnE.reshape(T, G, rep, E).transpose(1, 2, 0, 3)  # head h reads kv head h // rep
-        scores_grTS = (q_grTE @ K_gSE[:, None].transpose(0, 1, 3, 2)) * np.float32(E**-0.5)
-        key_S, query_T1 = np.arange(lo, end), positions_T[:, None]
-        visible_TS = key_S <= query_T1
-        if cfg.sliding_window is not None:
-            visible_TS &= key_S > query_T1 - cfg.sliding_window
-        scores_grTS = np.where(visible_TS, scores_grTS, -np.inf)
-        p_grTS = np.exp(scores_grTS - scores_grTS.max(axis=-1, keepdims=True))
-        p_grTS /= p_grTS.sum(axis=-1, keepdims=True)
-        out_TD = (p_grTS @ V_gSE[:, None]).transpose(2, 0, 1, 3).reshape(T, cfg.num_heads * E)
-        y_TH = out_TD @ layer.w_o_HD.T
-        return y_TH if layer.b_o_H is None else y_TH + layer.b_o_H
-
-    def _ffn(self, li: int, h_H: np.ndarray, idx_K: np.ndarray | None) -> np.ndarray:
-        """One token's FFN: dense when ``idx_K`` is None, else sparse over the active neurons."""
-        layer, variant = self.layers[li], self.config.act
-        if self.ffn_dtype == "int8":
-            if idx_K is None:
-                return kernels.ffn_dense_int8(h_H, layer.gate_q, layer.up_q, layer.down_q, variant)
-            return kernels.ffn_sparse_int8(h_H, layer.gate_q, layer.up_q, layer.down_T_q, idx_K, variant)
-        if idx_K is None:
-            return kernels.ffn_dense(h_H, layer.w_gate_NH, layer.w_up_NH, layer.w_down_HN, variant)
-        return kernels.ffn_sparse(h_H, layer.w_gate_NH, layer.w_up_NH, layer.w_down_T_NH, idx_K, variant)
-
-    def prefill(self, token_ids) -> np.ndarray:
-        """Run the prompt (all tokens at once, dense FFN) after the cached positions; last logits (V,)."""
+    def reference_logits(self, token_ids) -> np.ndarray:
+        """(T, V) logits of every position of ``token_ids`` from a fresh cache, computed in NumPy on this
+        engine's own weights and activation rounding: the reference its kernels are tested against."""
         ids_T = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        cfg, T = self.config, ids_T.shape[0]
-        if T == 0:
-            raise ValueError("empty prompt")
-        if self.pos + T > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; call reset() with more")
-        x_TH = self.embed_VH[ids_T]
-        for li, layer in enumerate(self.layers):
-            x_TH = x_TH + self._attention_prefill(li, _rms_norm(x_TH, layer.attn_norm_H, cfg.rms_norm_eps))
-            h_TH = _rms_norm(x_TH, layer.ffn_norm_H, cfg.rms_norm_eps)
-            if self.ffn_dtype == "int8":  # the int8 weights, so prefill and decode see one model
-                x_TH = x_TH + np.stack([self._ffn(li, h_H, None) for h_H in h_TH])
-            else:
-                c_TN = kernels.combine_ref(h_TH @ layer.w_gate_NH.T, h_TH @ layer.w_up_NH.T, cfg.act)
-                x_TH = x_TH + c_TN @ layer.w_down_HN.T
-        self.pos += T
-        h_H = _rms_norm(x_TH[-1], self.final_norm_H, cfg.rms_norm_eps)
-        return kernels.gemv(self.lm_head_VH, np.ascontiguousarray(h_H))
+        self.reset(max(self.capacity, len(ids_T)))
+        return forward_numpy(self, self._check_prompt(ids_T), all_logits=True)
 
-    def step(
-        self,
-        token_id: int,
-        sparse: bool = False,
-        mask_provider: MaskProvider | None = None,
-        profile: dict | None = None,
-    ) -> np.ndarray:
+    def _check_prompt(self, token_ids) -> np.ndarray:
+        ids_T = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids_T.shape[0] == 0:
+            raise ValueError("empty prompt")
+        if self.pos + ids_T.shape[0] > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; call reset() with more")
+        if ids_T.min() < 0 or ids_T.max() >= self.config.vocab_size:
+            raise IndexError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return ids_T
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def step(self, token_id: int, sparse: bool = False, mask_provider: MaskProvider | None = None,
+             profile: dict | None = None, fused: bool = True) -> np.ndarray:
         """Decode one token at the next position; logits (V,).
 
         ``sparse=True`` runs every FFN over the neurons ``mask_provider(layer_idx, x_normed_H)``
-        returns (default: ``ExactZeroOracle``). ``profile`` accumulates seconds per component:
-        ``attention`` includes both RMSNorms of the layer, ``mask`` is the provider's call,
-        ``ffn`` the FFN kernel alone, ``lm_head`` the final norm and the vocabulary GEMV.
+        returns (default: ``ExactZeroOracle``, computed in line). ``fused=False`` runs the unfused
+        engine (one kernel call per op) instead, with the same kernels and the same results.
+        ``profile`` accumulates seconds per component (see the module docstring).
         """
         cfg = self.config
         if self.pos >= self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; call reset() with more")
+        if not 0 <= int(token_id) < cfg.vocab_size:
+            raise IndexError(f"token id {token_id} outside the vocabulary of {cfg.vocab_size}")
         if sparse and mask_provider is None:
             mask_provider = ExactZeroOracle(self)
-        times = {"embed": 0.0, "attention": 0.0, "mask": 0.0, "ffn": 0.0, "lm_head": 0.0}
-        n_active = 0
-        t0 = perf_counter()
-        x_H = self.embed_VH[token_id].copy()
-        t1 = perf_counter()
-        times["embed"] += t1 - t0
-        for li, layer in enumerate(self.layers):
-            x_H += self._attention_step(li, _rms_norm(x_H, layer.attn_norm_H, cfg.rms_norm_eps))
-            h_H = _rms_norm(x_H, layer.ffn_norm_H, cfg.rms_norm_eps)
-            t2 = perf_counter()
-            times["attention"] += t2 - t1
-            idx_K = None
-            if sparse:
-                idx_K = np.ascontiguousarray(mask_provider(li, h_H), dtype=np.int64)
-                n_active += idx_K.shape[0]
-            t3 = perf_counter()
-            times["mask"] += t3 - t2
-            x_H += self._ffn(li, h_H, idx_K)
-            t1 = perf_counter()
-            times["ffn"] += t1 - t3
-        logits_V = kernels.gemv(self.lm_head_VH, _rms_norm(x_H, self.final_norm_H, cfg.rms_norm_eps))
-        times["lm_head"] += perf_counter() - t1
+        times = dict.fromkeys(("embed", "attention", "mask", "ffn", "lm_head", "other"), 0.0)
+        rows_read = np.zeros(3, np.int64)
+        packed = getattr(mask_provider, "token_masks", None) if sparse and fused else None
+        masks = packed(cfg.num_layers) if packed is not None else None
+        if not fused:
+            logits_V, active = self._step_unfused(int(token_id), sparse, mask_provider, times, rows_read)
+        elif not sparse:
+            logits_V, active = self._decode_token(int(token_id), fused_masks(None), times, rows_read)
+        elif isinstance(mask_provider, ExactZeroOracle) and mask_provider.engine is self:
+            logits_V, active = self._decode_token(int(token_id), fused_masks("in-line"), times, rows_read)
+        elif masks is not None:
+            if len(masks[0]) != cfg.num_layers + 1:
+                raise ValueError(f"packed masks for {len(masks[0]) - 1} layers; the model has {cfg.num_layers}")
+            logits_V, active = self._decode_token(int(token_id), fused_masks(masks, cfg.intermediate_size), times, rows_read)
+        else:
+            logits_V, active = self._step_layers(int(token_id), mask_provider, times, rows_read)
         self.pos += 1
         if profile is not None:
             for key, seconds in times.items():
                 profile[key] = profile.get(key, 0.0) + seconds
-            profile["tokens"] = profile.get("tokens", 0) + 1
-            profile["ffn_calls"] = profile.get("ffn_calls", 0) + cfg.num_layers
-            # mean active fraction = active_neurons / (ffn_calls * intermediate_size); dense counts N
-            profile["active_neurons"] = profile.get("active_neurons", 0) + (
-                n_active if sparse else cfg.num_layers * cfg.intermediate_size
-            )
+            counts = {"tokens": 1, "ffn_calls": cfg.num_layers, "active_neurons": int(active),
+                      "rows_gate": int(rows_read[0]), "rows_up": int(rows_read[1]), "rows_down": int(rows_read[2])}
+            for key, n in counts.items():
+                profile[key] = profile.get(key, 0) + n
         return logits_V
 
-    def generate(
-        self,
-        prompt_ids,
-        max_new_tokens: int,
-        sparse: bool = False,
-        mask_provider: MaskProvider | None = None,
-        profile: dict | None = None,
-        eos_token_id: int | None = None,
-        return_logits: bool = False,
-    ):
+    def _decode_token(self, token_id: int, masks: tuple, times: dict, rows_read: np.ndarray):
+        """One compiled call for the whole token; its time split by the time-stamp counter."""
+        cfg, w = self.config, self.weights
+        ticks = np.zeros(len(step_kernels.TICKS), np.int64)
+        t0 = perf_counter()
+        logits_V, active = step_kernels.decode_token(
+            token_id, self.pos, *self._args, w.final_norm_H, w.lm_head.data, w.embed.data, w.qkv.code, cfg.num_heads,
+            cfg.head_dim, cfg.rms_norm_eps, self.k_cache, self.v_cache, self.cos_PR, self.sin_PR,
+            cfg.sliding_window or 0, *cfg.act, *masks, numba.get_num_threads(), ticks, rows_read)  # fmt: skip
+        wall = perf_counter() - t0
+        tick_s = step_kernels.seconds_per_tick()
+        if np.isnan(tick_s):  # no time-stamp counter: the token's time is not split
+            times["other"] += wall
+        else:
+            for key, n in zip(step_kernels.TICKS, ticks):
+                times[key] += n * tick_s
+            times["other"] += max(0.0, wall - ticks.sum() * tick_s)  # dispatch of the call
+        return logits_V, active
+
+    def _attention_args(self, li_x_h: tuple) -> tuple:
+        cfg = self.config
+        li, x_H, h_H = li_x_h
+        return (li, x_H, *self._args[:8], self.weights.qkv.code, cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps,
+                self.k_cache, self.v_cache, self.cos_PR, self.sin_PR, self.pos, cfg.sliding_window or 0, h_H)  # fmt: skip
+
+    def _provider_masks(self, provider: MaskProvider, li: int, h_H: np.ndarray) -> np.ndarray:
+        idx_K = np.ascontiguousarray(provider(li, h_H), dtype=np.int64)
+        if idx_K.ndim != 1 or (len(idx_K) and (idx_K.min() < 0 or idx_K.max() >= self.config.intermediate_size)):
+            raise IndexError(f"mask provider returned indices outside [0, {self.config.intermediate_size}) "
+                             f"or not 1-D (layer {li})")  # fmt: skip
+        return idx_K
+
+    def _step_layers(self, token_id: int, provider: MaskProvider, times: dict, rows_read: np.ndarray):
+        """Two compiled calls per layer, the mask provider (Python) between them."""
+        cfg, w, code = self.config, self.weights, self.weights.qkv.code
+        t0 = perf_counter()
+        x_H = step_kernels.embed_row(w.embed.data, code, token_id, cfg.hidden_size)
+        active = 0
+        t1 = perf_counter()
+        times["embed"] += t1 - t0
+        for li in range(cfg.num_layers):
+            h_H = np.empty(cfg.hidden_size, np.float32)
+            step_kernels.attention_half(*self._attention_args((li, x_H, h_H)))
+            t2 = perf_counter()
+            idx_K = self._provider_masks(provider, li, x_H if _reads_residual(provider) else h_H)
+            active += len(idx_K)
+            t3 = perf_counter()
+            step_kernels.ffn_half(li, x_H, h_H, w.ffn.data, w.ffn.down_scale, code, idx_K, len(idx_K), True, True,
+                                  *cfg.act, numba.get_num_threads(), rows_read)  # fmt: skip
+            t4 = perf_counter()
+            times["attention"] += t2 - t1
+            times["mask"] += t3 - t2
+            times["ffn"] += t4 - t3
+            t1 = t4
+        logits_V = step_kernels.lm_head_logits(x_H, w.final_norm_H, cfg.rms_norm_eps, w.lm_head.data, code)
+        times["lm_head"] += perf_counter() - t1
+        return logits_V, active
+
+    def _step_unfused(self, token_id: int, sparse: bool, provider: MaskProvider | None, times: dict,
+                      rows_read: np.ndarray):
+        """The unfused engine: one kernel call per op (norms, GEMVs, attention, FFN), Python between them."""
+        cfg, w = self.config, self.weights
+        H, eps, code = cfg.hidden_size, cfg.rms_norm_eps, w.qkv.code
+        t0 = perf_counter()
+        x_H = step_kernels.embed_row(w.embed.data, code, token_id, H)
+        active = 0
+        t1 = perf_counter()
+        times["embed"] += t1 - t0
+        for li in range(cfg.num_layers):
+            h_H = np.empty(H, np.float32)
+            step_kernels.rms_norm_into(x_H, w.attn_norm_LH[li], eps, h_H)
+            qkv_Q = quant.gemv(w.qkv[li], h_H)
+            if w.b_qkv_LQ is not None:
+                qkv_Q += w.b_qkv_LQ[li]
+            out_D = decode_attention(qkv_Q, self.k_cache[li], self.v_cache[li], self.cos_PR[self.pos],
+                                     self.sin_PR[self.pos], self.pos, cfg.num_heads, self._window_start(self.pos))  # fmt: skip
+            y_H = quant.gemv(w.o[li], out_D)
+            x_H += y_H if w.b_o_LH is None else y_H + w.b_o_LH[li]
+            step_kernels.rms_norm_into(x_H, w.ffn_norm_LH[li], eps, h_H)
+            t2 = perf_counter()
+            idx_K = self._provider_masks(provider, li, x_H if _reads_residual(provider) else h_H) if sparse else None
+            active += cfg.intermediate_size if idx_K is None else len(idx_K)
+            t3 = perf_counter()
+            x_H += bundles.ffn(w.ffn[li], h_H, idx_K, cfg.act, rows_read=rows_read)
+            t4 = perf_counter()
+            times["attention"] += t2 - t1
+            times["mask"] += t3 - t2
+            times["ffn"] += t4 - t3
+            t1 = t4
+        h_H = np.empty(H, np.float32)
+        step_kernels.rms_norm_into(x_H, w.final_norm_H, eps, h_H)
+        logits_V = quant.gemv(w.lm_head, h_H)
+        times["lm_head"] += perf_counter() - t1
+        return logits_V, active
+
+    def generate(self, prompt_ids, max_new_tokens: int, sparse: bool = False, mask_provider: MaskProvider | None = None,
+                 profile: dict | None = None, eos_token_id: int | None = None, return_logits: bool = False,
+                 fused: bool = True):
         """Greedy decoding from a fresh cache; the new token ids (int64), prompt excluded.
 
         The prompt is prefilled densely and not profiled; each new token after the first is one
@@ -390,7 +421,7 @@ class Engine:
         logits_V = self.prefill(prompt_T)
         for i in range(max_new_tokens):
             if i > 0:
-                logits_V = self.step(tokens[-1], sparse, mask_provider, profile)
+                logits_V = self.step(tokens[-1], sparse, mask_provider, profile, fused)
             tokens.append(int(np.argmax(logits_V)))
             if return_logits:
                 all_logits.append(logits_V)
@@ -400,3 +431,20 @@ class Engine:
         if not return_logits:
             return tokens_T
         return tokens_T, np.stack(all_logits) if all_logits else np.empty((0, self.config.vocab_size), np.float32)
+
+
+def fused_masks(masks, n_neurons: int = 0) -> tuple:
+    """``decode_token``'s (mode, offsets, indices) for: None (dense), 'in-line' (exact-zero oracle), or a
+    provider's packed masks for the token, ``(offsets (L+1,), indices)``: layer l's neurons are
+    ``indices[offsets[l]:offsets[l+1]]`` (checked, since the kernel trusts them)."""
+    empty = np.empty(0, np.int64)
+    if masks is None:
+        return step_kernels.MASKS_DENSE, np.zeros(1, np.int64), empty
+    if isinstance(masks, str):
+        return step_kernels.MASKS_EXACT_IN_LINE, np.zeros(1, np.int64), empty
+    offsets, idx = (np.ascontiguousarray(a, dtype=np.int64) for a in masks)
+    if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != len(idx) or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"packed mask offsets must rise from 0 to {len(idx)}; got {offsets}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= n_neurons):
+        raise IndexError(f"packed masks hold indices outside [0, {n_neurons})")
+    return step_kernels.MASKS_PACKED, offsets, idx

@@ -6,18 +6,17 @@ routed expert only the neurons that fire need to be read. This engine decodes an
 - per layer: RMSNorm, attention (one fused QKV GEMV, the Numba decode-attention kernel with RoPE and the KV
   cache, o_proj GEMV), RMSNorm, then the router: ``softmax(W_router h)``, the top-k experts, their weights
   (renormalised to sum 1 where the model does: Mixtral always, Qwen when ``norm_topk_prob``);
-- each routed expert is one gated MLP of width F run by the kernels of ``inference.kernels``:
-  ``ffn_dense`` (gate, up and down read whole) or ``ffn_sparse`` over the neurons a mask provider returns
-  (only their gate, up and down rows read); the outputs are summed with the routing weights, in ascending
+- each routed expert is one gated MLP of width F in the dense engine's bundled-neuron layout
+  (``inference.bundles``, float32), run by its kernel: dense (gate, up and down read whole) or over the neurons
+  a mask provider returns (only their bundles read); the outputs are summed with the routing weights, in ascending
   expert order as transformers' eager loop adds them. Qwen2-MoE's shared expert (scaled by
   ``sigmoid(w_gate . h)``) and the dense MLP layers of Qwen's ``mlp_only_layers`` are the same kernels;
 - Qwen3-MoE's per-head RMSNorm of q and k is applied to the fused QKV output before the attention kernel
   (which applies RoPE), as transformers applies it before RoPE.
 
-What it shares with the dense engine (``inference.engine``) is only public kernels: ``kernels.gemv``,
-``ffn_dense``, ``ffn_sparse``, ``gather_gemv``, ``gate_activation``, ``variant_code`` and
-``attention.decode_attention``. Its KV cache, RoPE tables and decoding loop are its own, so either engine can
-change without the other. Prefill runs the prompt one token at a time through ``step`` with dense experts
+What it shares with the dense engine (``inference.engine``) is only public kernels: ``bundles.ffn`` /
+``bundles.combined``, ``kernels.variant_code`` and ``attention.decode_attention``; its other GEMVs are NumPy's. Its
+KV cache, RoPE tables and decoding loop are its own, so either engine can change without the other. Prefill runs the prompt one token at a time through ``step`` with dense experts
 (prefill is never timed here, and one code path makes the prompt's cache exactly what decoding computes).
 
 Mask providers take ``(layer_idx, expert_idx, x_normed_H)`` and return the active neuron indices (int64,
@@ -36,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from ..models.variants import get_variant, variant_of_hf_act
-from . import kernels
+from . import bundles, kernels
 from .attention import decode_attention
 
 MOE_ENGINE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -57,19 +56,25 @@ def _rms_norm(x_H: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
     return w_H * (x_H / np.sqrt(np.mean(x_H * x_H, axis=-1, keepdims=True) + np.float32(eps)))
 
 
+def _gemv(W_OI: np.ndarray, x_I: np.ndarray) -> np.ndarray:
+    """Attention, router and lm_head GEMVs: NumPy's BLAS, the same for dense and sparse experts (only the
+    experts' FFNs differ between the two, and they run in the bundled kernels)."""
+    return (W_OI @ np.asarray(x_I, dtype=np.float32)).astype(np.float32, copy=False)
+
+
 @dataclass
 class FFNWeights:
-    """One gated MLP (a routed expert, a shared expert or a dense MLP), float32, in both down layouts."""
+    """One gated MLP (a routed expert, a shared expert or a dense MLP): float32 gate and up (for references
+    and byte counts) and its bundled-neuron layout, which the kernels read."""
 
     w_gate_NH: np.ndarray
     w_up_NH: np.ndarray
-    w_down_HN: np.ndarray  # for the dense GEMV
-    w_down_T_NH: np.ndarray  # one row per neuron, for the sparse axpy
+    bundles: bundles.FFNBundles
 
     @classmethod
     def of(cls, gate_NH, up_NH, down_HN) -> "FFNWeights":
         gate, up, down = (_f32(t) for t in (gate_NH, up_NH, down_HN))
-        return cls(gate, up, down, np.ascontiguousarray(down.T))
+        return cls(gate, up, bundles.FFNBundles.from_weights(gate, up, down, "f32"))
 
     @property
     def neurons(self) -> int:
@@ -178,11 +183,12 @@ class ExpertExactZeroOracle:
     def __call__(self, layer_idx: int, expert_idx: int, x_H: np.ndarray) -> np.ndarray:
         w, act = self.engine.ffn_weights(layer_idx, expert_idx), self.engine.config.act
         if not self.spec.exact_zeros:
-            return np.flatnonzero(kernels.combined_dense(x_H, w.w_gate_NH, w.w_up_NH, act))
-        fired_K = np.flatnonzero(kernels.gate_activation(kernels.gemv(w.w_gate_NH, x_H), act))
+            return np.flatnonzero(bundles.combined(w.bundles, x_H, act))
+        fired_K = np.flatnonzero(kernels.combine_ref(w.w_gate_NH @ x_H, np.ones(w.neurons, np.float32),
+                                                     (act[0] & ~1, act[1])))  # the gate activation alone
         if not self.spec.relu_up:
             return fired_K
-        return fired_K[kernels.gather_gemv(w.w_up_NH, x_H, fired_K) > 0]
+        return fired_K[w.w_up_NH[fired_K] @ x_H > 0]
 
 
 class RecordedExpertMasks:
@@ -278,7 +284,7 @@ class MoEEngine:
 
     def _attention(self, li: int, h_H: np.ndarray) -> np.ndarray:
         cfg, layer = self.config, self.layers[li]
-        qkv_Q = kernels.gemv(layer.w_qkv_QH, h_H)
+        qkv_Q = _gemv(layer.w_qkv_QH, h_H)
         if layer.b_qkv_Q is not None:
             qkv_Q += layer.b_qkv_Q
         if layer.q_norm_E is not None:  # Qwen3: per-head RMSNorm of q and k (before RoPE, which the kernel applies)
@@ -288,13 +294,13 @@ class MoEEngine:
         lo = 0 if cfg.sliding_window is None else max(0, self.pos - cfg.sliding_window + 1)
         out_D = decode_attention(qkv_Q, self.k_cache[li], self.v_cache[li], self.cos_PR[self.pos], self.sin_PR[self.pos],
                                  self.pos, cfg.num_heads, lo)
-        y_H = kernels.gemv(layer.w_o_HD, out_D)
+        y_H = _gemv(layer.w_o_HD, out_D)
         return y_H if layer.b_o_H is None else y_H + layer.b_o_H
 
     def route(self, li: int, h_H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The layer's routed experts for ``h_H`` (ascending) and their weights: softmax, top-k, renormalised."""
         cfg = self.config
-        logits_E = kernels.gemv(self.layers[li].router_EH, h_H)
+        logits_E = _gemv(self.layers[li].router_EH, h_H)
         p_E = np.exp(logits_E - logits_E.max())
         p_E /= p_E.sum()
         top_k = np.argsort(-p_E, kind="stable")[: cfg.experts_per_token]  # ties: the lower index, as torch.topk
@@ -304,11 +310,10 @@ class MoEEngine:
         order = np.argsort(top_k)
         return top_k[order].astype(np.int64), w_k[order].astype(np.float32)
 
-    def _ffn(self, w: FFNWeights, h_H: np.ndarray, idx_K: np.ndarray | None) -> np.ndarray:
-        act = self.config.act
-        if idx_K is None:
-            return kernels.ffn_dense(h_H, w.w_gate_NH, w.w_up_NH, w.w_down_HN, act)
-        return kernels.ffn_sparse(h_H, w.w_gate_NH, w.w_up_NH, w.w_down_T_NH, idx_K, act)
+    def _ffn(self, w: FFNWeights, h_H: np.ndarray, idx_K: np.ndarray | None, rows_read: np.ndarray) -> np.ndarray:
+        """One expert's FFN, dense (``idx_K`` None) or over the listed neurons; adds the gate, up and down rows
+        it read to ``rows_read``."""
+        return bundles.ffn(w.bundles, h_H, idx_K, self.config.act, rows_read=rows_read)
 
     def step(self, token_id: int, sparse: bool = False, mask_provider: ExpertMaskProvider | None = None,
              profile: dict | None = None) -> np.ndarray:
@@ -326,6 +331,7 @@ class MoEEngine:
             mask_provider = ExpertExactZeroOracle(self)
         t = {"embed": 0.0, "attention": 0.0, "router": 0.0, "mask": 0.0, "ffn": 0.0, "lm_head": 0.0}
         calls = active = 0
+        rows = np.zeros(3, np.int64)  # gate, up, down rows the expert kernels read
         t0 = perf_counter()
         x_H = self.embed_VH[token_id].copy()
         t1 = perf_counter()
@@ -351,7 +357,7 @@ class MoEEngine:
                 if sparse:
                     idx_K = np.ascontiguousarray(mask_provider(li, e, h_H), dtype=np.int64)
                 t5 = perf_counter()
-                y_H += np.float32(scale) * self._ffn(self.ffn_weights(li, e), h_H, idx_K)
+                y_H += np.float32(scale) * self._ffn(self.ffn_weights(li, e), h_H, idx_K, rows)
                 t6 = perf_counter()
                 t["mask"] += t5 - t4
                 t["ffn"] += t6 - t5
@@ -360,13 +366,14 @@ class MoEEngine:
                     active += cfg.intermediate_size if idx_K is None else idx_K.shape[0]
             x_H += y_H
             t1 = perf_counter()
-        logits_V = kernels.gemv(self.lm_head_VH, _rms_norm(x_H, self.final_norm_H, cfg.rms_norm_eps))
+        logits_V = _gemv(self.lm_head_VH, _rms_norm(x_H, self.final_norm_H, cfg.rms_norm_eps))
         t["lm_head"] += perf_counter() - t1
         self.pos += 1
         if profile is not None:
             for key, seconds in t.items():
                 profile[key] = profile.get(key, 0.0) + seconds
-            for key, n in (("tokens", 1), ("ffn_calls", calls), ("active_neurons", active)):
+            for key, n in (("tokens", 1), ("ffn_calls", calls), ("active_neurons", active), ("rows_gate", int(rows[0])),
+                           ("rows_up", int(rows[1])), ("rows_down", int(rows[2]))):
                 profile[key] = profile.get(key, 0) + n
         return logits_V
 

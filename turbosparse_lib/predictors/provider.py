@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..inference import kernels
+from ..inference import quant
 from .model import PredictorSet
 
 
@@ -21,15 +21,15 @@ class PredictorMaskProvider:
         self.input = ps.source  # "residual" or "normed"
         self.threshold = ps.threshold if threshold is None else threshold
         self.logit_threshold = np.float32(ps.logit_threshold(self.threshold))
-        self.w1 = [np.ascontiguousarray(p.down.weight.detach().float().numpy()) for p in ps.layers]  # (r, H)
-        self.w2 = [np.ascontiguousarray(p.up.weight.detach().float().numpy()) for p in ps.layers]  # (N, r)
+        self.w1 = [quant.quantize(p.down.weight.detach().float().numpy(), "f32") for p in ps.layers]  # (r, H)
+        self.w2 = [quant.quantize(p.up.weight.detach().float().numpy(), "f32") for p in ps.layers]  # (N, r)
         self.b = [np.ascontiguousarray(p.up.bias.detach().float().numpy()) for p in ps.layers]  # (N,)
 
     def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
-        h_R = np.maximum(kernels.gemv(self.w1[layer_idx], x_H), np.float32(0))
-        logits_N = kernels.gemv(self.w2[layer_idx], h_R) + self.b[layer_idx]
+        h_R = np.maximum(quant.gemv(self.w1[layer_idx], np.ascontiguousarray(x_H, dtype=np.float32)), np.float32(0))
+        logits_N = quant.gemv(self.w2[layer_idx], h_R) + self.b[layer_idx]
         return np.flatnonzero(logits_N >= self.logit_threshold)
 
     @property
     def n_params(self) -> int:
-        return sum(a.size + b.size + c.size for a, b, c in zip(self.w1, self.w2, self.b))
+        return sum(a.rows * a.cols + b.rows * b.cols + c.size for a, b, c in zip(self.w1, self.w2, self.b))

@@ -1,0 +1,87 @@
+"""The decode engine's model in NumPy: prefill of a float32 engine, and the reference of every engine.
+
+All prompt tokens at once with matmuls on the (dequantised) weights, causal attention with the
+same RoPE tables, sliding window and grouped-query layout as the decode kernels. For the Q formats
+every matrix input is first rounded to Q8_0 blocks per token, as the kernels do, so this is the
+quantised model itself, not its float original: what ``Engine.reference_logits`` compares the
+compiled decode step with.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import kernels, quant
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def rms_norm(x_TH: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
+    """LlamaRMSNorm in float32 over the last axis."""
+    var_T1 = np.mean(x_TH * x_TH, axis=-1, keepdims=True)
+    return w_H * (x_TH / np.sqrt(var_T1 + np.float32(eps)))
+
+
+def _rope(engine: "Engine", x_TnE: np.ndarray, positions_T: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE on (T, heads, head_dim) at the given positions."""
+    R = engine.config.head_dim // 2
+    cos, sin = engine.cos_PR[positions_T][:, None, :], engine.sin_PR[positions_T][:, None, :]
+    x1, x2 = x_TnE[..., :R], x_TnE[..., R:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _attention(engine: "Engine", li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, act) -> np.ndarray:
+    """T prompt tokens at positions pos..pos+T-1 with NumPy matmuls; writes their k, v to the cache."""
+    cfg, w = engine.config, engine.weights
+    T, E, G, rep = h_TH.shape[0], cfg.head_dim, cfg.num_kv_heads, cfg.n_rep
+    qkv_TQ = act(h_TH) @ w_qkv_QH.T
+    if w.b_qkv_LQ is not None:
+        qkv_TQ = qkv_TQ + w.b_qkv_LQ[li]
+    q_end, k_end = cfg.num_heads * E, (cfg.num_heads + G) * E
+    positions_T = np.arange(engine.pos, engine.pos + T)
+    q_TnE = _rope(engine, qkv_TQ[:, :q_end].reshape(T, cfg.num_heads, E), positions_T)
+    k_TgE = _rope(engine, qkv_TQ[:, q_end:k_end].reshape(T, G, E), positions_T)
+    engine.k_cache[li, :, engine.pos : engine.pos + T] = k_TgE.transpose(1, 0, 2)
+    engine.v_cache[li, :, engine.pos : engine.pos + T] = qkv_TQ[:, k_end:].reshape(T, G, E).transpose(1, 0, 2)
+
+    # keys lo..end-1 can be seen by some new query; the mask narrows that per query
+    lo, end = engine._window_start(engine.pos), engine.pos + T
+    K_gSE, V_gSE = engine.k_cache[li, :, lo:end], engine.v_cache[li, :, lo:end]
+    q_grTE = q_TnE.reshape(T, G, rep, E).transpose(1, 2, 0, 3)  # head h reads kv head h // rep
+    scores_grTS = (q_grTE @ K_gSE[:, None].transpose(0, 1, 3, 2)) * np.float32(E**-0.5)
+    key_S, query_T1 = np.arange(lo, end), positions_T[:, None]
+    visible_TS = key_S <= query_T1
+    if cfg.sliding_window is not None:
+        visible_TS &= key_S > query_T1 - cfg.sliding_window
+    scores_grTS = np.where(visible_TS, scores_grTS, -np.inf)
+    p_grTS = np.exp(scores_grTS - scores_grTS.max(axis=-1, keepdims=True))
+    p_grTS /= p_grTS.sum(axis=-1, keepdims=True)
+    out_TD = (p_grTS @ V_gSE[:, None]).transpose(2, 0, 1, 3).reshape(T, cfg.num_heads * E)
+    y_TH = act(out_TD) @ w_o_HD.T
+    return y_TH if w.b_o_LH is None else y_TH + w.b_o_LH[li]
+
+
+def forward_numpy(engine: "Engine", ids_T: np.ndarray, all_logits: bool) -> np.ndarray:
+    """Run ``ids_T`` after the engine's cached positions (writing their k, v); the last logits (V,), or (T, V)."""
+    cfg, w = engine.config, engine.weights
+    code, H = w.qkv.code, cfg.hidden_size
+
+    def act(x_TC):  # what a kernel of this format multiplies the weights with
+        return x_TC if code == quant.F32 else np.stack([quant._activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
+
+    x_TH = quant.dequantize(quant.QMatrix(w.embed.data[ids_T], w.embed.fmt, H))
+    for li in range(cfg.num_layers):
+        h_TH = rms_norm(x_TH, w.attn_norm_LH[li], cfg.rms_norm_eps)
+        x_TH = x_TH + _attention(engine, li, h_TH, quant.dequantize(w.qkv[li]), quant.dequantize(w.o[li]), act)
+        h_TH = act(rms_norm(x_TH, w.ffn_norm_LH[li], cfg.rms_norm_eps))
+        ffn = w.ffn[li]
+        c_TN = kernels.combine_ref(h_TH @ ffn.dequantized(0).T, h_TH @ ffn.dequantized(1).T, cfg.act)
+        x_TH = x_TH + c_TN @ ffn.dequantized(2)
+    engine.pos += len(ids_T)
+    h_TH = act(rms_norm(x_TH if all_logits else x_TH[-1:], w.final_norm_H, cfg.rms_norm_eps))
+    logits_TV = np.ascontiguousarray(h_TH, dtype=np.float32) @ quant.dequantize(w.lm_head).T
+    return logits_TV if all_logits else logits_TV[0]
+

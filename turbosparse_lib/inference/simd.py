@@ -1,0 +1,312 @@
+"""SIMD loops over quantised blocks, written as LLVM IR and called from Numba kernels as intrinsics.
+
+Numba vectorises a flat float loop well, but not a dot product of 32-element blocks that each
+carry their own scale: it unrolls the 32-element inner loop and then packs it badly (measured
+at a third to a fifth of the flat loop's speed). These intrinsics state the vector shape
+directly in LLVM IR, with generic vector types (``<32 x i8>``, ``<8 x float>``), so LLVM
+lowers them to the host's SIMD instructions (``vpmaddwd`` on AVX2, the same multiply-add
+llama.cpp's kernels use) and to plain SSE or NEON elsewhere. Nothing here names an x86
+instruction, so the code stays portable.
+
+Block formats (``quant`` has the layouts, the quantisers and the NumPy references):
+
+- Q8_0: 34 bytes per 32 weights, ``[fp16 scale d | 32 x int8 q]``, weight = d * q;
+- Q4_0: 18 bytes per 32 weights, ``[fp16 scale d | 16 bytes]``, byte j holds weight j in its
+  low nibble and weight j + 16 in its high nibble, weight = d * (nibble - 8).
+
+A dot product takes the activation already quantised to Q8_0 blocks (``quant.quantize_activation``)
+and widened to int16 once per vector, as llama.cpp does: each block is then an exact integer dot
+product, ``sum_j q_j * x_j``, scaled once by ``d_weight * d_activation`` into an ``<8 x float>``
+accumulator that is reduced only at the end of the row. An axpy (``y += c * row``, the sparse
+down projection) dequantises a block on the fly into ``y``.
+
+Pointers: weights are passed as a ``uint8`` array and a byte offset (a row inside a stacked or
+bundled matrix); activations, their scales and ``y`` from their first element. The callers check
+sizes; the intrinsics read exactly ``n_blocks`` blocks.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_FAST = ("fast",)  # reassociation and contraction for the float accumulator (as the kernels' _FASTMATH)
+
+Q8_BLOCK_BYTES, Q4_BLOCK_BYTES, BLOCK = 34, 18, 32
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _const_vec(t, n, value):
+    return ir.Constant(_vec(t, n), [value] * n)
+
+
+def _lanes(builder, v, lanes):
+    """The listed lanes of vector ``v`` as a new vector (a shufflevector)."""
+    return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, len(lanes)), list(lanes)))
+
+
+def _splat(builder, scalar, n):
+    v = builder.insert_element(ir.Constant(_vec(scalar.type, n), ir.Undefined), scalar, ir.Constant(_I32, 0))
+    return _lanes(builder, v, [0] * n)
+
+
+def _byte_ptr(context, builder, aryty, ary, offset):
+    """Address of byte ``offset`` of an array's data."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(builder.bitcast(data, _I8.as_pointer()), [offset])
+
+
+def _elem_ptr(context, builder, aryty, ary, index, elem_type):
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(builder.bitcast(data, elem_type.as_pointer()), [index])
+
+
+def _load_vec(builder, byte_ptr, elem_type, n):
+    return builder.load(builder.bitcast(byte_ptr, _vec(elem_type, n).as_pointer()), align=1)
+
+
+def _host_converts_halves() -> bool:
+    """Whether the host converts IEEE halves in hardware (x86 F16C, every AArch64)."""
+    import llvmlite.binding as llvm
+
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return True
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:  # features unknown
+        return False
+
+
+NATIVE_HALF = _host_converts_halves()
+
+
+def _half_to_float(builder, bits16, native=None):
+    """IEEE half -> float: one instruction where the host has one (``fpext half``), else integer ops.
+
+    The fallback is exact for normal and subnormal halves (scales are never inf or NaN): the 15
+    magnitude bits shifted left by 13 are a float 2^112 times too small for every finite half,
+    so one multiply fixes the exponent, then the sign bit is put back. It needs no runtime helper,
+    which ``fpext half`` would call on a CPU without half conversions.
+    """
+    if NATIVE_HALF if native is None else native:
+        return builder.fpext(builder.bitcast(bits16, ir.HalfType()), _F32)
+    h = builder.zext(bits16, _I32)
+    mag = builder.shl(builder.and_(h, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
+    value = builder.fmul(builder.bitcast(mag, _F32), ir.Constant(_F32, 2.0**112))
+    sign = builder.shl(builder.and_(h, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
+    return builder.bitcast(builder.or_(builder.bitcast(value, _I32), sign), _F32)
+
+
+def _make_half_to_float(native):
+    @intrinsic
+    def half_to_float(typingctx, bits):
+        sig = types.float32(types.uint16)
+
+        def codegen(context, builder, signature, args):
+            return _half_to_float(builder, args[0], native)
+
+        return sig, codegen
+
+    return half_to_float
+
+
+half_to_float = _make_half_to_float(None)
+half_to_float.__doc__ = "half_to_float(uint16 bits) -> float32, as the kernels convert block scales."
+half_to_float_portable = _make_half_to_float(False)
+half_to_float_portable.__doc__ = "half_to_float with integer ops only (the fallback of CPUs without F16C)."
+
+
+def _block_scale(builder, block_ptr):
+    return _half_to_float(builder, builder.load(builder.bitcast(block_ptr, _I16.as_pointer()), align=1))
+
+
+def _pair_sums(builder, v, n):
+    """<n x i32> -> <n/2 x i32>, lane i = v[2i] + v[2i+1] (with a widening multiply: vpmaddwd)."""
+    return builder.add(_lanes(builder, v, range(0, n, 2)), _lanes(builder, v, range(1, n, 2)))
+
+
+def _int_dot16(builder, w_i16, x_i16):
+    """Exact integer dot product of 16 int16 weights and 16 int16 activations as <8 x i32> partial sums
+    (the widening multiply and pairwise add that SIMD units do in one instruction: ``vpmaddwd``)."""
+    prod = builder.mul(builder.sext(w_i16, _vec(_I32, 16)), builder.sext(x_i16, _vec(_I32, 16)), flags=("nsw",))
+    return _pair_sums(builder, prod, 16)
+
+
+def _hsum8(builder, v):
+    """Horizontal sum of an <8 x float>."""
+    s4 = builder.fadd(_lanes(builder, v, range(4)), _lanes(builder, v, range(4, 8)), flags=_FAST)
+    s2 = builder.fadd(_lanes(builder, s4, range(2)), _lanes(builder, s4, range(2, 4)), flags=_FAST)
+    return builder.fadd(builder.extract_element(s2, ir.Constant(_I32, 0)),
+                        builder.extract_element(s2, ir.Constant(_I32, 1)), flags=_FAST)  # fmt: skip
+
+
+def _counted_loop(builder, n, body, acc_init=None):
+    """``for b in range(n): acc = body(b, acc)``; returns the final accumulator (``acc_init`` if n <= 0)."""
+    entry = builder.block
+    loop = builder.function.append_basic_block("blocks")
+    done = builder.function.append_basic_block("blocks_done")
+    builder.cbranch(builder.icmp_signed(">", n, ir.Constant(_I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    b = builder.phi(_I64)
+    b.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = None
+    if acc_init is not None:
+        acc = builder.phi(acc_init.type)
+        acc.add_incoming(acc_init, entry)
+    acc_next = body(b, acc)
+    b_next = builder.add(b, ir.Constant(_I64, 1))
+    tail = builder.block  # body may have added blocks
+    b.add_incoming(b_next, tail)
+    if acc is not None:
+        acc.add_incoming(acc_next, tail)
+    builder.cbranch(builder.icmp_signed("<", b_next, n), loop, done)
+    builder.position_at_end(done)
+    if acc_init is None:
+        return None
+    out = builder.phi(acc_init.type)
+    out.add_incoming(acc_init, entry)
+    out.add_incoming(acc_next, tail)
+    return out
+
+
+def _q8_weights(builder, block_ptr):
+    """The 32 weights of a Q8_0 block as two <16 x i16> halves (weights 0-15, 16-31)."""
+    q = _load_vec(builder, builder.gep(block_ptr, [ir.Constant(_I64, 2)]), _I8, 32)
+    return [builder.sext(_lanes(builder, q, range(h * 16, h * 16 + 16)), _vec(_I16, 16)) for h in (0, 1)]
+
+
+def _q4_weights(builder, block_ptr):
+    """The 32 weights of a Q4_0 block as two <16 x i16> halves in [-8, 7]: low nibbles are weights
+    0-15, high nibbles 16-31. Unpacked on 16-bit lanes, where SIMD units have a shift (not on bytes)."""
+    packed = builder.zext(_load_vec(builder, builder.gep(block_ptr, [ir.Constant(_I64, 2)]), _I8, 16), _vec(_I16, 16))
+    low = builder.and_(packed, _const_vec(_I16, 16, 15))
+    high = builder.lshr(packed, _const_vec(_I16, 16, 4))
+    return [builder.sub(half, _const_vec(_I16, 16, 8)) for half in (low, high)]
+
+
+_WEIGHTS = {Q8_BLOCK_BYTES: _q8_weights, Q4_BLOCK_BYTES: _q4_weights}
+
+
+def _make_block_dot(block_bytes: int):
+    # One row per call: two rows side by side would share the activation loads, but measured on matrices far
+    # larger than the cache they streamed from memory at about half the rate (two interleaved streams).
+    weights = _WEIGHTS[block_bytes]
+
+    @intrinsic
+    def block_dot(typingctx, w, w_offset, x16, xd, n_blocks):
+        sig = types.float32(w, types.intp, x16, xd, types.intp)
+
+        def codegen(context, builder, signature, args):
+            w_ty, _, x16_ty, xd_ty, _ = signature.args
+            w_arr, off, x16_arr, xd_arr, nb = args
+            row = _byte_ptr(context, builder, w_ty, w_arr, off)
+
+            def body(b, acc):
+                blk = builder.gep(row, [builder.mul(b, ir.Constant(_I64, block_bytes))])
+                x_ptr = builder.bitcast(_elem_ptr(context, builder, x16_ty, x16_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _I16),
+                                        _I8.as_pointer())  # fmt: skip
+                w_lo, w_hi = weights(builder, blk)
+                isum = builder.add(_int_dot16(builder, w_lo, _load_vec(builder, x_ptr, _I16, 16)),
+                                   _int_dot16(builder, w_hi, _load_vec(builder, builder.gep(x_ptr, [ir.Constant(_I64, 32)]), _I16, 16)))
+                scale = builder.fmul(_block_scale(builder, blk), builder.load(_elem_ptr(context, builder, xd_ty, xd_arr, b, _F32)))
+                part = builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), _splat(builder, scale, 8), flags=_FAST)
+                return builder.fadd(acc, part, flags=_FAST)
+
+            return _hsum8(builder, _counted_loop(builder, nb, body, _const_vec(_F32, 8, 0.0)))
+
+        return sig, codegen
+
+    return block_dot
+
+
+def _make_block_axpy(block_bytes: int):
+    weights = _WEIGHTS[block_bytes]
+
+    @intrinsic
+    def block_axpy(typingctx, w, w_offset, coef, y, n_blocks):
+        sig = types.void(w, types.intp, types.float32, y, types.intp)
+
+        def codegen(context, builder, signature, args):
+            w_ty, _, _, y_ty, _ = signature.args
+            w_arr, off, c, y_arr, nb = args
+            row = _byte_ptr(context, builder, w_ty, w_arr, off)
+
+            def body(b, _):
+                blk = builder.gep(row, [builder.mul(b, ir.Constant(_I64, block_bytes))])
+                a = _splat(builder, builder.fmul(c, _block_scale(builder, blk)), 32)
+                w_lo, w_hi = weights(builder, blk)
+                w_f = builder.sitofp(builder.shuffle_vector(w_lo, w_hi, ir.Constant(_vec(_I32, 32), list(range(32)))), _vec(_F32, 32))
+                y_ptr = builder.bitcast(_elem_ptr(context, builder, y_ty, y_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _F32),
+                                        _vec(_F32, 32).as_pointer())  # fmt: skip
+                y_new = builder.fadd(builder.load(y_ptr, align=4), builder.fmul(a, w_f, flags=_FAST), flags=_FAST)
+                builder.store(y_new, y_ptr, align=4)
+                return None
+
+            _counted_loop(builder, nb, body)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block_axpy
+
+
+q8_dot = _make_block_dot(Q8_BLOCK_BYTES)
+q8_dot.__doc__ = "q8_dot(w_u8, byte_offset, x16, xd, n_blocks) -> float32: Q8_0 row . Q8_0 activation."
+q4_dot = _make_block_dot(Q4_BLOCK_BYTES)
+q4_dot.__doc__ = "q4_dot(w_u8, byte_offset, x16, xd, n_blocks) -> float32: Q4_0 row . Q8_0 activation."
+q8_axpy = _make_block_axpy(Q8_BLOCK_BYTES)
+q8_axpy.__doc__ = "q8_axpy(w_u8, byte_offset, coef, y, n_blocks): y[:32 n_blocks] += coef * dequantised Q8_0 row."
+q4_axpy = _make_block_axpy(Q4_BLOCK_BYTES)
+q4_axpy.__doc__ = "q4_axpy(w_u8, byte_offset, coef, y, n_blocks): y[:32 n_blocks] += coef * dequantised Q4_0 row."
+
+
+# LLVM's locality 2 is x86's prefetcht1: into L2 and L3, not L1, where the activation and the FFN's partial
+# output of a 4096-wide layer already take most of 32 KB
+LOCALITY = 2
+
+
+@intrinsic
+def prefetch(typingctx, arr, byte_offset):
+    """Hint the hardware to start loading the cache line at ``byte_offset`` of ``arr`` (no effect on results).
+
+    The sparse FFN reads one short bundle per active neuron at scattered addresses; the hardware
+    prefetcher cannot guess the next one, so the kernel names it while it works on the current one.
+    """
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _byte_ptr(context, builder, signature.args[0], args[0], args[1])
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read, locality LOCALITY, data cache
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, LOCALITY), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# The time-stamp counter is a constant-rate, user-readable clock on x86-64; elsewhere (ARM's cycle
+# counter may trap in user mode) the profile falls back to zeros and says so.
+CYCLE_COUNTER_AVAILABLE = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@intrinsic
+def cycle_counter(typingctx):
+    """The CPU's time-stamp counter (x86-64), for per-component timing inside a compiled decode step; 0 elsewhere."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        if not CYCLE_COUNTER_AVAILABLE:
+            return ir.Constant(_I64, 0)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, []), "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return sig, codegen

@@ -1,0 +1,235 @@
+"""The fused decode step: a whole token (or a layer half) in one compiled call, for every weight format.
+
+A decoder layer is RMSNorm, the qkv GEMV, RoPE and attention, the o GEMV, RMSNorm and the FFN.
+Called one kernel at a time from Python, each call pays its dispatch (argument unboxing, a few
+microseconds) and the glue between calls runs in the interpreter; at SmolLM2's size that was a
+visible share of a token. Here the glue is compiled too:
+
+- ``decode_token``: one call per token: the embedding, every layer and the lm_head. The FFN
+  runs dense, over masks the caller packed for the whole token (``MASKS_PACKED``: recorded
+  masks replayed, or any provider that can say a token's masks up front), or with the exact-zero
+  oracle computed in line (``MASKS_EXACT_IN_LINE``: every gate row read, the rest only where it fires).
+- ``attention_half`` / ``ffn_half``: one layer in two calls, so a mask provider written in Python
+  (a trained predictor, ``(layer_idx, x_normed_H) -> idx``) runs between them on the very input
+  the FFN will see.
+
+Work is split across threads inside the kernels (rows of a GEMV, heads of attention, neurons of
+the FFN), as llama.cpp splits each op: four parallel regions per layer, with no Python between.
+Every matrix is a stack over layers in one format (``quant``: f32, q8_0, q4_0), the FFN in the
+bundled layout (``bundles``). Inside ``decode_token`` the time-stamp counter (``simd.cycle_counter``)
+splits the token's time into embed, attention, mask, ffn and lm_head, so a profile describes the
+fused step itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from . import quant, simd
+from .attention import decode_attention
+from .bundles import FFNBundles, ffn_into, prefetch_bytes_for
+from .kernels import _FASTMATH
+
+MASKS_DENSE, MASKS_PACKED, MASKS_EXACT_IN_LINE = 0, 1, 2
+# profile slots of decode_token's ``ticks``
+TICKS = ("embed", "attention", "mask", "ffn", "lm_head")
+
+
+@dataclass
+class ModelWeights:
+    """Every weight a decode step reads, stacked over layers, matrices in one format ``fmt``.
+
+    Norms and biases stay float32 (llama.cpp keeps them F32 too). ``embed`` is ``lm_head`` itself
+    when the model ties them, so a tied quantised model reads one quantised matrix for both.
+    """
+
+    fmt: str
+    attn_norm_LH: np.ndarray
+    ffn_norm_LH: np.ndarray
+    qkv: quant.QMatrix  # (L, Q, .): q heads, then k heads, then v heads
+    o: quant.QMatrix  # (L, H, .)
+    ffn: FFNBundles  # (L, N, .)
+    final_norm_H: np.ndarray
+    lm_head: quant.QMatrix  # (V, .)
+    embed: quant.QMatrix  # (V, .), lm_head when tied
+    b_qkv_LQ: np.ndarray | None = None  # attention_bias models only
+    b_o_LH: np.ndarray | None = None
+
+    @classmethod
+    def quantize(cls, fmt: str, attn_norm_LH, ffn_norm_LH, w_qkv_LQH, w_o_LHD, w_gate_LNH, w_up_LNH, w_down_LHN,
+                 final_norm_H, lm_head_VH, embed_VH=None, b_qkv_LQ=None, b_o_LH=None) -> "ModelWeights":
+        """From float weights in ``nn.Linear`` layout, stacked over layers; ``embed_VH=None``: tied to lm_head."""
+        lm_head = quant.quantize(lm_head_VH, fmt)
+        f32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+        return cls(fmt, f32(attn_norm_LH), f32(ffn_norm_LH), quant.quantize(w_qkv_LQH, fmt), quant.quantize(w_o_LHD, fmt),
+                   FFNBundles.from_weights(w_gate_LNH, w_up_LNH, w_down_LHN, fmt), f32(final_norm_H), lm_head,
+                   lm_head if embed_VH is None else quant.quantize(embed_VH, fmt), f32(b_qkv_LQ), f32(b_o_LH))  # fmt: skip
+
+    @property
+    def tied(self) -> bool:
+        return self.embed is self.lm_head
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (a tied embedding once)."""
+        mats = [self.qkv, self.o, self.ffn, self.lm_head] + ([] if self.tied else [self.embed])
+        return sum(m.nbytes for m in mats) + sum(a.nbytes for a in (self.attn_norm_LH, self.ffn_norm_LH, self.final_norm_H))
+
+    def kernel_args(self) -> tuple:
+        """The arrays ``decode_token`` and the layer halves take, in their order (biases as zeros when absent)."""
+        L, Q, H = self.qkv.data.shape[0], self.qkv.rows, self.o.rows
+        b_qkv = np.zeros((L, Q), np.float32) if self.b_qkv_LQ is None else self.b_qkv_LQ
+        b_o = np.zeros((L, H), np.float32) if self.b_o_LH is None else self.b_o_LH
+        return (self.attn_norm_LH, self.qkv.data, b_qkv, self.b_qkv_LQ is not None, self.o.data, b_o,
+                self.b_o_LH is not None, self.ffn_norm_LH, self.ffn.data, self.ffn.down_scale)  # fmt: skip
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def rms_norm_into(x, w, eps, out):
+    """out = w * x / sqrt(mean(x^2) + eps), as LlamaRMSNorm in float32."""
+    ss = np.float32(0.0)
+    for j in range(x.shape[0]):
+        ss += x[j] * x[j]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[0]) + np.float32(eps))
+    for j in range(x.shape[0]):
+        out[j] = w[j] * (x[j] * inv)
+
+
+@njit(cache=True)
+def activation_buffers(code, n):
+    """Q8_0 activation buffers for an input of ``n`` values (empty for f32, which reads x itself)."""
+    if code == quant.F32:
+        return np.empty(0, np.int16), np.empty(0, np.float32)
+    nb = (n + 31) // 32
+    return np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def matvec(data, code, cols, x, y):
+    """y = W x for one matrix (rows, row_bytes): quantises x first where the format needs it."""
+    x16, xd = activation_buffers(code, cols)
+    if code != quant.F32:
+        quant._quantize_activation(x, x16, xd)
+    quant.gemv_into(data, code, cols, x, x16, xd, y)
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, code, n_heads, head_dim,
+                   eps, k_cache, v_cache, cos, sin, pos, window, h_out):
+    """Layer ``li``'s attention block on the residual stream ``x`` (updated in place); ``h_out`` gets
+    the FFN's input, RMSNorm(x). Writes this position's k and v into the layer's cache."""
+    H = x.shape[0]
+    h = np.empty(H, np.float32)
+    rms_norm_into(x, attn_norm[li], eps, h)
+    qkv_Q = np.empty(qkv.shape[1], np.float32)
+    matvec(qkv[li], code, H, h, qkv_Q)
+    if has_b_qkv:
+        qkv_Q += b_qkv[li]
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    out_D = decode_attention(qkv_Q, k_cache[li], v_cache[li], cos[pos], sin[pos], pos, n_heads, lo)
+    y_H = np.empty(H, np.float32)
+    matvec(o[li], code, n_heads * head_dim, out_D, y_H)
+    for j in range(H):
+        x[j] += y_H[j] + b_o[li, j] if has_b_o else y_H[j]
+    rms_norm_into(x, ffn_norm[li], eps, h_out)
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, shift, n_threads, rows_read):
+    """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x``."""
+    H = x.shape[0]
+    x16, xd = activation_buffers(code, H)
+    if code != quant.F32:
+        quant._quantize_activation(h, x16, xd)
+    y = np.empty(H, np.float32)
+    ffn_into(ffn[li], ffn_scale[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read,
+             prefetch_bytes_for(ffn.shape[2]))  # fmt: skip
+    x += y
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def embed_row(embed, code, token, H):
+    """The float32 embedding of ``token`` (a dequantised row for the Q formats)."""
+    x = np.zeros((H + 31) // 32 * 32, np.float32)
+    quant.row_axpy(embed[token], 0, code, H, np.float32(1.0), x)
+    return x[:H].copy()
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def lm_head_logits(x, final_norm, eps, lm_head, code):
+    H = x.shape[0]
+    h = np.empty(H, np.float32)
+    rms_norm_into(x, final_norm, eps, h)
+    logits = np.empty(lm_head.shape[0], np.float32)
+    matvec(lm_head, code, H, h, logits)
+    return logits
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, ffn, ffn_scale, final_norm,
+                 lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin, window, act, shift, masks_mode,
+                 mask_offsets, mask_idx, n_threads, ticks, rows_read):
+    """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
+
+    ``masks_mode``: ``MASKS_DENSE``, ``MASKS_PACKED`` (layer l reads neurons
+    ``mask_idx[mask_offsets[l]:mask_offsets[l + 1]]``) or ``MASKS_EXACT_IN_LINE``. Adds the
+    time-stamp-counter ticks of each component to ``ticks`` (order of ``TICKS``) and the FFN rows
+    read (gate, up, down) to ``rows_read``. Returns (logits, active neurons summed over layers).
+    """
+    H, N = attn_norm.shape[1], ffn.shape[1]
+    t0 = simd.cycle_counter()
+    x = embed_row(embed, code, token, H)
+    h = np.empty(H, np.float32)
+    active = 0
+    t1 = simd.cycle_counter()
+    ticks[0] += t1 - t0
+    for li in range(attn_norm.shape[0]):
+        attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, code, n_heads, head_dim,
+                       eps, k_cache, v_cache, cos, sin, pos, window, h)  # fmt: skip
+        t2 = simd.cycle_counter()
+        ticks[1] += t2 - t1
+        if masks_mode == MASKS_PACKED:
+            lo, hi = mask_offsets[li], mask_offsets[li + 1]
+            ffn_half(li, x, h, ffn, ffn_scale, code, mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads,
+                     rows_read)  # fmt: skip
+            active += hi - lo
+        else:
+            before = rows_read[2]
+            in_line = masks_mode == MASKS_EXACT_IN_LINE
+            ffn_half(li, x, h, ffn, ffn_scale, code, mask_idx, N, False, in_line, act, shift, n_threads, rows_read)
+            active += rows_read[2] - before if in_line else N
+        t1 = simd.cycle_counter()
+        ticks[3] += t1 - t2
+    logits = lm_head_logits(x, final_norm, eps, lm_head, code)
+    ticks[4] += simd.cycle_counter() - t1
+    return logits, active
+
+
+@njit(cache=True)
+def _busy_ticks(n):
+    t0 = simd.cycle_counter()
+    acc = 0.0
+    for i in range(n):
+        acc += np.sqrt(np.float64(i))
+    return simd.cycle_counter() - t0, acc
+
+
+_TICK_SECONDS: list[float] = []
+
+
+def seconds_per_tick() -> float:
+    """Seconds per time-stamp-counter tick, measured once per process against ``perf_counter``
+    (the counter runs at a constant rate on current x86 CPUs); NaN where there is no counter."""
+    from time import perf_counter
+
+    if not simd.CYCLE_COUNTER_AVAILABLE:
+        return float("nan")
+    if not _TICK_SECONDS:
+        _busy_ticks(10)  # compile
+        t0 = perf_counter()
+        ticks, _ = _busy_ticks(20_000_000)
+        _TICK_SECONDS.append((perf_counter() - t0) / max(ticks, 1))
+    return _TICK_SECONDS[0]
