@@ -29,6 +29,7 @@ MASK_SOURCES = {
     "exact": "exact zeros, recorded then replayed at no cost (an ideal predictor)",
     "topk": "top-k oracle, recorded then replayed at no cost (an ideal predictor, lossy)",
     "oracle": "exact zeros computed in line from the weights (every gate row read each token)",
+    "provider": "a mask provider run in line each token (e.g. trained predictors), its cost counted",
 }
 PROFILE_PARTS = ("embed", "attention", "mask", "ffn", "lm_head", "other")
 
@@ -37,20 +38,25 @@ PROFILE_PARTS = ("embed", "attention", "mask", "ffn", "lm_head", "other")
 class EngineRun:
     """One configuration of our engine: weight format ``precision`` ('f32', 'q8_0', 'q4_0'; the engine is
     quantised from the float one once and kept), ``masks`` None (dense), 'oracle' (ExactZeroOracle in line),
-    'exact' (its masks, recorded then replayed) or 'topk' (TopKOracle at ``topk_sparsity``, replayed)."""
+    'exact' (its masks, recorded then replayed), 'topk' (TopKOracle at ``topk_sparsity``, replayed) or
+    'provider' (``provider``, any ``(layer_idx, x_H) -> indices`` callable such as
+    ``predictors.provider.PredictorMaskProvider``, called in line every token)."""
 
     engine: Engine
     precision: Literal["f32", "q8_0", "q4_0"] = "f32"
-    masks: Literal["oracle", "exact", "topk"] | None = None
+    masks: Literal["oracle", "exact", "topk", "provider"] | None = None
     topk_sparsity: float = 0.9
+    provider: MaskProvider | None = None  # for masks="provider"
     profile: dict = field(default_factory=dict)  # accumulated over timed runs
     _replay: RecordedMasks | None = None
 
     def __post_init__(self):
         if self.precision not in FORMATS:
             raise ValueError(f"precision must be one of {', '.join(FORMATS)}; got {self.precision!r}")
-        if self.masks not in (None, "oracle", "exact", "topk"):
-            raise ValueError(f"masks must be None, 'oracle', 'exact' or 'topk'; got {self.masks!r}")
+        if self.masks not in MASK_SOURCES:
+            raise ValueError(f"masks must be None, 'oracle', 'exact', 'topk' or 'provider'; got {self.masks!r}")
+        if (self.masks == "provider") != (self.provider is not None):
+            raise ValueError("a provider is given with masks='provider', and only then")
         self.engine = self.engine.quantized(self.precision)
 
     def _provider(self) -> MaskProvider | None:
@@ -58,6 +64,8 @@ class EngineRun:
             return None
         if self.masks == "oracle":
             return ExactZeroOracle(self.engine)
+        if self.masks == "provider":
+            return self.provider
         if self._replay is None:  # first run: record
             if self.masks == "exact":
                 self._replay = RecordedMasks(ExactZeroOracle(self.engine))
@@ -133,7 +141,8 @@ def decoding_limits(shape: ModelShape, runs: dict, speed: pd.DataFrame, prompt_t
 
     Bytes per token at the mean decode position: the model's attention, lm_head, norms and KV cache
     (``bytes_per_token``) and, for our runs, the FFN rows the kernels counted (``measured_bytes_per_token``:
-    the in-line oracle's every gate row included) and the mask indices handed to them. llama.cpp runs are
+    the in-line oracle's every gate row included), the mask indices handed to them and a mask provider's
+    own weights (``provider.nbytes``: the predictors, read every token). llama.cpp runs are
     dense, with its F16 KV cache.
     """
     prof = profile_table(runs)
@@ -146,6 +155,9 @@ def decoding_limits(shape: ModelShape, runs: dict, speed: pd.DataFrame, prompt_t
                                          index_bytes=masks not in (None, "oracle"))  # fmt: skip
         else:
             b = bytes_per_token(shape, None, context, llama_cpp_precision(fmt))
+        # a provider's own weights (the predictors) are read every token: they count, as PowerInfer's do
+        b["mask_provider"] = float(getattr(getattr(run, "provider", None), "nbytes", 0))
+        b["total"] += b["mask_provider"]
         ffn_ms = float(prof.loc[name, "ffn"]) if name in prof.index else math.nan
         rows.append({"run": name, "precision": fmt, "masks": masks or "dense",
                      "ffn_active": float(prof.loc[name, "ffn_active"]) if name in prof.index else 1.0,
@@ -220,3 +232,37 @@ def scratch_model_decoding(dirs: list[Path], prompt_ids, bench, bandwidth_gbs: f
         out[d.name] = decoding_limits(ModelShape.of_engine(eng, d.name), runs, speed, bench.prompt_tokens,
                                       bench.new_tokens, bandwidth_gbs, {"f32": "dense f32"})
     return out
+
+
+def predicted_decoding_runs(engine: Engine, predictors, thresholds, model_label: str, llama: dict | None = None,
+                            precisions=("f32", "q8_0", "q4_0"),
+                            llama_label: str = "SmolLM2 as shipped (SwiGLU)") -> tuple[dict, dict, pd.DataFrame]:
+    """The configurations of notebook 07's speed-at-equal-quality table, for every precision: ``engine``
+    (a float32 engine of the sparse model) dense, sparse with exact masks replayed (an ideal, free predictor),
+    sparse with ``predictors`` (a ``PredictorSet``) in line at each threshold, its matrices in the engine's
+    format; and llama.cpp (``llama``: precision -> ``LlamaCppRun``) at that precision on the model it can run.
+
+    Returns the runs, a (precision, kind, threshold) -> run-name map (kinds: dense, exact, predicted, llama;
+    threshold None except for predicted) and a legend table.
+    """
+    from ..predictors.provider import PredictorMaskProvider
+
+    spec, keys = {}, {}
+    for p in precisions:
+        keys[(p, "dense", None)] = name = f"{model_label} · dense {p}"
+        spec[name] = (p, None, None, None)
+        keys[(p, "exact", None)] = name = f"{model_label} · sparse {p} · exact replayed"
+        spec[name] = (p, "exact", None, None)
+        for t in thresholds:
+            keys[(p, "predicted", t)] = name = f"{model_label} · sparse {p} · predicted, threshold {t:g}"
+            spec[name] = (p, "provider", PredictorMaskProvider(predictors, t, fmt=p), t)
+    runs = {name: EngineRun(engine, p, masks, provider=prov) for name, (p, masks, prov, _) in spec.items()}
+    legend = [{"run": name, "model": model_label, "precision": p,
+               "mask_source": MASK_SOURCES[masks] if t is None else f"predictors in line, threshold {t:g}",
+               "threshold": t} for name, (p, masks, _, t) in spec.items()]  # fmt: skip
+    for p, run in (llama or {}).items():
+        keys[(p, "llama", None)] = name = f"llama.cpp · {llama_label} · dense {p}"
+        runs[name] = run
+        legend.append({"run": name, "model": llama_label, "precision": f"{p} (GGUF, pure)", "mask_source": "dense",
+                       "threshold": None})
+    return runs, keys, pd.DataFrame(legend).set_index("run")
