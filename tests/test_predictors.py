@@ -76,3 +76,18 @@ def test_predictors_train_save_load_and_mask(tiny, ids, tmp_path):
     assert len(prov(0, np.random.default_rng(0).standard_normal(32).astype(np.float32))) == 64
     prompt = ids[:8].numpy()
     np.testing.assert_array_equal(engine.generate(prompt, 6, sparse=True, mask_provider=prov), engine.generate(prompt, 6))
+    # the benchmark runs: predictors in the engine's format, their bytes counted in bytes per token
+    from turbosparse_lib.bench import decoding
+    from turbosparse_lib.bench.bytes_model import ModelShape
+
+    runs, keys, legend = decoding.predicted_decoding_runs(engine, ps, (1e-9, 0.5), "tiny", precisions=("f32", "q8_0"))
+    assert len(runs) == len(legend) == 2 * 4 and runs[keys[("q8_0", "predicted", 0.5)]].provider.fmt == "q8_0"
+    speed, tokens = decoding.bench_decoding(runs, prompt, 4, 1)
+    assert np.array_equal(tokens[keys[("q8_0", "predicted", 1e-9)]], tokens[keys[("q8_0", "dense", None)]])
+    limits = decoding.decoding_limits(ModelShape.of_engine(engine, "tiny"), runs, speed, len(prompt), 4, 10.0,
+                                      {p: keys[(p, "dense", None)] for p in ("f32", "q8_0")})
+    pred, exact = limits.loc[keys[("q8_0", "predicted", 1e-9)]], limits.loc[keys[("q8_0", "exact", None)]]
+    prov_mb = runs[keys[("q8_0", "predicted", 1e-9)]].provider.nbytes / 1e6
+    assert prov_mb > 0 and pred.MB_per_token > exact.MB_per_token + prov_mb * 0.99
+    with pytest.raises(ValueError, match="provider"):
+        decoding.EngineRun(engine, "f32", "provider")
