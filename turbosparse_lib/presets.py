@@ -187,11 +187,12 @@ PRESETS: dict[str, Preset] = {
                            log_every=10),
         # Mixtral's routing, top-2 of 8, each expert half the dense width: a token reaches 704 neurons per layer
         moe=MoEConfig(num_experts=8, experts_per_token=2, expert_intermediate_size=352),
-        # sized for the whole of notebook 05 in about 90 minutes on 2 cores: distillation runs at about 40-90
+        # sized for the whole of notebook 05 in about an hour on 2 cores: distillation runs at about 25-90
         # tokens/s on SmolLM2-135M (student forward and backward plus the teacher's forward, slower on a busy
-        # machine), the warm start takes about 3 minutes; 32k tokens is a token budget far below what recovery needs
-        # (the gpu preset has 10M), so the cpu preset shows the first part of the recovery curve
-        relufy=RelufySection(total_tokens=32_768, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
+        # machine), the warm start takes 3-8 minutes; 16k tokens is a budget far below what recovery needs (the
+        # gpu preset has 10M), so the cpu preset shows the first part of the recovery curve. The default recipe's
+        # run of the recipe comparison is the dReLU run itself (same tokens, same config)
+        relufy=RelufySection(total_tokens=16_384, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
                              min_lr_ratio=0.1, warmup_steps=2, fit_tokens=16_384, eval_every=4,
                              curve_eval_tokens=4096, checkpoint_every=4, compare_tokens=16_384,
                              final_eval_tokens=32_768, tolerance_tokens=8192),

@@ -37,12 +37,20 @@ def compare_variants(results: dict[tuple[str, int], PerplexityResult], base: str
     seeds = sorted({s for v, s in results if v == base} & {s for v, s in results if v == other})
     if not seeds:
         raise ValueError(f"no seed has both {base!r} and {other!r}")
-    per_seed = [{"seed": s, **paired_interval(results[(base, s)], results[(other, s)], samples)} for s in seeds]
+    per_seed = pd.DataFrame([{"seed": s, **paired_interval(results[(base, s)], results[(other, s)], samples)}
+                             for s in seeds])
     ppl = {v: np.array([results[(v, s)].ppl for s in seeds]) for v in (base, other)}
+    return {"base": base, "other": other, "per_seed": per_seed, **variant_verdict(per_seed, ppl, base, other)}
+
+
+def variant_verdict(per_seed: pd.DataFrame, ppl: dict[str, np.ndarray], base: str, other: str) -> dict:
+    """The rule of ``compare_variants`` on its numbers (also what the claims report re-applies to the saved
+    CSVs): ``per_seed`` paired ratios other/base with ``ratio_lo``/``ratio_hi``; ``ppl``: variant -> the
+    perplexity at each seed. "<other> better"/"worse" only when every seed's interval excludes 1 and the
+    mean ratio differs from 1 by more than either variant's seed spread."""
     spread = {v: float((p.max() - p.min()) / p.mean()) if len(p) > 1 else 0.0 for v, p in ppl.items()}
-    mean_ratio = float(ppl[other].mean() / ppl[base].mean())
-    above = all(r["ratio_lo"] > 1 for r in per_seed)
-    below = all(r["ratio_hi"] < 1 for r in per_seed)
+    mean_ratio = float(np.mean(ppl[other]) / np.mean(ppl[base]))
+    above, below = bool((per_seed.ratio_lo > 1).all()), bool((per_seed.ratio_hi < 1).all())
     beyond_seeds = abs(mean_ratio - 1) > max(spread.values())
     if below and beyond_seeds:
         verdict = f"{other} better"
@@ -50,8 +58,7 @@ def compare_variants(results: dict[tuple[str, int], PerplexityResult], base: str
         verdict = f"{other} worse"
     else:
         verdict = NOT_DISTINGUISHABLE
-    return {"base": base, "other": other, "per_seed": pd.DataFrame(per_seed), "mean_ratio": mean_ratio,
-            "seed_spread": spread, "verdict": verdict}
+    return {"mean_ratio": mean_ratio, "seed_spread": spread, "verdict": verdict}
 
 
 def describe(cmp: dict) -> str:

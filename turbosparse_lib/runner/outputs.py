@@ -27,6 +27,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "05": ("02",),
     "06": ("02",),
     "07": ("02", "05"),
+    "99": ("00", "01", "02", "03", "04", "05", "06", "07"),  # reads every result; reports what is missing
 }
 
 

@@ -245,6 +245,17 @@ def curve_hook(eval_ids: torch.Tensor, context_length: int):
     return hook
 
 
+def compare_dir(preset: str, recipe: str, base: str | None = None) -> Path:
+    """The run folder of ``recipe`` in notebook 05's recipe comparison (on dReLU): a "-compare" folder, except
+    for the default recipe when the comparison's token budget is the variants' own, where the comparison run and
+    the dReLU run are one run (same config), kept in the dReLU run's folder."""
+    from ..presets import get_preset
+
+    R = get_preset(preset).relufy
+    same = recipe == DEFAULT_RECIPE and R.compare_tokens in (0, R.total_tokens)
+    return relufied_dir(preset, "drelu", recipe, base, tag="" if same else "compare")
+
+
 def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RECIPE, base: str | None = None,
            run_dir: str | Path | None = None, warm: WarmStart = WarmStart(), progress: bool | None = None,
            threads: int | None = None, **overrides) -> tuple[Path, dict]:

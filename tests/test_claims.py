@@ -1,0 +1,69 @@
+"""The claims report: verdicts by rule from result files, never typed; the README's table is current and backed."""
+
+import subprocess
+
+import pandas as pd
+import pytest
+
+from turbosparse_lib import paths
+from turbosparse_lib.paper import claims
+
+
+def test_missing_results_are_not_reproduced_here(tmp_path):
+    t = claims.claims_table("cpu", results_dir=tmp_path)
+    assert len(t) == len(claims.CLAIMS) and (t.verdict == claims.NOT_HERE).all()
+    assert t.why.str.contains("run notebook").all() and (t.evidence == "").all()
+
+
+def _write(folder, name, rows):
+    pd.DataFrame(rows).to_csv(folder / name, index=False)
+
+
+@pytest.mark.parametrize(
+    "zeros,ratio,order_verdict,recovery_verdict",
+    [((0.5, 0.6, 0.9), (1.01, 1.0, 1.02), claims.HOLDS, claims.HOLDS),
+     ((0.7, 0.6, 0.9), (1.4, 1.3, 1.5), claims.QUALITATIVE, claims.QUALITATIVE),
+     ((0.5, 0.95, 0.9), (3.0, 2.8, 3.2), claims.FAILS, claims.FAILS)],
+)  # fmt: skip
+def test_relufication_rules(tmp_path, zeros, ratio, order_verdict, recovery_verdict):
+    rows = [{"model": "swiglu (original)", "ppl": 20.0, "zero_frac": 0.0, "ratio": 1.0, "ratio_lo": 1.0, "ratio_hi": 1.0}]
+    for m, z in zip(("reglu", "shifted_relu", "drelu"), zeros):
+        rows.append({"model": m, "ppl": 20 * ratio[0], "zero_frac": z, "ratio": ratio[0], "ratio_lo": ratio[1],
+                     "ratio_hi": ratio[2]})
+    _write(tmp_path, "05_table1_analogue.csv", rows)
+    _write(tmp_path, "05_relufication_runs.csv", [{"variant": "drelu", "tokens": 32768}])
+    t = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim")
+    assert t.loc["ReLUfication sparsity: SwiGLU < ReGLU < shifted ReLU < dReLU", "verdict"] == order_verdict
+    assert t.loc["ReLUfication recovers the original's quality", "verdict"] == recovery_verdict
+    assert "32,768 tokens" in t.loc["ReLUfication recovers the original's quality", "setting"]
+
+
+def test_speed_claim_needs_equal_quality(tmp_path):
+    base = {"model": "m", "mask_source": "x", "speedup": 1.0, "byte_limit": 1.0, "of_limit": 1.0, "MB_per_token": 1.0}
+    rows = [{**base, "run": "ours exact", "precision": "q4_0", "mask_source": "exact zeros", "threshold": None,
+             "tokens_per_s": 100, "heldout_ppl": 30.0, "over_llama_cpp": 2.5},
+            {**base, "run": "ours predicted", "precision": "q4_0", "threshold": 0.3, "tokens_per_s": 100,
+             "heldout_ppl": 30.3, "over_llama_cpp": 2.5},
+            {**base, "run": "llama.cpp q4_0", "precision": "q4_0 (GGUF, pure)", "threshold": None, "tokens_per_s": 40,
+             "heldout_ppl": 20.0, "over_llama_cpp": 1.0}]
+    _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
+    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
+    assert row.verdict == claims.QUALITATIVE and "not at equal quality" in row.why  # x1.5 worse perplexity
+    rows[2]["heldout_ppl"] = 30.0
+    _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
+    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
+    assert row.verdict == claims.HOLDS and "x2.50 llama.cpp at q4_0" in row.ours
+
+
+def test_readme_table_is_current_and_backed_by_committed_results():
+    """The README's claims table is what the committed cpu results give (rerun turbosparse-report if not),
+    and every claim it reports rests on result files that git tracks."""
+    readme = (paths.repo_root() / "README.md").read_text()
+    assert claims.readme_block("cpu") in readme, "the README's claims table is stale: run turbosparse-report"
+    table = claims.claims_table("cpu")
+    tracked = set(subprocess.run(["git", "ls-files", str(paths.results_dir("cpu"))], cwd=paths.repo_root(),
+                                 capture_output=True, text=True, check=True).stdout.split())
+    for r in table[table.verdict != claims.NOT_HERE].itertuples():
+        for f in r.evidence.split():
+            rel = str((paths.results_dir("cpu") / f).relative_to(paths.repo_root()))
+            assert rel in tracked, f"claim {r.claim!r} rests on {rel}, which is not committed"

@@ -1,0 +1,359 @@
+"""The claims report: every claim of the paper, its number, ours, and a verdict computed by a rule.
+
+Each ``Claim`` names the result files (``data/results/<preset>/``) it reads and a rule that turns them
+into our number, its setting and a verdict; nothing here is typed from a run. A claim whose files are
+missing is "not reproduced here" and says which notebook writes them. Verdicts:
+
+- ``holds``: our number meets the paper's claim as stated;
+- ``holds qualitatively``: the direction or ordering holds, the size does not (our scale is far smaller);
+- ``does not hold``: our measurement contradicts it at our scale (the "why" says what differs);
+- ``not distinguishable at our scale``: the intervals (evaluation windows, seeds) overlap;
+- ``not reproduced here``: no committed result.
+
+``claims_table(preset)`` builds the table; ``readme_table`` renders the short version the README carries
+between ``README_START`` and ``README_END`` (``update_readme``; a test fails when it is stale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .. import paths
+from ..atomic import write_text
+from .values import get
+
+HOLDS, QUALITATIVE, FAILS = "holds", "holds qualitatively", "does not hold"
+NOT_DISTINGUISHABLE, NOT_HERE = "not distinguishable at our scale", "not reproduced here"
+VERDICTS = (HOLDS, QUALITATIVE, FAILS, NOT_DISTINGUISHABLE, NOT_HERE)
+README_START, README_END = "<!-- claims:start -->", "<!-- claims:end -->"
+
+Read = Callable[[str], pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Finding:
+    ours: str  # our number, with its interval where there is one
+    setting: str  # model, tokens, preset
+    verdict: str
+    why: str  # one line
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str  # in a few words
+    where: str  # section, table or figure of the paper
+    paper: str  # the paper's number, formatted from ``paper.values``
+    notebook: str  # the notebook that writes the files
+    files: tuple[str, ...]  # result files read, relative to the preset's results folder
+    rule: Callable[[Read], Finding]
+
+
+def _pct(key: str) -> str:
+    return f"{get(key):g}%"
+
+
+# -- rules -------------------------------------------------------------------------------------
+
+
+def _trains_as_well(read: Read) -> Finding:
+    from ..eval.compare import variant_verdict
+
+    ppl, per_seed, summ = read("02_perplexity.csv"), read("02_perplexity_contrast.csv"), read("02_training_summary.csv")
+    v = variant_verdict(per_seed, {k: g.ppl.to_numpy() for k, g in ppl.groupby("variant")}, "swiglu", "drelu")
+    ours = (f"ppl ratio dReLU/SwiGLU {v['mean_ratio']:.3f} (per seed "
+            + ", ".join(f"{r.ratio:.3f} [{r.ratio_lo:.3f}, {r.ratio_hi:.3f}]" for r in per_seed.itertuples()) + ")")
+    if v["verdict"] == "drelu worse":
+        verdict = QUALITATIVE if v["mean_ratio"] <= 1.05 else FAILS
+        why = f"dReLU's perplexity is higher at every seed beyond the seed spread ({v['mean_ratio'] - 1:+.1%})"
+    else:
+        verdict = HOLDS
+        why = ("dReLU better than SwiGLU beyond intervals and seeds" if v["verdict"] == "drelu better"
+               else "no difference the windows' intervals and the seed spread can tell")
+    return Finding(ours, _scratch_setting(summ), verdict, why)
+
+
+def _scratch_setting(summ: pd.DataFrame) -> str:
+    return (f"from scratch, {summ.parameters.iloc[0] / 1e6:.1f}M params, {summ.tokens_seen.iloc[0] / 1e6:.1f}M tokens, "
+            f"{summ.seed.nunique()} seeds")
+
+
+def _zeroshot_as_well(read: Read) -> Finding:
+    zs, summ = read("02_zeroshot.csv"), read("02_training_summary.csv")
+    acc = zs[zs.metric == zs.metric.iloc[0]] if "metric" in zs else zs
+    per = acc.groupby(["variant", "seed"]).accuracy.mean().unstack("variant")
+    diff = per["drelu"] - per["swiglu"]
+    se = float(np.sqrt((acc.groupby("variant").stderr.mean() ** 2).sum() / acc.task.nunique()))
+    ours = f"mean accuracy dReLU {per['drelu'].mean():.3f}, SwiGLU {per['swiglu'].mean():.3f} (difference {diff.mean():+.3f}, s.e. ~{se:.3f})"
+    if diff.mean() >= -2 * se:
+        return Finding(ours, _scratch_setting(summ), HOLDS, "dReLU's accuracy is not below SwiGLU's beyond two standard errors")
+    return Finding(ours, _scratch_setting(summ), FAILS, "dReLU's accuracy is lower by more than two standard errors")
+
+
+def _level_band(value: float, holds: float, qualitative: float, higher_is_better: bool = True) -> str:
+    if not higher_is_better:
+        value, holds, qualitative = -value, -holds, -qualitative
+    return HOLDS if value >= holds else QUALITATIVE if value >= qualitative else FAILS
+
+
+def _scratch_sparsity(read: Read) -> Finding:
+    nat, summ = read("02_natural_sparsity.csv"), read("02_training_summary.csv")
+    z = nat[(nat.variant == "drelu") & (nat.kind == "combined")].zero_frac.mean()
+    return Finding(f"{z:.1%} of combined activations exactly zero", _scratch_setting(summ), _level_band(z, 0.85, 0.6),
+                   "exact zeros of the trained from-scratch dReLU models, mean over layers and seeds")
+
+
+def _topk(read: Read, file: str, a: str, b: str, setting: str) -> Finding:
+    from ..eval import compare
+
+    sweeps = read(file)
+    if "seed" not in sweeps:
+        sweeps = sweeps.assign(seed=0)
+    r = compare.topk_robustness(sweeps, 0.9, a, b)
+    ps = r["per_seed"]
+    ours = (f"ppl x{ps[f'{a}_ratio'].mean():.3f} ({a}) vs x{ps[f'{b}_ratio'].mean():.3f} ({b}) at 90% top-k")
+    verdict = {f"{b} more robust": HOLDS, compare.NOT_DISTINGUISHABLE: NOT_DISTINGUISHABLE}.get(r["verdict"], FAILS)
+    why = {HOLDS: f"{b}'s interval lies below {a}'s at every seed",
+           NOT_DISTINGUISHABLE: "the paired intervals overlap"}.get(
+        verdict, f"rule: {r['verdict']}" + (" (SwiGLU does not break at our scale)" if "both robust" in r["verdict"] else ""))
+    if verdict == HOLDS and ps[f"{a}_ratio"].mean() < 1.5:
+        verdict, why = QUALITATIVE, f"{why}, but {a} degrades far less than the paper's x3.9"
+    return Finding(ours, setting, verdict, why)
+
+
+def _topk_scratch(read: Read) -> Finding:
+    return _topk(read, "03_topk_scratch_pair.csv", "swiglu", "drelu", _scratch_setting(read("02_training_summary.csv")))
+
+
+def _topk_relufied(read: Read) -> Finding:
+    runs = read("05_relufication_runs.csv")
+    return _topk(read, "05_topk_relufied.csv", "swiglu (original)", "drelu",
+                 f"SmolLM2-135M ReLUfied, {int(runs.tokens.max()):,} tokens")
+
+
+def _relufied_setting(read: Read) -> str:
+    runs = read("05_relufication_runs.csv")
+    return f"SmolLM2-135M ReLUfied, {int(runs.tokens.max()):,} tokens per variant"
+
+
+def _relufication_order(read: Read) -> Finding:
+    t = read("05_table1_analogue.csv").set_index("model").zero_frac
+    order = ["reglu", "shifted_relu", "drelu"]
+    ours = ", ".join(f"{m} {t[m]:.1%}" for m in order)
+    if t[order[0]] < t[order[1]] < t[order[2]]:
+        verdict, why = HOLDS, "ReGLU < shifted ReLU < dReLU, as in the paper (SwiGLU has no exact zeros)"
+    elif t[order[2]] > max(t[order[0]], t[order[1]]):
+        verdict, why = QUALITATIVE, "dReLU is the sparsest; ReGLU and shifted ReLU swap places"
+    else:
+        verdict, why = FAILS, "dReLU is not the sparsest"
+    return Finding(ours, _relufied_setting(read), verdict, why)
+
+
+def _relufication_recovers(read: Read) -> Finding:
+    d = read("05_table1_analogue.csv").set_index("model").loc["drelu"]
+    ours = f"ppl x{d.ratio:.2f} [{d.ratio_lo:.2f}, {d.ratio_hi:.2f}] of the original ({d.ppl:.1f})"
+    tokens = int(read("05_relufication_runs.csv").tokens.max())
+    if d.ratio_hi <= 1.02:
+        return Finding(ours, _relufied_setting(read), HOLDS, "the ReLUfied model matches the original")
+    verdict = QUALITATIVE if d.ratio <= 1.5 else FAILS
+    return Finding(ours, _relufied_setting(read), verdict,
+                   f"recovery is under way but incomplete after {tokens:,} tokens (the paper: {get('section5/tokens'):.0e})")
+
+
+def _relufied_sparsity(read: Read) -> Finding:
+    z = read("05_table1_analogue.csv").set_index("model").loc["drelu", "zero_frac"]
+    return Finding(f"{z:.1%} exactly zero", _relufied_setting(read), _level_band(z, 0.85, 0.6),
+                   "combined activations of the ReLUfied dReLU SmolLM2 on held-out text")
+
+
+def _per_layer(read: Read) -> Finding:
+    pl = read("05_drelu_per_layer.csv")
+    z = pl[pl.kind == "combined"].zero_frac
+    ours = f"per layer {z.min():.0%} to {z.max():.0%} (mean {z.mean():.0%})"
+    verdict = HOLDS if z.min() >= 0.8 else QUALITATIVE if z.mean() >= 0.6 else FAILS
+    return Finding(ours, _relufied_setting(read), verdict, "every layer sparse" if verdict == HOLDS else
+                   "sparse on average, some layers below 80%" if verdict == QUALITATIVE else "most layers are not sparse")
+
+
+def _moe_setting(read: Read) -> str:
+    s = read("04_training_summary.csv")
+    m = s[s.model.str.contains("moe")]
+    return f"MoE from scratch, {m.parameters.iloc[0] / 1e6:.1f}M params, {int(m.tokens_seen.iloc[0]) / 1e6:.1f}M tokens"
+
+
+def _expert_sparsity(read: Read) -> Finding:
+    e = read("04_expert_sparsity.csv")
+    d = e[e.model.str.contains("drelu") & (e.load > 0)]
+    z = float(np.average(d.zero_frac, weights=d.load))
+    return Finding(f"{z:.1%} of expert neurons exactly zero (load-weighted)", _moe_setting(read),
+                   _level_band(z, 0.8, 0.5), "dReLU experts, every layer and expert")
+
+
+def _active_params(read: Read) -> Finding:
+    a = read("04_active_parameters.csv").set_index("model")
+    f = float(a.loc["moe drelu", "routed_active_fraction"])
+    return Finding(f"{f:.1%} of expert parameters active per token (routing {a.loc['moe drelu', 'routing_fraction']:.0%})",
+                   _moe_setting(read), HOLDS if f <= 0.05 else QUALITATIVE if f <= 0.10 else FAILS,
+                   "routing times the non-zero fraction of the routed experts' neurons")
+
+
+def _within_expert_topk(read: Read) -> Finding:
+    v = read("04_topk_verdicts.csv")
+    r = v[(v.variant == "swiglu") & (v.level == 0.5)].iloc[0]
+    return Finding(f"SwiGLU MoE ppl x{r.moe_ratio:.3f} at 50% within-expert top-k", _moe_setting(read),
+                   HOLDS if r.moe_ratio <= 1.02 else QUALITATIVE if r.moe_ratio <= 1.05 else FAILS,
+                   "negligible loss at 50% within-expert sparsity" if r.moe_ratio <= 1.02 else "a visible loss at 50%")
+
+
+def _predictor_recall(read: Read) -> Finding:
+    from ..predictors.metrics import choose_threshold
+
+    acc = read("07_predictor_accuracy.csv")
+    a = acc[acc.model.str.startswith("relufied")]
+    pick = choose_threshold(a.groupby("threshold")[["recall", "predicted_sparsity", "true_sparsity"]].mean())
+    setting = "predictors of the ReLUfied dReLU SmolLM2, held-out captured tokens"
+    if pick is None:
+        return Finding("no threshold within 5 points of the true sparsity", setting, FAILS,
+                       "the predictors cannot match the true sparsity at any threshold swept")
+    ours = (f"recall {pick['recall']:.3f} at predicted sparsity {pick['predicted_sparsity']:.2f} "
+            f"(true {pick['true_sparsity']:.2f}, threshold {pick['threshold']:g})")
+    return Finding(ours, setting, _level_band(pick["recall"], 0.95, 0.9), "mean recall over layers at that threshold")
+
+
+def _speedup(read: Read) -> Finding:
+    t = read("07_speed_at_equal_quality.csv")
+    exact = t[t.mask_source.str.startswith("exact")].heldout_ppl.min()
+    ok = t[t.threshold.notna() & (t.heldout_ppl <= 1.02 * exact) & t.over_llama_cpp.notna()]
+    if ok.empty:
+        return Finding("no predicted run within 2% of the exact-mask perplexity", "", FAILS, "")
+    best = ok.loc[ok.over_llama_cpp.idxmax()]
+    llama = t[t.run.str.startswith("llama.cpp") & t.precision.str.startswith(best.precision)].iloc[0]
+    quality = best.heldout_ppl / llama.heldout_ppl
+    ours = (f"x{best.over_llama_cpp:.2f} llama.cpp at {best.precision} (threshold {best.threshold:g}, "
+            f"x{best.speedup:.2f} our dense), at ppl x{quality:.2f} of llama.cpp's model")
+    verdict = HOLDS if best.over_llama_cpp >= 2 else QUALITATIVE if best.over_llama_cpp > 1.2 else FAILS
+    why = {HOLDS: "within the paper's range on a CPU",
+           QUALITATIVE: "faster than llama.cpp, below the paper's 2x",
+           FAILS: "not faster than llama.cpp at the same precision"}[verdict]
+    if quality > 1.05 and verdict != FAILS:  # faster, but not at equal quality: the paper's claim is both
+        verdict, why = QUALITATIVE, f"{why}; not at equal quality (the ReLUfied model is not recovered)"
+    return Finding(ours, "ReLUfied dReLU SmolLM2, predicted masks in line, 2 threads", verdict, why)
+
+
+CLAIMS = (
+    Claim("dReLU trains as well as SwiGLU (perplexity)", "table 2, figure 4",
+          f"ppl {get('table2/dReLU/wikitext2_ppl'):g} vs {get('table2/SwiGLU/wikitext2_ppl'):g}", "02",
+          ("02_perplexity.csv", "02_perplexity_contrast.csv", "02_training_summary.csv"), _trains_as_well),
+    Claim("dReLU matches SwiGLU on zero-shot tasks", "table 10",
+          f"mean {get('table10/dReLU/Average'):g}% vs {get('table10/SwiGLU/Average'):g}%", "02",
+          ("02_zeroshot.csv", "02_training_summary.csv"), _zeroshot_as_well),
+    Claim("a trained dReLU model is about 90% sparse", "section 6.2",
+          _pct("section6.2/TurboSparse-Mistral-7B/sparsity"), "02",
+          ("02_natural_sparsity.csv", "02_training_summary.csv"), _scratch_sparsity),
+    Claim("dReLU keeps perplexity to 90% top-k, SwiGLU breaks (from scratch)", "table 3",
+          f"x{get('table3/dReLU/0.9') / get('table3/dReLU/0.0'):.2f} vs x{get('table3/SwiGLU/0.9') / get('table3/SwiGLU/0.0'):.2f}",
+          "03", ("03_topk_scratch_pair.csv", "02_training_summary.csv"), _topk_scratch),
+    Claim("the same on a ReLUfied pretrained model", "table 3 (on SmolLM2)",
+          f"x{get('table3/dReLU/0.9') / get('table3/dReLU/0.0'):.2f} vs x{get('table3/SwiGLU/0.9') / get('table3/SwiGLU/0.0'):.2f}",
+          "05", ("05_topk_relufied.csv", "05_relufication_runs.csv"), _topk_relufied),
+    Claim("ReLUfication sparsity: SwiGLU < ReGLU < shifted ReLU < dReLU", "table 1",
+          f"{_pct('table1/Llama-2-7B/sparsity')} < {_pct('table1/ReLULlama-7B/sparsity')} < "
+          f"{_pct('table1/ShiftedReLULlama-7B/sparsity')} < ~{_pct('section6.2/TurboSparse-Mistral-7B/sparsity')}", "05",
+          ("05_table1_analogue.csv", "05_relufication_runs.csv"), _relufication_order),
+    Claim("ReLUfication recovers the original's quality", "tables 5, 6, 13",
+          f"OpenLLM avg {get('table6/TurboSparse-Mistral-7B/OpenLLM Leaderboard Avg.'):g}% vs "
+          f"{get('table6/Mistral-7B/OpenLLM Leaderboard Avg.'):g}% (Mistral-7B)", "05",
+          ("05_table1_analogue.csv", "05_relufication_runs.csv"), _relufication_recovers),
+    Claim("a ReLUfied dReLU model is about 90% sparse", "section 6.2",
+          _pct("section6.2/TurboSparse-Mistral-7B/sparsity"), "05",
+          ("05_table1_analogue.csv", "05_relufication_runs.csv"), _relufied_sparsity),
+    Claim("every layer is sparse", "figure 6 (left)", "about 90% in every layer", "05",
+          ("05_drelu_per_layer.csv", "05_relufication_runs.csv"), _per_layer),
+    Claim("neurons inside MoE experts are sparse", "figure 6 (right), section 6.2",
+          _pct("section6.2/TurboSparse-Mixtral-47B/expert_sparsity"), "04",
+          ("04_expert_sparsity.csv", "04_training_summary.csv"), _expert_sparsity),
+    Claim("within-expert top-k to 50% costs little", "figure 5a",
+          f"{get('figure5a/drop_at_0.5_min'):g}-{get('figure5a/drop_at_0.5'):g}% drop at 50%", "04",
+          ("04_topk_verdicts.csv", "04_training_summary.csv"), _within_expert_topk),
+    Claim("about 3% of MoE parameters active per token", "section 6.2",
+          _pct("section6.2/TurboSparse-Mixtral-47B/active_moe_params"), "04",
+          ("04_active_parameters.csv", "04_training_summary.csv"), _active_params),
+    Claim("predictors find the active neurons", "section 7", "no number given (issue target: recall 0.95)", "07",
+          ("07_predictor_accuracy.csv",), _predictor_recall),
+    Claim("2-5x faster decoding than llama.cpp", "tables 7-9, abstract",
+          f"x{get('abstract/speedup_min'):g}-{get('abstract/speedup_max'):g} "
+          f"(CPU: x{get('section7.2/cpu_speedup_min'):g}-{get('section7.2/cpu_speedup_max'):g})", "07",
+          ("07_speed_at_equal_quality.csv",), _speedup),
+)  # fmt: skip
+
+
+def claims_table(preset: str = "cpu", results_dir: Path | None = None) -> pd.DataFrame:
+    """One row per claim: the claim, where, the paper's number, ours, our setting, the verdict, why, and the
+    result files it rests on (relative to the results folder)."""
+    folder = Path(results_dir) if results_dir is not None else paths.results_dir(preset)
+    rows = []
+    for c in CLAIMS:
+        missing = [f for f in c.files if not (folder / f).exists()]
+        if missing:
+            f = Finding("-", "-", NOT_HERE, f"no committed result: run notebook {c.notebook} at the {preset} preset")
+        else:
+            try:
+                f = c.rule(lambda name: pd.read_csv(folder / name))
+            except (KeyError, AttributeError, IndexError) as e:  # a file written by an older notebook
+                raise ValueError(f"claim {c.claim!r}: {', '.join(c.files)} in {folder} lack what the rule reads "
+                                 f"({type(e).__name__}: {e}); rerun notebook {c.notebook} at the {preset} preset") from e
+        if f.verdict not in VERDICTS:
+            raise ValueError(f"claim {c.claim!r}: unknown verdict {f.verdict!r}")
+        rows.append({"claim": c.claim, "where": c.where, "paper": c.paper, "ours": f.ours, "setting": f.setting,
+                     "verdict": f.verdict, "why": f.why, "notebook": c.notebook,
+                     "evidence": " ".join(c.files) if not missing else ""})
+    return pd.DataFrame(rows)
+
+
+def readme_table(table: pd.DataFrame) -> str:
+    """The short markdown table the README carries."""
+    lines = ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.claim} ({r.where}) | {r.paper} | {r.ours} | **{r.verdict}**: {r.why} |")
+    return "\n".join(lines)
+
+
+def readme_block(preset: str = "cpu") -> str:
+    t = claims_table(preset)
+    return (f"{README_START}\n<!-- generated by turbosparse-report from data/results/{preset}/; do not edit -->\n"
+            f"{readme_table(t)}\n{README_END}")
+
+
+def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
+    """Rewrite the claims block of the README (between the markers); True if it changed."""
+    readme = Path(readme) if readme is not None else paths.repo_root() / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to fill")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    new = head + readme_block(preset) + tail
+    if new != text:
+        write_text(readme, new)
+    return new != text
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write the claims report into the README (from committed results)")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--check", action="store_true", help="only check that the README's table is current")
+    a = ap.parse_args(argv)
+    if a.check:
+        readme = (paths.repo_root() / "README.md").read_text()
+        ok = readme_block(a.preset) in readme
+        print("README claims table is current" if ok else "README claims table is stale: run turbosparse-report")
+        return 0 if ok else 1
+    changed = update_readme(a.preset)
+    print("README claims table " + ("updated" if changed else "already current"))
+    return 0
