@@ -31,8 +31,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 # presets; at smoke that notebook skips it, so the smoke run does not build it.
 REPRODUCE_DEPS := data $(if $(filter smoke,$(PRESET)),,$(VENV)/.installed-bench)
 
+# ... then the README's claims table from the cpu results (notebook 99 shows it at any preset)
 reproduce: $(REPRODUCE_DEPS)
 	$(BIN)/turbosparse-notebooks --preset $(PRESET)
+	$(if $(filter cpu,$(PRESET)),$(BIN)/turbosparse-report --preset cpu)
 
 # nbval re-executes the committed smoke-preset copies (notebooks/executed/smoke/, kept in step with the notebooks
 # by tests/test_notebooks_runner.py) and compares the cells marked NBVAL_CHECK_OUTPUT

@@ -114,3 +114,22 @@ def test_require_names_the_command(tmp_path):
     with pytest.raises(outputs.MissingPrerequisite, match=r"turbosparse-notebooks --preset cpu --only 02"):
         outputs.require("cpu", "02", "the from-scratch models", tmp_path / "nope")
     outputs.require("cpu", "02", "nothing", tmp_path)  # present: no error
+
+
+def test_committed_cpu_results_come_from_committed_cpu_runs():
+    """data/results/cpu and figures/cpu hold only what notebooks whose committed copy is the cpu run wrote:
+    no result outlives the run that made it (a notebook re-run at cpu replaces its own files)."""
+    import subprocess
+
+    ran = set()
+    for nb_path in notebooks.list_notebooks():
+        meta = nbformat.read(nb_path, as_version=4).metadata.get("papermill", {})
+        if meta.get("parameters", {}).get("preset") == "cpu":
+            ran.add(nb_path.name[:2])
+    files = subprocess.run(["git", "ls-files", "data/results/cpu", "figures/cpu"], cwd=paths.repo_root(),
+                           capture_output=True, text=True, check=True).stdout.split()
+    owner = {"data_summary.csv": "00", "mixture_report.csv": "00"}
+    for f in files:
+        name = f.rsplit("/", 1)[-1]
+        num = owner.get(name, name[:2])
+        assert num in ran, f"{f} is committed but notebook {num} holds no cpu run: rerun it or remove the file"

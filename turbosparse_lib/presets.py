@@ -195,7 +195,7 @@ PRESETS: dict[str, Preset] = {
         relufy=RelufySection(total_tokens=16_384, batch_size=8, micro_batch_size=4, context_length=256, lr=2e-4,
                              min_lr_ratio=0.1, warmup_steps=2, fit_tokens=16_384, eval_every=4,
                              curve_eval_tokens=4096, checkpoint_every=4, compare_tokens=16_384,
-                             final_eval_tokens=32_768, tolerance_tokens=8192),
+                             final_eval_tokens=16_384, tolerance_tokens=4096),
         predict=PredictSection(capture_tokens=32_768, tokens_per_shard=4096, rank=128, epochs=8),
         eval=EvalSection(eval_tokens=65_536, quick_eval_tokens=8192, stats_tokens=4_096, context_length=512,
                          topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95), zeroshot_examples=300, bootstrap_samples=1000),
