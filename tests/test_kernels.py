@@ -1,5 +1,9 @@
 """Every Numba kernel against its NumPy reference, in every weight format, on odd sizes and edge-case index sets."""
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -199,6 +203,40 @@ def test_activation_quantisation_is_bit_exact_and_pads_with_zeros():
         np.testing.assert_array_equal(x16, r16)
         np.testing.assert_array_equal(xd, rd)
         assert len(x16) % 32 == 0 and (x16[len(x) :] == 0).all() and np.abs(x16).max(initial=0) <= 127
+
+
+def test_activation_quantisation_stays_exact_when_first_compiled_by_a_fastmath_kernel(tmp_path):
+    # Numba compiles a callee for its first caller's flags when the callee leaves fastmath unset;
+    # a cold cache with the engine's (fastmath) matvec compiled first caught that on CI.
+    code = """
+import numpy as np
+from turbosparse_lib.inference import quant as Q, step
+x = np.random.default_rng(8).standard_normal(70, dtype=np.float32) * 5
+W = Q.quantize(np.random.default_rng(0).standard_normal((4, 70)).astype(np.float32), "q8_0")
+step.matvec(W.data, Q.Q8_0, 70, x, np.empty(4, np.float32))
+got, want = Q.quantize_activation(x), Q.quantize_activation_ref(x)
+assert (got[0] == want[0]).all() and (got[1] == want[1]).all(), (got[1], want[1])
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_every_kernel_states_its_fastmath_flags():
+    """A jitted function that leaves fastmath unset inherits its caller's: every kernel says which it wants."""
+    import importlib
+    import pkgutil
+
+    import turbosparse_lib.inference as inference
+
+    unset = []
+    for info in pkgutil.iter_modules(inference.__path__):
+        module = importlib.import_module(f"{inference.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.__module__ == module.__name__:
+                if "fastmath" not in obj.targetoptions:
+                    unset.append(f"{module.__name__}.{name}")
+    assert not unset, f"set fastmath= explicitly on: {unset}"
 
 
 @pytest.mark.parametrize(

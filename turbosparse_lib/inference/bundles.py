@@ -47,7 +47,7 @@ from .kernels import _FASTMATH, _gate_act, _up_act, combine_ref, variant_code
 PREFETCH_BYTES = 8192  # default, of the next neuron's bundle; the hardware streams a long bundle on its own
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=False, inline="always")
 def prefetch_bytes_for(bundle_bytes):
     """How much of the next listed neuron's bundle to prefetch (into L2) while working on the current one."""
     return min(bundle_bytes, PREFETCH_BYTES)

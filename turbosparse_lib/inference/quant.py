@@ -176,9 +176,11 @@ def dequantize(Wq: QMatrix) -> np.ndarray:
 # Activations: Q8_0 blocks, once per input vector
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _quantize_activation(x, x16, xd):
-    # no fastmath: the rounding must equal the NumPy reference's bit for bit
+    # No fastmath: the rounding must equal the NumPy reference's bit for bit. Say so explicitly:
+    # Numba lets a callee that leaves fastmath unset inherit it from a fastmath caller (the
+    # engine's kernels), and with 'arcp' amax / 127 becomes amax * (1/127), one ulp off.
     n = x.shape[0]
     for b in range(xd.shape[0]):
         lo, hi = b * 32, min(n, b * 32 + 32)
@@ -260,7 +262,7 @@ def row_axpy(row, offset, code, cols, coef, y):
         simd.q4_axpy(row, offset, coef, y, (cols + 31) // 32)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=False, inline="always")
 def thread_range(t, n_threads, n):
     """Items [lo, hi) of thread ``t`` when ``n`` items are split into ``n_threads`` contiguous ranges."""
     return t * n // n_threads, (t + 1) * n // n_threads

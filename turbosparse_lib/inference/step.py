@@ -98,7 +98,7 @@ def rms_norm_into(x, w, eps, out):
         out[j] = w[j] * (x[j] * inv)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def activation_buffers(code, n):
     """Q8_0 activation buffers for an input of ``n`` values (empty for f32, which reads x itself)."""
     if code == quant.F32:
@@ -208,7 +208,7 @@ def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, 
     return logits, active
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _busy_ticks(n):
     t0 = simd.cycle_counter()
     acc = 0.0
