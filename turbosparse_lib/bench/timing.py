@@ -112,11 +112,14 @@ class CacheFlusher:
 
 
 def time_round_robin(fns: dict[str, Callable[[int], object]], repeats: int,
-                     flush: bool = True) -> dict[str, np.ndarray]:
+                     flush: bool = True, settle: bool = False) -> dict[str, np.ndarray]:
     """Seconds of ``repeats`` calls of every callable, interleaved: round r calls each ``fn(r)`` once.
 
     Each callable is called once untimed first (round 0's arguments). With ``flush`` the cache is
-    flushed before every timed call, so each call reads its data from DRAM.
+    flushed before every timed call, so each call reads its data from DRAM. With ``settle`` each
+    timed call follows an untimed call of the same callable: for callables from different thread
+    pools (OpenBLAS, torch, Numba), whose threads keep spinning for a while after a call and take
+    the cores from whichever library runs next.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
@@ -126,6 +129,8 @@ def time_round_robin(fns: dict[str, Callable[[int], object]], repeats: int,
     times = {name: np.empty(repeats) for name in fns}
     for r in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                fn(r)
             flusher()
             t0 = perf_counter()
             fn(r)
