@@ -62,6 +62,15 @@ def test_time_round_robin_interleaves_and_warms_up():
         timing.time_round_robin({}, 0)
 
 
+def test_time_round_robin_settles_each_call_with_an_untimed_one_of_its_own():
+    calls = []
+    fns = {"a": lambda r: calls.append(("a", r)), "b": lambda r: calls.append(("b", r))}
+    times = timing.time_round_robin(fns, 2, flush=False, settle=True)
+    assert calls[:2] == [("a", 0), ("b", 0)]  # warm-up
+    assert calls[2:] == [("a", 0), ("a", 0), ("b", 0), ("b", 0), ("a", 1), ("a", 1), ("b", 1), ("b", 1)]
+    assert all(len(t) == 2 for t in times.values())
+
+
 def test_setup_threads_fixes_every_pool():
     import numba
 
