@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -115,3 +116,20 @@ def test_killed_relufication_resumes_to_the_same_weights(tiny_base, tmp_path):
 
     m = load_model(killed)
     assert m.config.mlp_variant == "drelu"
+
+
+def test_recovery_at_equal_time_leaves_a_run_that_has_not_started_without_a_value():
+    import pandas as pd
+
+    curves = pd.DataFrame({
+        "recipe": ["a", "a", "a", "b", "b"],
+        "wall_seconds": [0.0, 100.0, 200.0, 300.0, 500.0],  # b's warm start ends after a's last point
+        "heldout_ppl": [1000.0, 100.0, 10.0, 50.0, 5.0],
+    })  # fmt: skip
+    t, r = R.recovery_at_equal_time(curves)
+    assert t == 200.0
+    assert r.loc["a", "ppl_at_t"] == pytest.approx(10.0)
+    assert np.isnan(r.loc["b", "ppl_at_t"])  # not its first value carried back to t
+    assert r.loc["b", "best_ppl"] == pytest.approx(5.0) and r.loc["b", "best_s"] == 500.0 and r.loc["b", "first_s"] == 300.0
+    t, r = R.recovery_at_equal_time(curves.assign(wall_seconds=[0.0, 100.0, 200.0, 0.0, 400.0]))
+    assert r.loc["b", "ppl_at_t"] == pytest.approx(np.exp(np.interp(200, [0, 400], np.log([50, 5]))))

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -312,7 +313,7 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
 
 
 def recovery_curve(run_dir: str | Path) -> "pd.DataFrame":
-    """The evaluations of a run: tokens, seconds (warm start + training), held-out ppl and exact-zero fraction."""
+    """The evaluations of a run: tokens, wall-clock seconds (warm start + training), held-out ppl and exact-zero fraction."""
     import pandas as pd
 
     from .checkpoint import read_metrics
@@ -322,8 +323,31 @@ def recovery_curve(run_dir: str | Path) -> "pd.DataFrame":
     warm_path = Path(run_dir) / WARM_FILE
     warm_s = json.loads(warm_path.read_text())["seconds"] if warm_path.exists() else 0.0
     m["train_seconds"] = m.get("train_seconds", pd.Series(0.0, index=m.index)).fillna(0.0)
-    m["cpu_seconds"] = warm_s + m["train_seconds"]
-    return m[["step", "tokens_seen", "cpu_seconds", "val_loss", "heldout_ppl", "zero_frac"]].reset_index(drop=True)
+    m["wall_seconds"] = warm_s + m["train_seconds"]
+    return m[["step", "tokens_seen", "wall_seconds", "val_loss", "heldout_ppl", "zero_frac"]].reset_index(drop=True)
+
+
+def recovery_at_equal_time(curves: "pd.DataFrame", by: str = "recipe") -> tuple[float, "pd.DataFrame"]:
+    """Held-out perplexity of each run at the same time: the end of the shortest run.
+
+    ``curves``: ``recovery_curve`` rows with a ``by`` column naming the run. Interpolates log-perplexity
+    linearly in time within each curve; a run whose first evaluation comes later than that time has no
+    value there (NaN), never its first value carried back (a warm start that has not ended yet has
+    recovered nothing). Returns (time in seconds, one row per run: ``ppl_at_t``, ``first_s``, ``last_s``,
+    ``best_ppl`` = the lowest perplexity it reaches, and ``best_s``, when).
+    """
+    import pandas as pd
+
+    t = float(curves.groupby(by).wall_seconds.max().min())
+    rows = []
+    for name, g in curves.groupby(by, sort=False):
+        g = g.sort_values("wall_seconds")
+        s, p = g.wall_seconds.to_numpy(float), np.log(g.heldout_ppl.to_numpy(float))
+        at = float(np.exp(np.interp(t, s, p))) if s[0] <= t <= s[-1] else float("nan")
+        b = int(np.argmin(p))
+        rows.append({by: name, "ppl_at_t": at, "first_s": s[0], "last_s": s[-1], "best_ppl": float(np.exp(p[b])),
+                     "best_s": s[b]})
+    return t, pd.DataFrame(rows).set_index(by)
 
 
 def main(argv: list[str] | None = None) -> int:
