@@ -41,7 +41,6 @@ class Finding:
     setting: str  # model, tokens, preset
     verdict: str
     why: str  # one line
-    evidence: tuple[str, ...] = ()  # files the rule read when not all of the claim's (a fallback source)
 
 
 @dataclass(frozen=True)
@@ -131,15 +130,7 @@ def _topk(read: Read, file: str, a: str, b: str, setting: str) -> Finding:
 
 
 def _topk_scratch(read: Read) -> Finding:
-    setting = _scratch_setting(read("02_training_summary.csv"))
-    try:
-        return _topk(read, "03_topk_scratch_pair.csv", "swiglu", "drelu", setting)
-    except FileNotFoundError:  # notebook 04 sweeps the same dense pair (seed 0) beside its MoE
-        sweeps = read("04_topk_sweep.csv")
-        dense = sweeps[sweeps.model.str.startswith("dense ")].assign(model=lambda d: d.model.str.slice(6))
-        f = _topk(lambda name: dense, "", "swiglu", "drelu", setting.replace(" seeds", " seeds, seed 0 swept"))
-        return Finding(f.ours, f.setting, f.verdict, f.why + " (notebook 04's sweep)",
-                       ("04_topk_sweep.csv", "02_training_summary.csv"))
+    return _topk(read, "03_topk_scratch_pair.csv", "swiglu", "drelu", _scratch_setting(read("02_training_summary.csv")))
 
 
 def _topk_relufied(read: Read) -> Finding:
@@ -276,7 +267,7 @@ CLAIMS = (
           ("02_natural_sparsity.csv", "02_training_summary.csv"), _scratch_sparsity),
     Claim("dReLU keeps perplexity to 90% top-k, SwiGLU breaks (from scratch)", "table 3",
           _TABLE3_AT_90,
-          "03", ("02_training_summary.csv",), _topk_scratch),  # reads 03's sweep, else 04's of the same pair
+          "03", ("03_topk_scratch_pair.csv", "02_training_summary.csv"), _topk_scratch),
     Claim("the same on a ReLUfied pretrained model", "table 3 (on SmolLM2)",
           _TABLE3_AT_90,
           "05", ("05_topk_relufied.csv", "05_relufication_runs.csv"), _topk_relufied),
@@ -334,7 +325,7 @@ def claims_table(preset: str = "cpu", results_dir: Path | None = None) -> pd.Dat
             raise ValueError(f"claim {c.claim!r}: unknown verdict {f.verdict!r}")
         rows.append({"claim": c.claim, "where": c.where, "paper": c.paper, "ours": f.ours, "setting": f.setting,
                      "verdict": f.verdict, "why": f.why, "notebook": c.notebook,
-                     "evidence": " ".join(f.evidence or c.files) if not missing else ""})
+                     "evidence": " ".join(c.files) if not missing else ""})
     return pd.DataFrame(rows)
 
 
