@@ -38,6 +38,26 @@ def test_relufication_rules(tmp_path, zeros, ratio, order_verdict, recovery_verd
     assert "32,768 tokens" in t.loc["ReLUfication recovers the original's quality", "setting"]
 
 
+@pytest.mark.parametrize(
+    "zeros,matched,verdict,fragment",
+    [((0.6, 0.7, 0.9), (0.5, 0.6, 0.9), claims.HOLDS, "drelu 90%"),
+     ((0.6, 0.95, 0.8), (0.5, float("nan"), 0.8), claims.QUALITATIVE, "shifted_relu never as good"),  # broken: left out
+     ((0.6, 0.7, 0.9), (0.95, 0.6, 0.9), claims.FAILS, "reglu 95%")],
+)  # fmt: skip
+def test_relufication_order_at_equal_quality(tmp_path, zeros, matched, verdict, fragment):
+    """A variant that is sparse because it is broken (never as good as dReLU) cannot win table 1's ordering."""
+    rows = [{"model": "swiglu (original)", "ppl": 20.0, "zero_frac": 0.0, "ratio": 1.0, "ratio_lo": 1.0,
+             "ratio_hi": 1.0, "topk_at_matched": 0.8}]
+    for m, z, k in zip(("reglu", "shifted_relu", "drelu"), zeros, matched):
+        rows.append({"model": m, "ppl": 30.0, "zero_frac": z, "ratio": 1.5, "ratio_lo": 1.4, "ratio_hi": 1.6,
+                     "topk_at_matched": k})
+    _write(tmp_path, "05_table1_analogue.csv", rows)
+    _write(tmp_path, "05_relufication_runs.csv", [{"variant": "drelu", "tokens": 32768}])
+    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc[
+        "ReLUfication sparsity: SwiGLU < ReGLU < shifted ReLU < dReLU"]
+    assert row.verdict == verdict and fragment in row.ours
+
+
 def test_speed_claim_needs_equal_quality(tmp_path):
     base = {"model": "m", "mask_source": "x", "speedup": 1.0, "byte_limit": 1.0, "of_limit": 1.0, "MB_per_token": 1.0}
     rows = [{**base, "run": "ours exact", "precision": "q4_0", "mask_source": "exact zeros", "threshold": None,

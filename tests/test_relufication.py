@@ -133,3 +133,39 @@ def test_recovery_at_equal_time_leaves_a_run_that_has_not_started_without_a_valu
     assert r.loc["b", "best_ppl"] == pytest.approx(5.0) and r.loc["b", "best_s"] == 500.0 and r.loc["b", "first_s"] == 300.0
     t, r = R.recovery_at_equal_time(curves.assign(wall_seconds=[0.0, 100.0, 200.0, 0.0, 400.0]))
     assert r.loc["b", "ppl_at_t"] == pytest.approx(np.exp(np.interp(200, [0, 400], np.log([50, 5]))))
+
+
+def test_default_recipe_trains_the_mlps_only_and_records_what_it_reached(tiny_base, tmp_path):
+    """The default recipe (logits and hidden states distilled, MLPs trained) on the tiny base: attention and
+    embeddings stay as they were, the folder records recipe, budget and quality, and a finished folder asked for
+    another budget is refused instead of returned."""
+    from safetensors.torch import load_file
+
+    assert R.DEFAULT_RECIPE == "lstsq+hidden" and R.RECIPES[R.DEFAULT_RECIPE].trainable == "mlp"
+    out = tmp_path / "run"
+    d, s = R.relufy("smoke", "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours", progress=False)
+    before, after = load_file(str(tiny_base / "model.safetensors")), load_file(str(d / "model.safetensors"))
+    for k in before:
+        if "mlp" not in k:
+            assert torch.equal(before[k], after[k]), k  # frozen
+    assert any(not torch.equal(before[k], after[k]) for k in before if "gate_proj" in k)  # the MLPs trained
+    rec = json.loads((d / R.RECORD_FILE).read_text())
+    assert rec["recipe"] == R.DEFAULT_RECIPE and rec["recipe_terms"]["hidden_coef"] > 0
+    assert rec["budget"]["tokens"] == s["tokens_seen"] and rec["budget"]["loop_tokens_per_s"] > 0
+    curve = R.recovery_curve(d)
+    assert rec["quality"]["heldout_ppl"] == pytest.approx(curve.heldout_ppl.iloc[-1])
+    with pytest.raises(ValueError, match="another config"):
+        R.relufy("smoke", "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours",
+                 total_tokens=2 * s["tokens_seen"])
+    assert R.main(["--preset", "smoke", "--base", str(tiny_base), "--out", str(out), "--total-tokens", "4096"]) == 2
+
+
+def test_compare_runs_of_the_default_recipe_are_its_main_run():
+    assert R.compare_dir("cpu", R.DEFAULT_RECIPE) == R.relufied_dir("cpu", "drelu", R.DEFAULT_RECIPE)
+    assert R.compare_dir("cpu", "paper").name.endswith("-compare")
+    from turbosparse_lib.presets import get_preset
+
+    P = get_preset("cpu").relufy
+    assert R.compare_tokens("cpu", R.DEFAULT_RECIPE) == P.total_tokens
+    assert R.compare_tokens("cpu", "paper") == P.compare_tokens
+    assert all(r in R.RECIPES for r in P.sparsity_recipes)

@@ -219,3 +219,23 @@ def test_activation_stats_and_topk_sweep_over_a_stream():
     assert (sweep.ppl_lo <= sweep.ppl).all() and (sweep.ppl <= sweep.ppl_hi).all()
     assert sweep.ratio.iloc[0] == 1.0 and not sweep.distinguishable.iloc[0]  # the unmasked model against itself
     assert sweep.realized_sparsity.is_monotonic_increasing
+
+
+def test_topk_sparsity_at_a_fixed_quality():
+    """``limit_ppl``: the top-k level at which a model is still as good as a given perplexity; NaN if it never is.
+    ``sparsity_table(matched_to=...)``: that level for every model at one model's quality."""
+    from turbosparse_lib.eval.compare import sparsity_table
+    from turbosparse_lib.eval.sweeps import topk_tolerance
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (256,), generator=g)
+    a, b = build_model("drelu", preset="smoke", seed=0), build_model("drelu", preset="smoke", seed=1)
+    own = topk_tolerance(a, ids, context_length=64, iters=3)
+    assert topk_tolerance(a, ids, context_length=64, iters=3, limit_ppl=1e9)["sparsity"] == 0.99  # anything goes
+    assert np.isnan(topk_tolerance(a, ids, context_length=64, limit_ppl=own["unmasked_ppl"] * 0.5)["sparsity"])
+    t, _ = sparsity_table({"a": a, "b": b}, "a", ids, 64, ids, samples=50, matched_to="a")
+    worse = t.tol_ppl.idxmax()
+    assert np.isnan(t.loc[worse, "topk_at_matched"]) or t.loc[worse, "tol_ppl"] <= 1.01 * t.loc["a", "tol_ppl"]
+    assert t.loc["a", "topk_at_matched"] >= t.loc["a", "topk_within_1%"]  # its own quality, same tolerance
+    with pytest.raises(ValueError, match="not one of the models"):
+        sparsity_table({"a": a}, "a", ids, 64, ids, samples=50, matched_to="c")

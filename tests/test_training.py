@@ -152,6 +152,7 @@ def test_distillation_loss_is_zero_for_the_teacher_itself():
 def test_l1_penalty_is_the_mean_absolute_combined_activation():
     from turbosparse_lib.models.architecture import build_model
     from turbosparse_lib.models.swap import mlp_modules
+    from turbosparse_lib.train.config import train_config
     from turbosparse_lib.train.loop import _CombinedL1, _loss
 
     model = build_model("drelu", preset="smoke", seed=0)
@@ -159,11 +160,12 @@ def test_l1_penalty_is_the_mean_absolute_combined_activation():
     seen = []
     hooks = [m.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].abs().mean().item()))
              for m in mlp_modules(model)]
-    base = _loss(model, None, x, "lm", "fp32").item()
+    cfg = train_config("smoke", "drelu", 0)
+    base = _loss(model, None, x, cfg, "fp32").item()
     for h in hooks:
         h.remove()
     l1 = _CombinedL1(model)
-    with_l1 = _loss(model, None, x, "lm", "fp32", l1, 0.5).item()
+    with_l1 = _loss(model, None, x, cfg, "fp32", l1, 0.5).item()
     l1.remove()
     assert with_l1 == pytest.approx(base + 0.5 * sum(seen) / len(seen), rel=1e-5)
     with torch.no_grad():  # evaluations do not feed the penalty
@@ -171,3 +173,54 @@ def test_l1_penalty_is_the_mean_absolute_combined_activation():
         model(input_ids=x)
         assert l1.total is None
         l1.remove()
+
+
+def test_hidden_state_loss_is_zero_for_the_teacher_and_scale_free():
+    from turbosparse_lib.train.loop import hidden_state_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
+    assert hidden_state_loss(t, t).item() == 0.0
+    s = [t[0]] + [h + 0.1 * torch.randn(h.shape, generator=g) for h in t[1:]]
+    loss = hidden_state_loss(s, t).item()
+    assert 0 < loss < 0.1
+    # normalised per layer: scaling both by 1000 leaves it; the embeddings (index 0) are not compared
+    assert hidden_state_loss([1000 * h for h in s], [1000 * h for h in t]).item() == pytest.approx(loss, rel=1e-5)
+    assert hidden_state_loss([torch.zeros_like(t[0])] + s[1:], t).item() == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("trainable", ["all", "no-embeddings", "mlp"])
+def test_select_trainable_freezes_what_it_names(trainable):
+    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.swap import mlp_modules
+    from turbosparse_lib.train.loop import select_trainable
+
+    model = build_model("drelu", preset="smoke", seed=0)
+    select_trainable(model, trainable)
+    emb = model.get_input_embeddings().weight
+    mlp = {id(p) for m in mlp_modules(model) for p in m.parameters()}
+    attn = [p for n, p in model.named_parameters() if "self_attn" in n]
+    assert emb.requires_grad == (trainable == "all")
+    assert all(p.requires_grad for p in model.parameters() if id(p) in mlp)
+    assert all(p.requires_grad == (trainable != "mlp") for p in attn)
+
+
+def test_l1_weight_rises_progressively():
+    from turbosparse_lib.train.config import l1_at, train_config
+
+    cfg = train_config("smoke", "drelu", 0, l1_coef=2.0, l1_warmup_fraction=0.5)  # 32 steps: full at step 16
+    assert l1_at(0, cfg) == pytest.approx(2.0 / 16)
+    assert l1_at(7, cfg) == pytest.approx(1.0)
+    assert l1_at(15, cfg) == l1_at(31, cfg) == 2.0
+    assert l1_at(0, train_config("smoke", "drelu", 0, l1_coef=2.0)) == 2.0  # no ramp: constant
+
+
+def test_new_loss_options_are_validated():
+    from turbosparse_lib.train.config import train_config
+
+    with pytest.raises(ValueError, match="needs objective kd"):
+        train_config("smoke", "drelu", 0, hidden_coef=1.0)  # the next-token loss has no teacher
+    with pytest.raises(ValueError, match="unknown trainable"):
+        train_config("smoke", "drelu", 0, trainable="attention")
+    with pytest.raises(ValueError, match="l1_warmup_fraction"):
+        train_config("smoke", "drelu", 0, l1_warmup_fraction=2.0)

@@ -103,11 +103,14 @@ def topk_robustness(sweeps: pd.DataFrame, level: float, a: str = "swiglu", b: st
 
 
 def sparsity_table(models: dict, base: str, ids, context_length: int, tol_ids, samples: int = 1000,
-                   tol: float = 0.01) -> tuple[pd.DataFrame, dict]:
+                   tol: float = 0.01, matched_to: str | None = None) -> tuple[pd.DataFrame, dict]:
     """The table 1 analogue: per model, held-out perplexity with its interval, the ratio to ``base`` on the same
     windows (paired interval), the exact-zero fraction of combined, and one sparsity for every variant: the
     largest top-k level within ``tol`` of the model's own unmasked perplexity (``eval.sweeps.topk_tolerance``
-    on ``tol_ids``). Returns the table and the ``PerplexityResult`` of each model."""
+    on ``tol_ids``). With ``matched_to`` (a model's name), also ``topk_at_matched``: the largest top-k level at
+    which each model is still as good as that model unmasked (perplexity on ``tol_ids`` within ``tol`` of its), NaN
+    for a model that is worse even unmasked: sparsity at equal quality, so that a broken model cannot win by being
+    broken. Returns the table and the ``PerplexityResult`` of each model."""
     from ..sparsity.instruments import record_activations
     from .perplexity import perplexity
     from .sweeps import topk_tolerance
@@ -120,8 +123,16 @@ def sparsity_table(models: dict, base: str, ids, context_length: int, tol_ids, s
         tolerance = topk_tolerance(m, tol_ids, tol=tol, context_length=context_length)
         rows.append({"model": name, "ppl": results[name].ppl, "ppl_lo": lo, "ppl_hi": hi,
                      "zero_frac": float(rec.overall().zero_frac.iloc[0]),
-                     f"topk_within_{tol:.0%}": tolerance["sparsity"], "tolerance_resolution": tolerance["resolution"]})
+                     f"topk_within_{tol:.0%}": tolerance["sparsity"], "tolerance_resolution": tolerance["resolution"],
+                     "tol_ppl": tolerance["unmasked_ppl"]})
     df = pd.DataFrame(rows).set_index("model")
+    if matched_to is not None:
+        if matched_to not in models:
+            raise ValueError(f"matched_to={matched_to!r} is not one of the models: {', '.join(models)}")
+        limit = float(df.loc[matched_to, "tol_ppl"]) * (1 + tol)  # as good as that model, within the same tolerance
+        df["matched_ppl"] = limit
+        df["topk_at_matched"] = [topk_tolerance(m, tol_ids, context_length=context_length, limit_ppl=limit)["sparsity"]
+                                 for m in models.values()]
     for name in models:
         c = paired_interval(results[base], results[name], samples)
         df.loc[name, ["ratio", "ratio_lo", "ratio_hi"]] = c["ratio"], c["ratio_lo"], c["ratio_hi"]

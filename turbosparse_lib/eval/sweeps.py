@@ -35,8 +35,10 @@ def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 51
 
 
 def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_length: int = 512, batch_size: int = 4,
-                   hi: float = 0.99, iters: int = 6) -> dict:
-    """The largest top-k sparsity whose perplexity stays within ``(1 + tol)`` of the unmasked model's.
+                   hi: float = 0.99, iters: int = 6, limit_ppl: float | None = None) -> dict:
+    """The largest top-k sparsity whose perplexity stays within ``(1 + tol)`` of the unmasked model's, or, with
+    ``limit_ppl``, at or below that perplexity (sparsity at a quality fixed for every model; NaN for a model
+    whose unmasked perplexity is already above it: it never reaches that quality).
 
     One definition of sparsity for every variant, SwiGLU included (it has no exact zeros): bisection on
     [0, ``hi``] over top-k levels (perplexity rises with the level), ``iters`` halvings, so the answer is a
@@ -49,8 +51,11 @@ def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_lengt
             return perplexity(model, token_ids, context_length=context_length, batch_size=batch_size).ppl
 
     base = perplexity(model, token_ids, context_length=context_length, batch_size=batch_size).ppl
-    limit = base * (1 + tol)
+    limit = base * (1 + tol) if limit_ppl is None else limit_ppl
     tried = [(0.0, base)]
+    if base > limit:
+        return {"sparsity": float("nan"), "unmasked_ppl": base, "tol": tol, "limit_ppl": limit,
+                "evaluated": tried, "resolution": hi / 2**iters}
     good, bad = 0.0, hi
     p_hi = ppl_at(hi)
     tried.append((hi, p_hi))
@@ -62,5 +67,5 @@ def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_lengt
             p = ppl_at(mid)
             tried.append((mid, p))
             good, bad = (mid, bad) if p <= limit else (good, mid)
-    return {"sparsity": good, "unmasked_ppl": base, "tol": tol,
+    return {"sparsity": good, "unmasked_ppl": base, "tol": tol, "limit_ppl": limit,
             "evaluated": sorted(tried), "resolution": hi / 2**iters}

@@ -16,6 +16,7 @@ from ..models.architecture import MoEConfig, moe_config
 
 PRECISIONS = ("fp32", "bf16", "auto")
 OBJECTIVES = ("lm", "kd", "kd+lm")  # next-token loss; KL to a teacher's distribution; their mean
+TRAINABLE = ("all", "no-embeddings", "mlp")  # which parameters a run trains (the rest stay frozen)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class TrainConfig:
     base_model: str | None = None  # continued pretraining: the model trained from (recorded, for the config guard)
     objective: str = "lm"  # one of OBJECTIVES; kd needs a teacher passed to train()
     l1_coef: float = 0.0  # weight of an L1 penalty on the MLPs' combined activations (sparsity regularisation)
+    l1_warmup_fraction: float = 0.0  # the L1 weight rises linearly from 0 over this share of the steps (ProSparse)
+    hidden_coef: float = 0.0  # weight of the teacher's hidden states after every layer (normalised MSE), with kd
+    trainable: str = "all"  # one of TRAINABLE: "no-embeddings" freezes the (tied) embeddings, "mlp" all but the MLPs
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     eval_sequences: int = 16  # validation sequences per evaluation (fixed set)
     checkpoint_every: int = 100
@@ -64,8 +68,14 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.l1_coef < 0:
-            raise ValueError(f"l1_coef must be >= 0; got {self.l1_coef}")
+        if self.l1_coef < 0 or self.hidden_coef < 0:
+            raise ValueError(f"l1_coef and hidden_coef must be >= 0; got {self.l1_coef}, {self.hidden_coef}")
+        if not 0 <= self.l1_warmup_fraction <= 1:
+            raise ValueError(f"l1_warmup_fraction must be in [0, 1]; got {self.l1_warmup_fraction}")
+        if self.hidden_coef > 0 and self.objective == "lm":
+            raise ValueError("hidden_coef > 0 matches a teacher's hidden states: it needs objective kd or kd+lm")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"unknown trainable {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.steps < 1:
@@ -100,6 +110,13 @@ def train_config(preset: str, variant: str, seed: int = 0, moe: bool = False, **
     if moe:
         overrides = {"moe": get_preset(preset).moe, **overrides}
     return TrainConfig(**{"model_preset": preset, **section, "variant": variant, "seed": seed, **overrides})
+
+
+def l1_at(step: int, cfg: TrainConfig) -> float:
+    """The L1 weight at ``step``: ``l1_coef``, reached linearly over the first ``l1_warmup_fraction`` of the steps
+    (ProSparse raises its penalty progressively, so the model recovers before it is pushed to zeros)."""
+    ramp = cfg.l1_warmup_fraction * cfg.steps
+    return cfg.l1_coef * (min(1.0, (step + 1) / ramp) if ramp >= 1 else 1.0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -20,8 +20,11 @@ A run, in order:
    batches (gradient accumulation). Under ``torchrun`` the model is wrapped in DDP.
 4. The loss is the config's ``objective``: next-token cross-entropy (``lm``), the KL divergence
    from a teacher's next-token distribution to the model's (``kd``, distillation), or their mean;
-   plus, with ``l1_coef > 0``, an L1 penalty on every MLP's combined activation (the mean |combined|
-   over layers), which pushes activations to exact zero (ProSparse-style sparsity regularisation).
+   plus, with ``hidden_coef > 0``, the teacher's residual stream after every layer (normalised mean
+   squared error, ``hidden_state_loss``); plus, with ``l1_coef > 0``, an L1 penalty on every MLP's
+   combined activation (the mean |combined| over layers), which pushes activations to exact zero
+   (ProSparse-style sparsity regularisation), raised linearly over ``l1_warmup_fraction`` of the run.
+   ``trainable`` freezes what a run leaves alone (``select_trainable``: the embeddings, or all but the MLPs).
 5. Every ``checkpoint_every`` steps a resumable checkpoint (``train.checkpoint``); at the end the
    final weights with ``save_pretrained`` (loadable with ``models.swap.load_model``), then the
    summary that marks the run complete.
@@ -59,12 +62,12 @@ from ..models.architecture import build_model
 from ..models.swap import load_model
 from .checkpoint import (CHECKPOINT, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, check_config, is_complete,
                          load_checkpoint, read_metrics, rewrite_metrics, save_checkpoint)
-from .config import PRECISIONS, TrainConfig, lr_at, train_config
+from .config import PRECISIONS, TrainConfig, l1_at, lr_at, train_config
 from .data import training_sequences, validation_sequences
 from .distributed import all_mean, barrier, init_distributed
 from .precision import autocast, measure_precision
 
-__all__ = ["train", "evaluate_loss", "train_scratch", "load_trained", "read_metrics", "is_complete", "main"]
+__all__ = ["train", "evaluate_loss", "hidden_state_loss", "select_trainable", "train_scratch", "load_trained", "read_metrics", "is_complete", "main"]
 
 # called every eval_every steps on the main process: (model, step, tokens_seen) -> extra metrics
 EvalHook = Callable[[nn.Module, int, int], dict]
@@ -121,17 +124,49 @@ class _CombinedL1:
             h.remove()
 
 
-def _loss(model, teacher, x: torch.Tensor, objective: str, precision: str, l1: "_CombinedL1 | None" = None,
+def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over layers of ||h_student - h_teacher||^2 / ||h_teacher||^2 after every decoder layer (the
+    embeddings, shared by both, are skipped): a dense signal at every depth, so a layer whose new MLP drifts is
+    corrected where it drifts instead of only through the last layer's logits."""
+    terms = [((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
+             for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
+    return torch.stack(terms).mean()
+
+
+def _loss(model, teacher, x: torch.Tensor, cfg: TrainConfig, precision: str, l1: "_CombinedL1 | None" = None,
           l1_coef: float = 0.0) -> torch.Tensor:
+    objective, hidden = cfg.objective, cfg.hidden_coef > 0
     with autocast(precision):
-        out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False)
+        out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False,
+                    output_hidden_states=hidden)
     penalty = l1_coef * l1.take() if l1 is not None else 0.0
     if objective == "lm":
         return out.loss + penalty
     with torch.inference_mode():
-        t_logits = teacher(input_ids=x, use_cache=False).logits
-    kd = distillation_loss(out.logits, t_logits.clone())  # a clone leaves inference mode, for autograd
-    return (kd if objective == "kd" else 0.5 * (kd + out.loss)) + penalty
+        t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
+    kd = distillation_loss(out.logits, t_out.logits.clone())  # a clone leaves inference mode, for autograd
+    loss = kd if objective == "kd" else 0.5 * (kd + out.loss)
+    if hidden:
+        loss = loss + cfg.hidden_coef * hidden_state_loss(out.hidden_states, [h.clone() for h in t_out.hidden_states])
+    return loss + penalty
+
+
+def select_trainable(model: nn.Module, trainable: str) -> None:
+    """Freeze what ``trainable`` leaves out (``train.config.TRAINABLE``): ``no-embeddings`` freezes the input
+    embeddings and the output layer (tied in SmolLM2: 49,152 x 576, a fifth of the model, and a swapped MLP does
+    not change what a token means); ``mlp`` trains only the MLPs' projections."""
+    if trainable == "all":
+        return
+    frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+              for p in m.parameters()}
+    if trainable == "mlp":
+        from ..models.swap import mlp_modules
+
+        keep = {id(p) for m in mlp_modules(model) for p in m.parameters()}
+        frozen = {id(p) for p in model.parameters()} - keep
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None = None,
@@ -176,6 +211,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
         if model is None:
             model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed, moe=cfg.moe)
         model.train()
+        select_trainable(model, cfg.trainable)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decay = [p for n, p in trainable if p.ndim >= 2]  # no decay on norms (as nanoGPT)
         no_decay = [p for n, p in trainable if p.ndim < 2]
@@ -238,7 +274,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size].to(device)
                     sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
                     with sync:
-                        loss = _loss(ddp, teacher, x, cfg.objective, precision, l1, cfg.l1_coef)
+                        loss = _loss(ddp, teacher, x, cfg, precision, l1, l1_at(step, cfg))
                         (loss / accum).backward()
                     loss_sum += float(loss.detach())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))

@@ -44,16 +44,37 @@ from torch import nn
 from .. import paths
 from ..atomic import write_json
 
-RECIPES: dict[str, tuple[str, str, float]] = {  # name -> (warm start, objective, L1 coefficient on combined)
-    "paper": ("none", "lm", 0.0),  # the paper's: swap, then next-token loss
-    "kd": ("none", "kd", 0.0),  # distillation from the original model
-    "lstsq+lm": ("lstsq", "lm", 0.0),
-    "lstsq+kd": ("lstsq", "kd", 0.0),  # layer-wise warm start, then distillation
-    "lstsq+kd+l1": ("lstsq", "kd", 0.02),  # and an L1 penalty on combined, for more exact zeros
+@dataclass(frozen=True)
+class Recipe:
+    """How a ReLUfication spends its budget: a warm start, then continued training with this loss on these weights."""
+
+    warm: str  # "lstsq": the layer-wise warm start below; "none": train the swapped model as it is
+    objective: str  # lm (the paper's next-token loss), kd (distillation), kd+lm
+    l1_coef: float = 0.0  # L1 penalty on combined (mean |combined| over layers), for more exact zeros
+    l1_warmup_fraction: float = 0.0  # ... reached linearly over this share of the steps (ProSparse's progressive schedule)
+    hidden_coef: float = 0.0  # weight of the teacher's hidden states after every layer (normalised MSE)
+    trainable: str = "all"  # all, no-embeddings or mlp (train.config.TRAINABLE)
+    about: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe("none", "lm", about="the paper's: swap, then next-token loss"),
+    "kd": Recipe("none", "kd", about="distillation from the original model"),
+    "lstsq+lm": Recipe("lstsq", "lm", about="warm start, then next-token loss"),
+    "lstsq+kd": Recipe("lstsq", "kd", about="warm start, then distillation of the logits"),
+    "lstsq+kd+l1": Recipe("lstsq", "kd", l1_coef=0.02, about="... and a constant L1 penalty on combined"),
+    # the default: many small steps of distillation that also match the original's residual stream after every
+    # layer, on the MLPs alone (the swap changed only them; frozen attention and embeddings make a step ~20% cheaper)
+    "lstsq+hidden": Recipe("lstsq", "kd", hidden_coef=1.0, trainable="mlp",
+                           about="warm start, then logits and hidden states of every layer distilled, MLPs trained"),
+    # ProSparse-style: the same, with an L1 penalty on combined raised linearly over the first half of the run
+    "lstsq+hidden+l1": Recipe("lstsq", "kd", l1_coef=2.0, l1_warmup_fraction=0.5, hidden_coef=1.0, trainable="mlp",
+                              about="... and a progressive L1 penalty on combined, for more exact zeros"),
 }
-DEFAULT_RECIPE = "lstsq+kd"
+DEFAULT_RECIPE = "lstsq+hidden"
 BASE_MODELS = ("smollm2-135m", "scratch-swiglu")  # or the folder of any supported Hugging Face model
 WARM_FILE = "warm_start.json"
+RECORD_FILE = "relufication.json"  # what a finished run folder was made from and what it reached
 
 
 @dataclass(frozen=True)
@@ -212,10 +233,12 @@ def relufy_config(preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base:
     b = resolve_base(preset, base)
     get_variant(variant)
     R = get_preset(preset).relufy
+    r = RECIPES[recipe]
     fields = dict(model_preset=None, base_model=b.source, variant=variant, seed=0, total_tokens=R.total_tokens,
                   batch_size=R.batch_size, micro_batch_size=R.micro_batch_size, context_length=R.context_length,
-                  lr=R.lr, min_lr_ratio=R.min_lr_ratio, warmup_steps=R.warmup_steps, precision="auto",
-                  tokenizer=b.tokenizer, objective=RECIPES[recipe][1], l1_coef=RECIPES[recipe][2], eval_every=R.eval_every,
+                  lr=R.lr, min_lr_ratio=R.min_lr_ratio, warmup_steps=R.warmup_steps, precision=R.precision,
+                  tokenizer=b.tokenizer, objective=r.objective, l1_coef=r.l1_coef, l1_warmup_fraction=r.l1_warmup_fraction,
+                  hidden_coef=r.hidden_coef, trainable=r.trainable, eval_every=R.eval_every,
                   eval_sequences=max(1, R.curve_eval_tokens // R.context_length), checkpoint_every=R.checkpoint_every,
                   log_every=max(1, R.eval_every // 4))
     return TrainConfig(**{**fields, **overrides})
@@ -247,14 +270,40 @@ def curve_hook(eval_ids: torch.Tensor, context_length: int):
 
 
 def compare_dir(preset: str, recipe: str, base: str | None = None) -> Path:
-    """The run folder of ``recipe`` in notebook 05's recipe comparison (on dReLU): a "-compare" folder, except
-    for the default recipe when the comparison's token budget is the variants' own, where the comparison run and
-    the dReLU run are one run (same config), kept in the dReLU run's folder."""
+    """The run folder of ``recipe`` in notebook 05's recipe comparison (on dReLU): a "-compare" folder of the
+    preset's ``compare_tokens``, except for the default recipe, whose comparison run is the dReLU run itself (its
+    whole budget: its curve is read at the others' minutes, and shows where it flattens)."""
+    if recipe == DEFAULT_RECIPE:
+        return relufied_dir(preset, "drelu", recipe, base)
+    return relufied_dir(preset, "drelu", recipe, base, tag="compare")
+
+
+def compare_tokens(preset: str, recipe: str) -> int:
+    """Training tokens of ``recipe``'s run in the recipe comparison (see ``compare_dir``)."""
     from ..presets import get_preset
 
     R = get_preset(preset).relufy
-    same = recipe == DEFAULT_RECIPE and R.compare_tokens in (0, R.total_tokens)
-    return relufied_dir(preset, "drelu", recipe, base, tag="" if same else "compare")
+    return R.total_tokens if recipe == DEFAULT_RECIPE else (R.compare_tokens or R.total_tokens)
+
+
+def run_summary(run_dir: str | Path) -> dict:
+    """What a finished run cost: tokens, steps, minutes of the warm start and of the training loop (evaluations and
+    checkpoints included), and tokens per second of the loop and of the whole run (warm start included). A run
+    resumed after a kill counts only its last session's loop time (``resumed_from_step`` says so)."""
+    from .checkpoint import SUMMARY_FILE
+
+    run_dir = Path(run_dir)
+    s = json.loads((run_dir / SUMMARY_FILE).read_text())
+    warm_path = run_dir / WARM_FILE
+    warm = json.loads(warm_path.read_text())["seconds"] if warm_path.exists() else 0.0
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    loop = s["seconds_this_session"]
+    tokens = s["tokens_seen"] - s["resumed_from_step"] * cfg["batch_size"] * cfg["context_length"]
+    resumed = s["resumed_from_step"]
+    return {"tokens": s["tokens_seen"], "steps": s["steps"], "precision": s["precision"],
+            "trainable": cfg.get("trainable", "all"), "warm_start_min": warm / 60, "train_min": s["train_seconds"] / 60,
+            "loop_min": loop / 60, "total_min": (warm + loop) / 60, "resumed_from_step": resumed,
+            "loop_tokens_per_s": tokens / loop, "all_in_tokens_per_s": tokens / (warm + loop) if not resumed else float("nan")}
 
 
 def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RECIPE, base: str | None = None,
@@ -271,7 +320,7 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
     from ..data.build import heldout_ids
     from ..models.swap import apply_variant
     from ..presets import get_preset
-    from .checkpoint import CHECKPOINT, is_complete
+    from .checkpoint import CHECKPOINT, check_config, is_complete
     from .data import training_sequences
     from .loop import train
 
@@ -280,8 +329,12 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
     if threads:
         torch.set_num_threads(threads)
     warm_path = run_dir / WARM_FILE
+    check_config(run_dir, cfg)  # before anything else: a finished run of another config is refused, not returned
     if is_complete(run_dir):
         summary = json.loads((run_dir / "train_summary.json").read_text())
+        if not (run_dir / RECORD_FILE).exists():
+            write_record(run_dir, variant, recipe, resolve_base(preset, base),
+                         get_preset(preset).relufy.curve_eval_tokens)
         return run_dir, {**summary, "warm_start": json.loads(warm_path.read_text()) if warm_path.exists() else None}
     teacher, tok = load_base(preset, base)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the gpu and paper presets are meant for a GPU
@@ -293,7 +346,7 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
         p.requires_grad_(True)
     sequences = training_sequences(cfg)
     warm_report = None
-    if RECIPES[recipe][0] == "lstsq" and not (run_dir / CHECKPOINT / "state.json").exists():
+    if RECIPES[recipe].warm == "lstsq" and not (run_dir / CHECKPOINT / "state.json").exists():
         R = get_preset(preset).relufy
         n_fit = max(1, R.fit_tokens // cfg.context_length)
         fit = sequences[-n_fit:] if n_fit < len(sequences) else sequences  # the run's own training tokens
@@ -309,7 +362,27 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
     if warm_report is not None:
         summary = {**summary, "warm_start": warm_report}
     tok.save_pretrained(run_dir)  # the folder loads as a complete model (weights, config, tokenizer)
+    write_record(run_dir, variant, recipe, resolve_base(preset, base), get_preset(preset).relufy.curve_eval_tokens)
     return run_dir, summary
+
+
+def write_record(run_dir: Path, variant: str, recipe: str, base: Base, heldout_tokens: int) -> dict:
+    """``relufication.json`` beside the saved model: what it was made from (base, variant, recipe and its loss
+    terms), the budget (tokens, steps, minutes) and the quality it reached (the recovery curve's last point:
+    held-out perplexity on the curve's tokens, exact zeros of combined). A reader of the folder needs nothing else."""
+    from dataclasses import asdict
+
+    curve = recovery_curve(run_dir)
+    last = curve.iloc[-1] if len(curve) else None
+    record = {"base": base.source, "variant": variant, "recipe": recipe, "recipe_terms": asdict(RECIPES[recipe]),
+              "budget": run_summary(run_dir),
+              "quality": None if last is None else {"tokens_seen": int(last.tokens_seen),
+                                                     "heldout_ppl": float(last.heldout_ppl),
+                                                     "zero_frac": float(last.zero_frac),
+                                                     "heldout_tokens": heldout_tokens},
+              "load_with": "turbosparse_lib.models.swap.load_model(folder)"}
+    write_json(run_dir / RECORD_FILE, record)
+    return record
 
 
 def recovery_curve(run_dir: str | Path) -> "pd.DataFrame":
@@ -373,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"turbosparse-relufy: {e}", file=sys.stderr)
         return 2
-    run_dir, summary = relufy(a.preset, a.variant, a.recipe, a.base, a.out, threads=a.threads, **overrides)
+    try:
+        run_dir, summary = relufy(a.preset, a.variant, a.recipe, a.base, a.out, threads=a.threads, **overrides)
+    except ValueError as e:  # a folder holding another run's config
+        print(f"turbosparse-relufy: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"run_dir": str(run_dir), **{k: v for k, v in summary.items() if k != "warm_start"}}))
     return 0
 
