@@ -87,3 +87,12 @@ def test_readme_table_is_current_and_backed_by_committed_results():
         for f in r.evidence.split():
             rel = str((paths.results_dir("cpu") / f).relative_to(paths.repo_root()))
             assert rel in tracked, f"claim {r.claim!r} rests on {rel}, which is not committed"
+
+
+def test_report_refuses_a_preset_the_readme_does_not_carry(capsys):
+    readme = (paths.repo_root() / "README.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--preset", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    assert claims.main(["--preset", "smoke"]) == 2 and "carries the cpu preset" in capsys.readouterr().err
+    assert (paths.repo_root() / "README.md").read_text() == readme  # untouched

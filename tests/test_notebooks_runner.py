@@ -67,6 +67,9 @@ def test_unknown_preset_fails_before_running():
         notebooks.run_notebooks("huge")
     assert notebooks.main(["--preset", "huge"]) == 1
     assert notebooks.main(["--preset", "smoke", "--only", "42"]) == 1
+    assert notebooks.main(["--preset", "smoke", "--only", "00", "42"]) == 1  # one typo refuses the whole call
+    assert notebooks.main(["--preset", "smoke", "--only"]) == 1  # a bare --only is not "everything"
+    assert notebooks.main(["--preset", "smoke", "-p", "preset", "cpu"]) == 1  # would save a cpu run as smoke
 
 
 def _notebook(tmp_path, name, *cells):

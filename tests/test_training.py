@@ -95,6 +95,11 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, built_data):
     assert r.returncode == -9, r.stderr[-2000:]
     assert (killed / checkpoint.CHECKPOINT / "state.json").exists() and not training.is_complete(killed)
     assert json.loads((killed / checkpoint.CHECKPOINT / "state.json").read_text())["step"] == 8
+    # what a kill mid-write leaves: a metrics line cut short, a half-written checkpoint folder
+    with open(killed / checkpoint.METRICS_FILE, "a") as f:
+        f.write('{"step": 13, "tokens_se')
+    (killed / ".checkpoint.tmp-dead").mkdir()
+    (killed / ".checkpoint.tmp-dead" / "model.safetensors").write_bytes(b"x" * 1000)
     r = _run(base + ["--out", str(killed)])
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _summary(whole), _summary(killed)
@@ -104,6 +109,56 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, built_data):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # the metrics of the resumed run have each step once, as the uninterrupted run's
     assert list(training.read_metrics(killed).step) == list(training.read_metrics(whole).step)
+    assert not list(killed.glob(".*tmp-*")) and not (killed / checkpoint.LOCK_FILE).exists()
+
+
+def test_a_corrupt_metrics_line_is_named(tmp_path):
+    (tmp_path / checkpoint.METRICS_FILE).write_text('{"step": 1}\n{"step": 2,, }\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not JSON"):
+        training.read_metrics(tmp_path)
+    (tmp_path / checkpoint.METRICS_FILE).write_text('{"step": 1}\n{"step": 2}\n{"st')  # cut short: dropped
+    assert list(training.read_metrics(tmp_path).step) == [1, 2]
+
+
+def test_one_process_at_a_time_in_a_run_folder(tmp_path, built_data):
+    cfg = train_config("smoke", "drelu", total_tokens=2 * 4 * 128)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / checkpoint.LOCK_FILE).write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(RuntimeError, match=f"in use by another process \\(PID {os.getppid()}\\)"):
+        training.train(cfg, tmp_path)
+    assert not training.is_complete(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / checkpoint.LOCK_FILE).write_text(str(dead.pid))  # its owner is gone: taken over
+    training.train(cfg, tmp_path)
+    assert training.is_complete(tmp_path) and not (tmp_path / checkpoint.LOCK_FILE).exists()
+
+
+def test_non_finite_training_stops_before_anything_is_complete(tmp_path, built_data):
+    from turbosparse_lib.models.architecture import build_model
+
+    cfg = train_config("smoke", "drelu", total_tokens=4 * 4 * 128)
+    model = build_model("drelu", preset="smoke", seed=0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite at step 1"):
+        training.train(cfg, tmp_path, model=model)
+    assert not training.is_complete(tmp_path)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, built_data):
+    from safetensors.torch import load_file, save_file
+
+    base = ["--preset", "smoke", "--variant", "drelu", "--seed", "0", "--threads", "1", "--out", str(tmp_path)]
+    assert _run(base, {"TURBOSPARSE_KILL_AT_STEP": "10"}).returncode == -9
+    f = tmp_path / checkpoint.CHECKPOINT / "model.safetensors"
+    w = load_file(str(f))
+    k = next(iter(w))
+    w[k][..., 0] = float("nan")  # garbage bytes inside a tensor
+    save_file(w, str(f))
+    r = _run(base)
+    assert r.returncode != 0 and "non-finite weights" in r.stderr
+    assert not training.is_complete(tmp_path)
 
 
 @pytest.mark.slow

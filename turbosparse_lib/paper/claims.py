@@ -16,6 +16,7 @@ between ``README_START`` and ``README_END`` (``update_readme``; a test fails whe
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ HOLDS, QUALITATIVE, FAILS = "holds", "holds qualitatively", "does not hold"
 NOT_DISTINGUISHABLE, NOT_HERE = "not distinguishable at our scale", "not reproduced here"
 VERDICTS = (HOLDS, QUALITATIVE, FAILS, NOT_DISTINGUISHABLE, NOT_HERE)
 README_START, README_END = "<!-- claims:start -->", "<!-- claims:end -->"
+README_PRESET = "cpu"  # the preset whose results the README reports
 
 Read = Callable[[str], pd.DataFrame]
 
@@ -406,10 +408,19 @@ def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Write the claims report into the README (from committed results)")
-    ap.add_argument("--preset", default="cpu")
+    from ..presets import PRESETS
+
+    ap = argparse.ArgumentParser(prog="turbosparse-report",
+                                 description="Write the claims report into the README (from committed results)")
+    ap.add_argument("--preset", default="cpu", choices=list(PRESETS),
+                    help="the README carries the cpu preset's results; notebook 99 shows any preset's")
     ap.add_argument("--check", action="store_true", help="only check that the README's table is current")
     a = ap.parse_args(argv)
+    if a.preset != README_PRESET and not a.check:
+        print(f"turbosparse-report: the README carries the {README_PRESET} preset's claims; --preset {a.preset} would "
+              f"replace them with another preset's numbers. Run notebook 99 at --preset {a.preset} to see those",
+              file=sys.stderr)
+        return 2
     if a.check:
         readme = (paths.repo_root() / "README.md").read_text()
         ok = readme_block(a.preset) in readme

@@ -34,11 +34,13 @@ KERNEL_DISPLAY = "Python (turbosparse)"
 def list_notebooks(only: list[str] | None = None) -> list[Path]:
     """The numbered notebooks in the order their inputs require; ``only`` filters by prefix or name."""
     nbs = sorted(p for p in paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        chosen = [p for p in nbs if any(p.stem == o or p.stem.startswith(o) for o in only)]
-        if not chosen:
-            raise ValueError(f"no notebook matches {only}; available: {[p.stem for p in nbs]}")
-        nbs = chosen
+    if only is not None:
+        if not only:
+            raise ValueError(f"--only names no notebook; give prefixes or stems from {[p.stem for p in nbs]}")
+        unmatched = [o for o in only if not any(p.stem == o or p.stem.startswith(o) for p in nbs)]
+        if unmatched:  # every name must match: a typo never runs a subset quietly
+            raise ValueError(f"no notebook matches {unmatched}; available: {[p.stem for p in nbs]}")
+        nbs = [p for p in nbs if any(p.stem == o or p.stem.startswith(o) for o in only)]
     return dependency_order(nbs)
 
 
@@ -160,7 +162,7 @@ def _parse_value(v: str):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Execute the notebooks headless with papermill at a named preset.")
-    ap.add_argument("--preset", default="cpu", help="smoke (CI), cpu (default reproduction) or paper")
+    ap.add_argument("--preset", default="cpu", help="smoke (CI), cpu (default reproduction), gpu or paper")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (prefix such as 00, or full stem)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                     help="an extra papermill parameter")
@@ -168,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         get_preset(args.preset)
+        if any(name == "preset" for name, _ in args.parameter):  # the copy is saved under --preset's name
+            raise ValueError("set the preset with --preset, not -p preset: the executed copy is saved under "
+                             "--preset's name")
         list_notebooks(args.only)  # every argument is checked before anything runs
         out = run_notebooks(args.preset, args.only, {k: _parse_value(v) for k, v in args.parameter}, args.timeout)
     except (ValueError, RuntimeError) as e:

@@ -25,6 +25,7 @@ CHECKPOINT = "checkpoint"  # sub-folder of a run holding the latest resumable st
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"  # written last: its presence means the run is complete
+LOCK_FILE = ".lock"  # the PID of the process training in the folder
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -74,6 +75,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer)
     except Exception as e:  # truncated or foreign files
         raise RuntimeError(f"the checkpoint in {ck} cannot be read ({e}); delete that folder to restart the run "
                            "from scratch") from e
+    check_finite(model, f"the checkpoint in {ck} (delete that folder to restart the run from scratch)")
     torch.set_rng_state(tensors.pop("rng.torch"))
     opt.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
     return state
@@ -97,11 +99,27 @@ def check_config(run_dir: Path, cfg: TrainConfig) -> None:
                          "or delete this one to start over")
 
 
+def _metric_rows(path: Path) -> list[dict]:
+    """The JSON lines of a metrics file. A last line cut short by a kill mid-write is dropped (the step it logged is
+    recomputed by the resumed run); a bad line anywhere else is corruption, refused with the file and line named."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {i + 1}, is not JSON ({e}): the metrics file is corrupt; delete the run "
+                             "folder to start the run over") from None
+    return rows
+
+
 def rewrite_metrics(path: Path, upto_step: int) -> None:
     """Keep the metric lines up to the checkpoint we resume from (later ones will be recomputed)."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= upto_step]
+    kept = [json.dumps(r) for r in _metric_rows(path) if r["step"] <= upto_step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(ln + "\n" for ln in kept))
 
@@ -113,7 +131,71 @@ def read_metrics(run_dir: str | os.PathLike):
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no metrics at {path}: has this run started?")
-    return pd.DataFrame([json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()])
+    return pd.DataFrame(_metric_rows(path))
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Delete what a kill during an atomic write leaves in a run folder (``.checkpoint.tmp-*``, ``.checkpoint.old-*``,
+    ``.final``, temporary metrics or JSON files): never read, and at SmolLM2's size over a GB each. Only the process
+    holding the run's lock calls this. Returns the names removed."""
+    import shutil
+
+    removed = []
+    for p in Path(run_dir).glob(".*"):
+        if p.name == LOCK_FILE or not (".tmp-" in p.name or ".old-" in p.name or p.name == ".final"):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
+
+
+class RunLock:
+    """One process at a time in a run folder: ``<run>/.lock`` holds the owner's PID (created exclusively). A lock
+    whose process is gone (killed) is taken over; a live one is refused with its PID."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise RuntimeError(f"{self.path.parent} is in use by another process (PID {pid}); wait for it "
+                                       f"to finish, or stop it, before starting this run") from None
+                self.path.unlink(missing_ok=True)  # its owner is gone: take over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse weights that are not finite (a corrupted checkpoint, or training that diverged)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"{where}: non-finite weights in {len(bad)} tensors ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''})")
 
 
 def is_complete(run_dir: str | os.PathLike) -> bool:

@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -60,8 +61,9 @@ from ..atomic import atomic_path, write_json
 from ..eval.perplexity import progress_enabled
 from ..models.architecture import build_model
 from ..models.swap import load_model
-from .checkpoint import (CHECKPOINT, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, check_config, is_complete,
-                         load_checkpoint, read_metrics, rewrite_metrics, save_checkpoint)
+from .checkpoint import (CHECKPOINT, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunLock, check_config, check_finite,
+                         is_complete, load_checkpoint, read_metrics, remove_stale_temporaries, rewrite_metrics,
+                         save_checkpoint)
 from .config import PRECISIONS, TrainConfig, l1_at, lr_at, train_config
 from .data import training_sequences, validation_sequences
 from .distributed import all_mean, barrier, init_distributed
@@ -189,6 +191,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
     d = init_distributed()
     if threads:
         torch.set_num_threads(threads)
+    stack = ExitStack()
     try:
         check_config(run_dir, cfg)
         if is_complete(run_dir):
@@ -204,6 +207,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
         val = validation_sequences(cfg)
         if d.main:  # only once the inputs are known to be good: bad arguments create nothing
             run_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(RunLock(run_dir))  # one process at a time in a run folder
+            remove_stale_temporaries(run_dir)  # what a kill during a write left behind
+            check_config(run_dir, cfg)  # again, under the lock: another process may have just written its own
             write_json(run_dir / CONFIG_FILE, asdict(cfg))
         barrier(d)
 
@@ -278,6 +284,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                         (loss / accum).backward()
                     loss_sum += float(loss.detach())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
+                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # stop before the weights change
+                    raise FloatingPointError(f"training {run_dir}: the loss ({loss_sum / accum}) or the gradient norm "
+                                             f"({grad_norm}) is not finite at step {step + 1}; the run is not marked "
+                                             "complete. Lower the learning rate, or check the model and data")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 tokens_seen += cfg.tokens_per_step
@@ -324,6 +334,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
         if precision_measurement is not None:
             summary["precision_measurement"] = precision_measurement
         if d.main:
+            check_finite(model, f"training {run_dir}")  # nothing non-finite is ever marked complete
             # final weights in transformers' format, then the summary that marks the run complete
             with atomic_path(run_dir / ".final", is_dir=True) as tmp:
                 model.save_pretrained(tmp)
@@ -335,6 +346,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
         barrier(d)
         return summary
     finally:
+        stack.close()  # releases the run's lock
         if d.initialised_here:
             import torch.distributed as dist
 
