@@ -270,3 +270,17 @@ def test_one_registry_drives_torch_kernels_and_engine(prompt):
         np.testing.assert_array_equal(engine.generate(prompt[0].numpy(), NEW_TOKENS, sparse=True), want_tokens)
     finally:
         V.VARIANTS.pop("drelu2")
+
+
+def test_generate_refuses_what_it_cannot_decode():
+    engine = Engine.from_transformers(_tiny())
+    P, V = engine.config.max_positions, engine.config.vocab_size
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        engine.generate([1, 2], -1)
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        engine.generate(np.arange(P, dtype=np.int64) % V, 1)
+    with pytest.raises(ValueError, match=r"\[0, "):
+        engine.generate([1, V], 1)
+    with pytest.raises(ValueError, match="integer token ids"):
+        engine.generate([1.5, 2.0], 1)
+    assert len(engine.generate([1, 2], 0)) == 0

@@ -97,3 +97,17 @@ def test_progress_auto_is_off_under_ci(monkeypatch):
     monkeypatch.setenv("PAPERMILL", "1")
     assert progress_enabled(None) is False
     assert progress_enabled(False) is False
+
+
+def test_perplexity_refuses_ids_the_model_cannot_read():
+    from turbosparse_lib.eval.perplexity import perplexity
+    from turbosparse_lib.models.architecture import build_model
+
+    m = build_model("drelu", preset="smoke", seed=0)
+    V, P = m.config.vocab_size, m.config.max_position_embeddings
+    with pytest.raises(ValueError, match="the model's vocabulary"):
+        perplexity(m, [1, 2, V], context_length=2)
+    with pytest.raises(ValueError, match="integer token ids"):
+        perplexity(m, [1.0, 2.0, 3.0], context_length=2)
+    with pytest.raises(ValueError, match="positions"):
+        perplexity(m, list(range(10)), context_length=P + 1)

@@ -77,6 +77,17 @@ def test_bad_arguments_are_refused_before_anything_is_made(tmp_path):
         R.relufy_config("smoke", "drelu", base=str(tmp_path / "nothing"))
     assert R.main(["--recipe", "magic", "--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
+    no_weights = tmp_path / "no-weights"
+    _tiny().config.save_pretrained(no_weights)
+    with pytest.raises(ValueError, match="no weights"):
+        R.relufy_config("smoke", "drelu", base=str(no_weights))
+    from transformers import GPT2Config
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
+    with pytest.raises(ValueError, match="'gpt2' model, which is not supported"):
+        R.relufy_config("smoke", "drelu", base=str(gpt2))
+    assert R.main(["--base", str(gpt2)]) == 2
 
 
 _RUN = """

@@ -179,10 +179,13 @@ def test_ddp_two_processes_match_one(tmp_path, built_data):
 
 def test_bad_arguments_create_nothing(tmp_path):
     out = tmp_path / "run"
-    for bad in (["--variant", "foo"], ["--preset", "huge"], ["--precision", "fp8"], ["--threads", "0"]):
+    (tmp_path / "a-file").write_text("x")
+    for bad in (["--variant", "foo"], ["--preset", "huge"], ["--precision", "fp8"], ["--threads", "0"], ["--seed", "-1"]):
         r = _run(["--out", str(out), *bad])
         assert r.returncode == 2, (bad, r.stderr[-500:])
         assert not out.exists(), f"{bad} created {out}"
+    r = _run(["--out", str(tmp_path / "a-file")])
+    assert r.returncode == 2 and "--out" in r.stderr and "is a file" in r.stderr
 
 
 def test_precision_is_measured_on_the_model_being_trained():

@@ -136,9 +136,19 @@ def perplexity(
 
     ``stride`` defaults to ``context_length`` (disjoint windows).
     """
-    ids = (token_ids if torch.is_tensor(token_ids) else torch.as_tensor(np.asarray(token_ids))).long().cpu()
+    raw = token_ids if torch.is_tensor(token_ids) else torch.as_tensor(np.asarray(token_ids))
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise ValueError(f"token_ids must be integer token ids; got dtype {raw.dtype}")
+    ids = raw.long().cpu()
     if ids.ndim != 1:
         raise ValueError(f"token_ids must be 1-D; got shape {tuple(ids.shape)}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"token_ids must lie in [0, {vocab}), the model's vocabulary; got {int(ids.min())}.."
+                         f"{int(ids.max())}: were they made by another tokenizer?")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and context_length > positions:
+        raise ValueError(f"context_length {context_length} exceeds the model's {positions} positions")
     stride = context_length if stride is None else stride
     wins = windows(len(ids), context_length, stride)
 

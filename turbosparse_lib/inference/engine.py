@@ -66,6 +66,7 @@ class EngineConfig:
     mlp_variant: str = "swiglu"  # a key of models.variants.VARIANTS
     mlp_variant_kwargs: dict = field(default_factory=dict)  # e.g. {"b": 1.0} for shifted_relu
     sliding_window: int | None = None  # Mistral: a query sees only the last `sliding_window` keys
+    max_positions: int | None = None  # the model's max_position_embeddings: RoPE was trained no further
 
     def __post_init__(self):
         self.act = kernels.variant_code(self.mlp_variant, **self.mlp_variant_kwargs)  # (code, shift); fails early
@@ -93,6 +94,7 @@ class EngineConfig:
             mlp_variant=mlp_variant_of(config),
             mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
             sliding_window=getattr(config, "sliding_window", None),
+            max_positions=getattr(config, "max_position_embeddings", None),
         )
 
 
@@ -413,7 +415,18 @@ class Engine:
         ``step``. Stops early after ``eos_token_id`` if given. With ``return_logits`` also returns
         the (new tokens, V) logits each token was chosen from.
         """
-        prompt_T = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
+        prompt = np.asarray(prompt_ids)
+        if prompt.size and not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"prompt_ids must be integer token ids; got dtype {prompt.dtype}")
+        prompt_T = prompt.astype(np.int64).reshape(-1)
+        if prompt_T.size and (prompt_T.min() < 0 or prompt_T.max() >= self.config.vocab_size):
+            raise ValueError(f"prompt_ids must lie in [0, {self.config.vocab_size}); got {prompt_T.min()}..{prompt_T.max()}")
+        limit = self.config.max_positions
+        if limit is not None and prompt_T.shape[0] + max_new_tokens > limit:
+            raise ValueError(f"prompt ({prompt_T.shape[0]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"{limit} positions")
         self.reset(prompt_T.shape[0] + max_new_tokens)
         if sparse and mask_provider is None:
             mask_provider = ExactZeroOracle(self)

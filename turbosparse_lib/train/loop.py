@@ -393,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = train_config(a.preset, a.variant, a.seed, moe=a.moe, **overrides)
         if a.threads is not None and a.threads < 1:
             raise ValueError(f"--threads must be >= 1; got {a.threads}")
+        if a.seed < 0:
+            raise ValueError(f"--seed must be >= 0; got {a.seed}")
+        if a.out is not None and Path(a.out).exists() and not Path(a.out).is_dir():
+            raise ValueError(f"--out {a.out} is a file; give a folder for the run")
     except (ValueError, TypeError) as e:
         print(f"turbosparse-train: {e}", file=sys.stderr)
         return 2

@@ -209,6 +209,14 @@ def resolve_base(preset: str, base: str | None = None) -> Base:
     if base == "scratch-swiglu":
         return Base(base, str(paths.scratch_model_dir(preset, "swiglu", P.train.seeds[0])), "ours")
     if (Path(base) / "config.json").exists():
+        from ..models.swap import SUPPORTED_MODEL_TYPES
+
+        model_type = json.loads((Path(base) / "config.json").read_text()).get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{base} holds a {model_type!r} model, which is not supported: ReLUfication swaps a gated "
+                             f"gate/up/down MLP ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        if not any(next(Path(base).glob(pat), None) for pat in ("*.safetensors", "pytorch_model*.bin")):
+            raise ValueError(f"{base} has a config.json but no weights (*.safetensors or pytorch_model*.bin)")
         return Base(Path(base).name, str(base), str(base))
     raise ValueError(f"unknown base model {base!r}; give {', '.join(BASE_MODELS)} or the folder of a Hugging Face "
                      "model (Llama, Mistral, Qwen2/3, Gemma families)")
@@ -443,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         relufy_config(a.preset, a.variant, a.recipe, a.base, **overrides)
         if a.threads is not None and a.threads < 1:
             raise ValueError(f"--threads must be >= 1; got {a.threads}")
+        if a.out is not None and Path(a.out).exists() and not Path(a.out).is_dir():
+            raise ValueError(f"--out {a.out} is a file; give a folder for the run")
     except (ValueError, TypeError) as e:
         print(f"turbosparse-relufy: {e}", file=sys.stderr)
         return 2
