@@ -96,3 +96,21 @@ def test_report_refuses_a_preset_the_readme_does_not_carry(capsys):
     assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
     assert claims.main(["--preset", "smoke"]) == 2 and "carries the cpu preset" in capsys.readouterr().err
     assert (paths.repo_root() / "README.md").read_text() == readme  # untouched
+
+
+@pytest.mark.parametrize("cont,verdict", [(0.27, claims.NOT_DISTINGUISHABLE), (0.45, claims.HOLDS)])
+def test_zero_shot_is_judged_against_each_tasks_own_chance(tmp_path, cont, verdict):
+    """A 4-way task at 0.27 and a last-word task at 1 hit in 300 are both at chance: averaging the chances (0.125)
+    would have called the pair above it."""
+    rows = []
+    for v in ("swiglu", "drelu"):
+        for seed in (0, 1):
+            rows.append({"task": "continuation", "metric": "acc", "accuracy": cont, "stderr": 0.025, "n": 300,
+                         "chance": 0.25, "variant": v, "seed": seed})
+            rows.append({"task": "lastword", "metric": "acc", "accuracy": 1 / 300, "stderr": 0.0033, "n": 300,
+                         "chance": 0.0, "variant": v, "seed": seed})
+    _write(tmp_path, "02_zeroshot.csv", rows)
+    _write(tmp_path, "02_training_summary.csv", [{"parameters": 7.4e6, "tokens_seen": 1.5e6, "seed": s} for s in (0, 1)])
+    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc[
+        "dReLU matches SwiGLU on zero-shot tasks"]
+    assert row.verdict == verdict and "(chance 0.25)" in row.ours and "(chance 0)" in row.ours
