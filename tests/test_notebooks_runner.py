@@ -136,3 +136,16 @@ def test_committed_cpu_results_come_from_committed_cpu_runs():
         name = f.rsplit("/", 1)[-1]
         num = owner.get(name, name[:2])
         assert num in ran, f"{f} is committed but notebook {num} holds no cpu run: rerun it or remove the file"
+
+
+def test_leftovers_of_a_killed_run_are_cleared(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOSPARSE_ROOT", str(tmp_path))
+    running = paths.executed_dir("smoke") / ".05_relufication.running.ipynb"
+    staged = [paths.results_dir("smoke") / ".staging-05" / "a.csv", paths.figures_dir("smoke") / ".staging-07" / "b.png"]
+    kept = paths.results_dir("smoke") / "05_table.csv"
+    for f in (running, *staged, kept):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    gone = notebooks.clear_leftovers("smoke")
+    assert len(gone) == 3 and not running.exists() and not any(f.parent.exists() for f in staged)
+    assert kept.exists()

@@ -104,6 +104,7 @@ def run_notebooks(
     kernel = ensure_kernel()
     work_dir = paths.executed_dir(p.name)
     work_dir.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(p.name)
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not logs
     done = []
     for nb in notebooks:
@@ -135,6 +136,20 @@ def run_notebooks(
         print(f"[turbosparse-notebooks] {nb.name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         done.append(final)
     return done
+
+
+def clear_leftovers(preset: str) -> list[Path]:
+    """Remove what a killed run leaves at ``preset``: half-executed ``.NN_*.running.ipynb`` copies and the
+    ``.staging-NN`` folders of results and figures (never read: a notebook's results move into place only when it
+    has run to the end). Returns what was removed."""
+    import shutil
+
+    gone = list(paths.executed_dir(preset).glob(".*.running.ipynb"))
+    gone += [d for root in (paths.results_dir(preset), paths.figures_dir(preset)) if root.exists()
+             for d in root.glob(".staging-*")]
+    for g in gone:
+        shutil.rmtree(g, ignore_errors=True) if g.is_dir() else g.unlink(missing_ok=True)
+    return gone
 
 
 def _relative_paths(nb_path: Path, final: Path) -> None:
