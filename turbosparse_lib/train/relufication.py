@@ -73,8 +73,10 @@ RECIPES: dict[str, Recipe] = {
     # layer, on the MLPs alone (the swap changed only them; frozen attention and embeddings make a step ~20% cheaper)
     "lstsq+hidden": Recipe("lstsq", "kd", hidden_coef=1.0, trainable="mlp",
                            about="warm start, then logits and hidden states of every layer distilled, MLPs trained"),
-    # ProSparse-style: the same, with an L1 penalty on combined raised linearly over the first half of the run
-    "lstsq+hidden+l1": Recipe("lstsq", "kd", l1_coef=2.0, l1_warmup_fraction=0.5, hidden_coef=1.0, trainable="mlp",
+    # ProSparse-style: the same, with an L1 penalty on combined raised linearly over the first half of the run. At
+    # l1_coef 2 (the penalty ~15% of the loss at the start) 123k tokens on SmolLM2 moved exact zeros by half a point
+    # (78.2% -> 78.7% at 61k tokens) for ~1% of perplexity, so the weight is 10x that
+    "lstsq+hidden+l1": Recipe("lstsq", "kd", l1_coef=20.0, l1_warmup_fraction=0.5, hidden_coef=1.0, trainable="mlp",
                               about="... and a progressive L1 penalty on combined, for more exact zeros"),
 }
 DEFAULT_RECIPE = "lstsq+hidden"
