@@ -372,7 +372,8 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
     elif warm_path.exists():
         warm_report = json.loads(warm_path.read_text())
     E = get_preset(preset).eval
-    hook = curve_hook(heldout_ids(tok, max_tokens=get_preset(preset).relufy.curve_eval_tokens), E.context_length)
+    context = min(E.context_length, getattr(teacher.config, "max_position_embeddings", None) or E.context_length)
+    hook = curve_hook(heldout_ids(tok, max_tokens=get_preset(preset).relufy.curve_eval_tokens), context)
     summary = train(cfg, run_dir, model=student, sequences=sequences, progress=progress,
                     teacher=teacher if cfg.objective != "lm" else None, eval_hook=hook)
     if warm_report is not None:
