@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .timing import _stream_sum, median, time_round_robin
+from .timing import stream_sum, median, time_round_robin
 
 
 def measure_bandwidth(size_mb: float = 256, repeats: int = 7) -> dict:
@@ -21,7 +21,7 @@ def measure_bandwidth(size_mb: float = 256, repeats: int = 7) -> dict:
     b = np.empty_like(a)
     n_chunks = 4 * numba.get_num_threads()
     times = time_round_robin(
-        {"read": lambda r: _stream_sum(a, n_chunks), "copy": lambda r: np.copyto(b, a)}, repeats
+        {"read": lambda r: stream_sum(a, n_chunks), "copy": lambda r: np.copyto(b, a)}, repeats
     )  # the cache is flushed before each call, so no part of ``a`` is read from it
     return {
         "read_gbs": a.nbytes / median(times["read"]) / 1e9,

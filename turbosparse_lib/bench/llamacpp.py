@@ -157,12 +157,12 @@ def llama_cpp_nll(gguf: Path, ids: np.ndarray, chunk: int, threads: int) -> np.n
             llm.reset()
             llm.eval(part)
             logits = np.asarray(llm.scores[: len(part) - 1], dtype=np.float64)
-            nll.append(_nll(logits, np.asarray(part[1:])))
+            nll.append(next_token_nll(logits, np.asarray(part[1:])))
         return np.concatenate(nll)
     finally:
         llm.close()
 
 
-def _nll(logits_TV: np.ndarray, next_T: np.ndarray) -> np.ndarray:
+def next_token_nll(logits_TV: np.ndarray, next_T: np.ndarray) -> np.ndarray:
     z = logits_TV - logits_TV.max(axis=1, keepdims=True)
     return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(next_T)), next_T]

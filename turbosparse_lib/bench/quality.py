@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..inference.engine import Engine
-from .llamacpp import _nll, llama_cpp_nll
+from .llamacpp import next_token_nll, llama_cpp_nll
 
 
 def engine_nll(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
@@ -29,7 +29,7 @@ def engine_nll(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
             break
         engine.reset(len(part))
         logits = np.stack([engine.step(int(t)) for t in part[:-1]]).astype(np.float64)
-        nll.append(_nll(logits, part[1:]))
+        nll.append(next_token_nll(logits, part[1:]))
     return np.concatenate(nll)
 
 

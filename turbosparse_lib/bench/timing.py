@@ -86,8 +86,8 @@ def llc_bytes() -> int:
     return best or LLC_BYTES_DEFAULT
 
 
-@njit(parallel=True, fastmath=kernels._FASTMATH, cache=True)
-def _stream_sum(a, n_chunks):
+@njit(parallel=True, fastmath=kernels.FASTMATH, cache=True)
+def stream_sum(a, n_chunks):
     """Sum of a 1-D float32 array in ``n_chunks`` parallel chunks: a pure streaming read."""
     chunk = (a.shape[0] + n_chunks - 1) // n_chunks
     partial = np.zeros(n_chunks, dtype=np.float32)
@@ -108,7 +108,7 @@ class CacheFlusher:
         self.buf = np.ones(max(factor * llc_bytes(), 2**20) // 4, dtype=np.float32)
 
     def __call__(self) -> None:
-        _stream_sum(self.buf, 4 * numba.get_num_threads())
+        stream_sum(self.buf, 4 * numba.get_num_threads())
 
 
 def time_round_robin(fns: dict[str, Callable[[int], object]], repeats: int,

@@ -7,11 +7,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _FASTMATH, _assert_close
+from .kernels import FASTMATH, assert_close
 
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def decode_attention(qkv_Q, k_cache_GCE, v_cache_GCE, cos_R, sin_R, pos, n_heads, lo):
     """One token's attention, fused so a decode step is not a string of small NumPy calls.
 
@@ -87,7 +87,7 @@ def validate_attention(seed: int = 0) -> dict[str, float]:
     worst: dict[str, float] = {}
 
     def check(name, got, want, rtol=2e-4):
-        worst[name] = max(worst.get(name, 0.0), _assert_close(name, got, want, rtol))
+        worst[name] = max(worst.get(name, 0.0), assert_close(name, got, want, rtol))
 
     for n_heads, G, E, pos, lo in ((4, 2, 16, 0, 0), (6, 3, 10, 9, 0), (4, 4, 8, 12, 5)):
         C = pos + 3

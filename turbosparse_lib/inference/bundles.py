@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import quant, simd
-from .kernels import _FASTMATH, _gate_act, _up_act, combine_ref, variant_code
+from .kernels import FASTMATH, gate_act, up_act, combine_ref, variant_code
 
 PREFETCH_BYTES = 8192  # default, of the next neuron's bundle; the hardware streams a long bundle on its own
 
@@ -117,7 +117,7 @@ class FFNBundles:
         return quant.QMatrix(np.ascontiguousarray(self.data[..., k * seg : (k + 1) * seg]), self.fmt, self.hidden)
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read,
              prefetch_bytes):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
@@ -141,11 +141,11 @@ def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, ac
             row = B[r]
             # gate, up and down are read in order, one stream (two rows read side by side stream from memory
             # at half the rate); the up row only where the gate fired, with skip_zeros
-            a = _gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
+            a = gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
             n_gate += 1
             if skip_zeros and a == 0:
                 continue
-            c = a * _up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act)
+            c = a * up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act)
             n_up += 1
             if skip_zeros and c == 0:
                 continue
@@ -163,14 +163,14 @@ def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, ac
             rows_read[s] += counts[t, s]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def combined_into(B, code, H, x, x16, xd, idx, n, use_idx, act, shift, c):
     """Combined values of neurons ``idx[:n]`` (or ``0..n-1``); the up row is read only where the gate fired."""
     seg = B.shape[1] // 3
     for k in prange(n):
         row = B[idx[k]] if use_idx else B[np.int64(k)]
-        a = _gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
-        c[k] = a * _up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act) if a != 0 else np.float32(0.0)
+        a = gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
+        c[k] = a * up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act) if a != 0 else np.float32(0.0)
 
 
 def _indices(bundles: FFNBundles, idx_K) -> tuple[np.ndarray, int, bool]:
@@ -237,7 +237,7 @@ def ffn_ref(bundles: FFNBundles, x_H, idx_K=None, variant="drelu") -> np.ndarray
     return (c @ bundles.dequantized(2).astype(np.float64)).astype(np.float32)
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def ffn_layers_into(B, down_scale, code, H, x_LH, offsets, idx, use_idx, skip_zeros, act, shift, n_threads, y_LH,
                     rows_read):
     """The FFN of every layer of a stack ``B`` (L, N, bytes) in turn, layer l on ``x_LH[l]`` over neurons

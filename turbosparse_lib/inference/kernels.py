@@ -6,7 +6,7 @@ FFN in bundled-neuron layout, dense and sparse), ``attention`` (RoPE and grouped
 for one token) and ``step`` (a whole decode step in one compiled call). This module holds what
 they share:
 
-- ``_FASTMATH``: every LLVM fast-math flag except 'nnan' and 'ninf': dot products vectorise,
+- ``FASTMATH``: every LLVM fast-math flag except 'nnan' and 'ninf': dot products vectorise,
   while NaN/Inf semantics stay intact, so ``g > 0`` and ``c != 0`` tests stay exact.
 - The gate and up activations of every gated-MLP variant of the one registry,
   ``models.variants.VARIANTS``: each is a gate activation and an up activation, and kernels take
@@ -30,7 +30,7 @@ from ..models.variants import VARIANTS, get_variant
 
 # Every LLVM fast-math flag except 'nnan' and 'ninf': reductions may be reordered and fused,
 # but comparisons with zero keep their IEEE meaning.
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
 
 def variant_code(variant, **variant_kwargs) -> tuple[int, np.float32]:
@@ -48,8 +48,8 @@ def variant_code(variant, **variant_kwargs) -> tuple[int, np.float32]:
 # Gated-MLP activations (inlined into the kernels)
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _gate_act(g, code, shift):
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def gate_act(g, code, shift):
     """The gate activation of variant ``code`` (codes: ``models.variants.GATE_ACTIVATIONS``)."""
     gate = code >> 1
     if gate == 0:  # silu
@@ -64,8 +64,8 @@ def _gate_act(g, code, shift):
     return g * g if g > 0 else np.float32(0.0)  # relu2
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _up_act(u, code):
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def up_act(u, code):
     if code & 1:  # relu on the up branch (dReLU)
         return u if u > 0 else np.float32(0.0)
     return u
@@ -94,7 +94,7 @@ def combine_ref(g: np.ndarray, u: np.ndarray, variant) -> np.ndarray:
 # Validation (also the JIT warm-up)
 
 
-def _assert_close(name: str, got: np.ndarray, want: np.ndarray, rtol: float = 2e-4) -> float:
+def assert_close(name: str, got: np.ndarray, want: np.ndarray, rtol: float = 2e-4) -> float:
     """Max error relative to the reference's scale; float32 sums in another order differ a little."""
     if got.shape != want.shape or got.dtype != np.float32:
         raise AssertionError(f"{name}: got {got.dtype}{got.shape}, want float32{want.shape}")
@@ -121,7 +121,7 @@ def validate_kernels(seed: int = 0, shapes=((1, 1), (7, 33), (257, 96), (64, 100
     worst: dict[str, float] = {}
 
     def check(name, got, want, rtol=2e-4):
-        worst[name] = max(worst.get(name, 0.0), _assert_close(name, got, want, rtol))
+        worst[name] = max(worst.get(name, 0.0), assert_close(name, got, want, rtol))
 
     for N, H in shapes:
         # 1/sqrt(fan-in) weights keep activations O(1), as in a trained model

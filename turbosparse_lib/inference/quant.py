@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd
-from .kernels import _FASTMATH
+from .kernels import FASTMATH
 
 F32, Q8_0, Q4_0 = 0, 1, 2
 FORMATS = {"f32": F32, "q8_0": Q8_0, "q4_0": Q4_0}
@@ -233,7 +233,7 @@ def _activation_ref(x_H: np.ndarray, code: int) -> np.ndarray:
 # Row primitives, inlined into every kernel (``row`` is one flat uint8 row or bundle)
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, inline="always")
 def row_dot(row, offset, code, cols, x, x16, xd):
     """Weights ``row[offset:]`` (``cols`` of them in format ``code``) dotted with the activation:
     ``x`` (float32) for f32, ``(x16, xd)`` from ``quantize_activation`` for Q formats."""
@@ -249,7 +249,7 @@ def row_dot(row, offset, code, cols, x, x16, xd):
     return simd.q4_dot(row, offset, x16, xd, xd.shape[0])
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, inline="always")
 def row_axpy(row, offset, code, cols, coef, y):
     """``y += coef * weights row[offset:]``; for Q formats ``y`` holds whole blocks (``n_blocks(cols) * 32``)."""
     if code == F32:
@@ -272,7 +272,7 @@ def thread_range(t, n_threads, n):
 # Kernels on whole matrices
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemv_into(data, code, cols, x, x16, xd, y):
     """y = W x for W = ``data`` (rows, row_bytes) in format ``code``; rows split evenly across threads.
 
@@ -282,7 +282,7 @@ def gemv_into(data, code, cols, x, x16, xd, y):
         y[r] = row_dot(data[r], 0, code, cols, x, x16, xd)
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _gather_gemv(data, code, cols, x, x16, xd, idx):
     y = np.empty(idx.shape[0], dtype=np.float32)
     for k in prange(idx.shape[0]):
@@ -290,7 +290,7 @@ def _gather_gemv(data, code, cols, x, x16, xd, idx):
     return y
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _axpy_rows(data, code, cols, coef, idx, n_threads):
     # each thread sums its own range of rows into its own partial vector: no race, one short reduction
     width = (cols + 31) // 32 * 32

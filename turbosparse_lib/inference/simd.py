@@ -35,7 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_FAST = ("fast",)  # reassociation and contraction for the float accumulator (as the kernels' _FASTMATH)
+_FAST = ("fast",)  # reassociation and contraction for the float accumulator (as the kernels' FASTMATH)
 
 Q8_BLOCK_BYTES, Q4_BLOCK_BYTES, BLOCK = 34, 18, 32
 

@@ -31,7 +31,7 @@ from numba import njit
 from . import quant, simd
 from .attention import decode_attention
 from .bundles import FFNBundles, ffn_into, prefetch_bytes_for
-from .kernels import _FASTMATH
+from .kernels import FASTMATH
 
 MASKS_DENSE, MASKS_PACKED, MASKS_EXACT_IN_LINE = 0, 1, 2
 # profile slots of decode_token's ``ticks``
@@ -87,7 +87,7 @@ class ModelWeights:
                 self.b_o_LH is not None, self.ffn_norm_LH, self.ffn.data, self.ffn.down_scale)  # fmt: skip
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def rms_norm_into(x, w, eps, out):
     """out = w * x / sqrt(mean(x^2) + eps), as LlamaRMSNorm in float32."""
     ss = np.float32(0.0)
@@ -107,7 +107,7 @@ def activation_buffers(code, n):
     return np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def matvec(data, code, cols, x, y):
     """y = W x for one matrix (rows, row_bytes): quantises x first where the format needs it."""
     x16, xd = activation_buffers(code, cols)
@@ -116,7 +116,7 @@ def matvec(data, code, cols, x, y):
     quant.gemv_into(data, code, cols, x, x16, xd, y)
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, code, n_heads, head_dim,
                    eps, k_cache, v_cache, cos, sin, pos, window, h_out):
     """Layer ``li``'s attention block on the residual stream ``x`` (updated in place); ``h_out`` gets
@@ -137,7 +137,7 @@ def attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn
     rms_norm_into(x, ffn_norm[li], eps, h_out)
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, shift, n_threads, rows_read):
     """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x``."""
     H = x.shape[0]
@@ -150,7 +150,7 @@ def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, s
     x += y
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def embed_row(embed, code, token, H):
     """The float32 embedding of ``token`` (a dequantised row for the Q formats)."""
     x = np.zeros((H + 31) // 32 * 32, np.float32)
@@ -158,7 +158,7 @@ def embed_row(embed, code, token, H):
     return x[:H].copy()
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def lm_head_logits(x, final_norm, eps, lm_head, code):
     H = x.shape[0]
     h = np.empty(H, np.float32)
@@ -168,7 +168,7 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
     return logits
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, ffn, ffn_scale, final_norm,
                  lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin, window, act, shift, masks_mode,
                  mask_offsets, mask_idx, n_threads, ticks, rows_read):
