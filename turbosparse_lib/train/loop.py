@@ -48,7 +48,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -171,23 +171,200 @@ def select_trainable(model: nn.Module, trainable: str) -> None:
             p.requires_grad_(False)
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None = None,
-          sequences: torch.Tensor | None = None, progress: bool | None = None, threads: int | None = None,
-          teacher: nn.Module | None = None, eval_hook: EvalHook | None = None) -> dict:
-    """Train (or resume training) ``cfg`` into ``run_dir``; returns the summary.
+def _model_and_optimizer(cfg: TrainConfig, model: nn.Module | None):
+    """(model in training mode, its trainable (name, parameter) pairs, the optimiser): a fresh ``build_model`` when
+    no model is given (seeded), with what ``cfg.trainable`` leaves out frozen."""
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed, moe=cfg.moe)
+    model.train()
+    select_trainable(model, cfg.trainable)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return model, trainable, _optimizer(trainable, cfg)
 
-    ``model``: start from this model instead of a fresh ``build_model`` (continued pretraining, e.g. a
-    pretrained model after ``apply_variant(model, "drelu")``); its parameters with ``requires_grad``
-    False stay frozen. ``sequences``: train on these ``(steps * batch_size, context_length)`` token ids
-    instead of the mixture sampler's. ``teacher``: the model distilled from (objectives ``kd``,
-    ``kd+lm``). ``eval_hook``: extra metrics at every evaluation (a recovery curve). A finished run is
-    not trained again: its summary is returned.
-    """
-    run_dir = Path(run_dir)
+
+def _optimizer(trainable: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with no weight decay on norms (as nanoGPT)."""
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def _resume_or_start(run_dir: Path, cfg: TrainConfig, model: nn.Module, opt, d) -> tuple:
+    """(start step, tokens seen, precision, train seconds before, precision measurement or None): restored from the
+    run's checkpoint, or a fresh start (metrics of an attempt killed before its first checkpoint dropped, precision
+    measured if ``auto``)."""
+    if (run_dir / CHECKPOINT / "state.json").exists():
+        state = load_checkpoint(run_dir, model, opt)
+        if d.main:
+            rewrite_metrics(run_dir / METRICS_FILE, state["step"])
+        return state["step"], state["tokens_seen"], state["precision"], state.get("train_seconds", 0.0), None
+    if d.main:
+        rewrite_metrics(run_dir / METRICS_FILE, -1)
+    precision, measurement = cfg.precision, None
+    if precision == "auto":
+        measurement = measure_precision(model, cfg.micro_batch_size, cfg.context_length)
+        # every rank must use the same precision: a majority of the ranks' measurements decides
+        precision = "bf16" if all_mean(float(measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
+    return 0, 0, precision, 0.0, measurement
+
+
+def _save_final(run_dir: Path, model: nn.Module, summary: dict) -> None:
+    """Final weights in transformers' format, then the summary that marks the run complete; the checkpoint goes."""
+    check_finite(model, f"training {run_dir}")  # nothing non-finite is ever marked complete
+    with atomic_path(run_dir / ".final", is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+    for f in (run_dir / ".final").iterdir():
+        os.replace(f, run_dir / f.name)
+    (run_dir / ".final").rmdir()
+    write_json(run_dir / SUMMARY_FILE, summary)
+    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the final weights supersede it
+
+
+def _accumulate_step(ddp, teacher, mine: torch.Tensor, cfg: TrainConfig, precision: str, l1, step: int,
+                     trainable: list, d, device, run_dir: Path) -> tuple[float, float]:
+    """Forward and backward over this rank's micro batches, then the clipped gradient norm; returns (sum of the
+    micro-batch losses, gradient norm). A non-finite loss or gradient raises before the optimiser changes anything."""
+    accum = len(mine) // cfg.micro_batch_size
+    loss_sum = 0.0
+    for m in range(accum):
+        x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size].to(device)
+        sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
+        with sync:
+            loss = _loss(ddp, teacher, x, cfg, precision, l1, l1_at(step, cfg))
+            (loss / accum).backward()
+        loss_sum += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"training {run_dir}: the loss ({loss_sum / accum}) or the gradient norm "
+                                 f"({grad_norm}) is not finite at step {step + 1}; the run is not marked "
+                                 "complete. Lower the learning rate, or check the model and data")
+    return loss_sum, grad_norm
+
+
+def _check_arguments(cfg: TrainConfig, model, teacher) -> None:
     if cfg.objective != "lm" and teacher is None:
         raise ValueError(f"objective {cfg.objective!r} distils from a teacher: pass teacher=")
     if model is None and cfg.model_preset is None:
         raise ValueError("cfg.model_preset is None (continued pretraining): pass the model to train")
+
+
+def _inputs(cfg: TrainConfig, sequences, d) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(gradient-accumulation steps, training sequences, validation sequences), checked against the config."""
+    if cfg.batch_size % (cfg.micro_batch_size * d.world):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must divide by micro_batch_size x processes "
+                         f"({cfg.micro_batch_size} x {d.world})")
+    data = sequences if sequences is not None else training_sequences(cfg)
+    if data.shape != (cfg.steps * cfg.batch_size, cfg.context_length):
+        raise ValueError(f"sequences have shape {tuple(data.shape)}; this config needs "
+                         f"{(cfg.steps * cfg.batch_size, cfg.context_length)}")
+    return cfg.batch_size // (cfg.micro_batch_size * d.world), data, validation_sequences(cfg)
+
+
+def _claim_run_dir(run_dir: Path, cfg: TrainConfig, stack: ExitStack) -> None:
+    """Create the folder, hold its lock for the rest of the run (``stack``), clear what a killed write left, and
+    record the config (checked again under the lock: another process may have just written its own)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(RunLock(run_dir))
+    remove_stale_temporaries(run_dir)
+    check_config(run_dir, cfg)
+    write_json(run_dir / CONFIG_FILE, asdict(cfg))
+
+
+def _evaluate_row(row: dict | None, model, val, cfg: TrainConfig, precision: str, eval_hook, done: int,
+                  tokens_seen: int, lr: float, train_seconds: float) -> dict:
+    """The metrics row of an evaluation step: the validation loss, and the hook's metrics (main process only)."""
+    row = row or {"step": done, "tokens_seen": tokens_seen, "lr": lr, "precision": precision,
+                  "train_seconds": train_seconds}
+    row["val_loss"] = evaluate_loss(model, val, cfg.micro_batch_size, precision)
+    if eval_hook is not None:
+        row.update(eval_hook(model, done, tokens_seen))
+    return row
+
+
+def _wrap_ddp(model: nn.Module, d):
+    """The model under DistributedDataParallel when there are several processes; the model itself otherwise."""
+    if d.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def _open_progress(run_dir: Path, cfg: TrainConfig, d, start_step: int, progress):
+    """(metrics file opened for appending on the main process, else None; the progress bar)."""
+    from tqdm.auto import tqdm
+
+    metrics_f = open(run_dir / METRICS_FILE, "a") if d.main else None
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.variant} seed {cfg.seed}",
+               disable=not (d.main and progress_enabled(progress)))
+    return metrics_f, bar
+
+
+def _write_row(metrics_f, row: dict) -> None:
+    metrics_f.write(json.dumps(row) + "\n")  # one write per line: a kill leaves at most a cut-short last line
+    metrics_f.flush()
+
+
+def _close(bar, l1, metrics_f) -> None:
+    bar.close()
+    if l1 is not None:
+        l1.remove()
+    if metrics_f is not None:
+        metrics_f.close()
+
+
+def _parameter_counts(model: nn.Module, trainable: list) -> dict:
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for _, p in trainable)}
+
+
+@dataclass
+class _Clock:
+    """When and at how many tokens the last throughput was logged (evaluations restart it)."""
+
+    t_last: float
+    tok_last: int
+
+
+def _record_step(stats: dict, cfg: TrainConfig, d, clock: _Clock, model, opt, val, eval_hook, metrics_f, bar,
+                 run_dir: Path) -> dict | None:
+    """After optimiser step ``stats["step"]``: the metrics row (logged every ``log_every`` steps, with the
+    throughput since the last one; evaluated every ``eval_every``), written on the main process, and the checkpoint
+    every ``checkpoint_every`` steps. Returns the row, or None on a step that logs nothing."""
+    done, tokens_seen = stats["step"], stats["tokens_seen"]
+    row = None
+    if done % cfg.log_every == 0 or done == cfg.steps:
+        now = time.perf_counter()
+        row = {**stats, "tokens_per_s": (tokens_seen - clock.tok_last) / (now - clock.t_last)}
+        clock.t_last, clock.tok_last = now, tokens_seen
+        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+    if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+        row = _evaluate_row(row, model, val, cfg, stats["precision"], eval_hook if d.main else None, done,
+                            tokens_seen, stats["lr"], stats["train_seconds"])
+        clock.t_last = time.perf_counter()  # evaluation time is not training throughput
+    if row is not None and metrics_f is not None:
+        _write_row(metrics_f, row)
+    if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if d.main:
+            save_checkpoint(run_dir, model, opt, done, tokens_seen, stats["precision"], stats["train_seconds"])
+        barrier(d)
+    return row
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None = None,
+          sequences: torch.Tensor | None = None, progress: bool | None = None, threads: int | None = None,
+          teacher: nn.Module | None = None, eval_hook: EvalHook | None = None) -> dict:
+    """Train (or resume training) ``cfg`` into ``run_dir``; returns the summary (a finished run's, untrained).
+
+    ``model``: start from it, not a fresh ``build_model`` (continued pretraining); frozen parameters stay frozen.
+    ``sequences``: ``(steps * batch_size, context_length)`` token ids instead of the mixture sampler's. ``teacher``:
+    the model distilled from (``kd``, ``kd+lm``). ``eval_hook``: extra metrics at every evaluation (a recovery curve).
+    """
+    run_dir = Path(run_dir)
+    _check_arguments(cfg, model, teacher)
     d = init_distributed()
     if threads:
         torch.set_num_threads(threads)
@@ -196,72 +373,24 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
         check_config(run_dir, cfg)
         if is_complete(run_dir):
             return json.loads((run_dir / SUMMARY_FILE).read_text())
-        if cfg.batch_size % (cfg.micro_batch_size * d.world):
-            raise ValueError(f"batch_size ({cfg.batch_size}) must divide by micro_batch_size x processes "
-                             f"({cfg.micro_batch_size} x {d.world})")
-        accum = cfg.batch_size // (cfg.micro_batch_size * d.world)
-        data = sequences if sequences is not None else training_sequences(cfg)
-        if data.shape != (cfg.steps * cfg.batch_size, cfg.context_length):
-            raise ValueError(f"sequences have shape {tuple(data.shape)}; this config needs "
-                             f"{(cfg.steps * cfg.batch_size, cfg.context_length)}")
-        val = validation_sequences(cfg)
+        accum, data, val = _inputs(cfg, sequences, d)
         if d.main:  # only once the inputs are known to be good: bad arguments create nothing
-            run_dir.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(RunLock(run_dir))  # one process at a time in a run folder
-            remove_stale_temporaries(run_dir)  # what a kill during a write left behind
-            check_config(run_dir, cfg)  # again, under the lock: another process may have just written its own
-            write_json(run_dir / CONFIG_FILE, asdict(cfg))
+            _claim_run_dir(run_dir, cfg, stack)
         barrier(d)
 
-        torch.manual_seed(cfg.seed)
-        if model is None:
-            model = build_model(cfg.variant, preset=cfg.model_preset, seed=cfg.seed, moe=cfg.moe)
-        model.train()
-        select_trainable(model, cfg.trainable)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trainable if p.ndim >= 2]  # no decay on norms (as nanoGPT)
-        no_decay = [p for n, p in trainable if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-
-        start_step, tokens_seen, precision, seconds_before = 0, 0, cfg.precision, 0.0
-        precision_measurement = None
-        if (run_dir / CHECKPOINT / "state.json").exists():
-            state = load_checkpoint(run_dir, model, opt)
-            start_step, tokens_seen, precision = state["step"], state["tokens_seen"], state["precision"]
-            seconds_before = state.get("train_seconds", 0.0)
-            if d.main:
-                rewrite_metrics(run_dir / METRICS_FILE, start_step)
-        else:
-            if d.main:  # a fresh start: metrics of an earlier attempt killed before its first checkpoint go
-                rewrite_metrics(run_dir / METRICS_FILE, -1)
-            if precision == "auto":
-                precision_measurement = measure_precision(model, cfg.micro_batch_size, cfg.context_length)
-                # every rank must use the same precision: a majority of the ranks' measurements decides
-                precision = "bf16" if all_mean(float(precision_measurement["chosen"] == "bf16"), d) >= 0.5 else "fp32"
+        model, trainable, opt = _model_and_optimizer(cfg, model)
+        start_step, tokens_seen, precision, seconds_before, precision_measurement = _resume_or_start(
+            run_dir, cfg, model, opt, d)
         barrier(d)
 
         device = next(model.parameters()).device  # the caller places the model (and the teacher) on a device
-        ddp = model
-        if d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ddp = DistributedDataParallel(model)
-
+        ddp = _wrap_ddp(model, d)
         kill_at = int(os.environ.get("TURBOSPARSE_KILL_AT_STEP", "-1"))  # for the resume tests: a real SIGKILL
-        metrics_f = open(run_dir / METRICS_FILE, "a") if d.main else None
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.variant} seed {cfg.seed}",
-                   disable=not (d.main and progress_enabled(progress)))
+        metrics_f, bar = _open_progress(run_dir, cfg, d, start_step, progress)
         if d.main and start_step == 0 and eval_hook is not None:  # the curve's first point: before any step
-            metrics_f.write(json.dumps({"step": 0, "tokens_seen": 0, "precision": precision,
-                                        "val_loss": evaluate_loss(model, val, cfg.micro_batch_size, precision),
-                                        **eval_hook(model, 0, 0)}) + "\n")
-            metrics_f.flush()
+            _write_row(metrics_f, _evaluate_row(None, model, val, cfg, precision, eval_hook, 0, 0, None, 0.0))
         l1 = _CombinedL1(model) if cfg.l1_coef > 0 else None
-        t_last, tok_last = time.perf_counter(), tokens_seen
+        clock = _Clock(time.perf_counter(), tokens_seen)
         t_start = time.perf_counter()
         train_seconds = seconds_before  # optimiser steps only, evaluations excluded: the x axis of a recovery curve
         train_loss, row = float("nan"), None
@@ -275,74 +404,28 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                     g["lr"] = lr
                 batch = data[step * cfg.batch_size: (step + 1) * cfg.batch_size]
                 mine = batch[d.rank * accum * cfg.micro_batch_size: (d.rank + 1) * accum * cfg.micro_batch_size]
-                loss_sum = 0.0
-                for m in range(accum):
-                    x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size].to(device)
-                    sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
-                    with sync:
-                        loss = _loss(ddp, teacher, x, cfg, precision, l1, l1_at(step, cfg))
-                        (loss / accum).backward()
-                    loss_sum += float(loss.detach())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # stop before the weights change
-                    raise FloatingPointError(f"training {run_dir}: the loss ({loss_sum / accum}) or the gradient norm "
-                                             f"({grad_norm}) is not finite at step {step + 1}; the run is not marked "
-                                             "complete. Lower the learning rate, or check the model and data")
+                loss_sum, grad_norm = _accumulate_step(ddp, teacher, mine, cfg, precision, l1, step, trainable, d,
+                                                       device, run_dir)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 tokens_seen += cfg.tokens_per_step
                 train_seconds += time.perf_counter() - t_step
                 train_loss = all_mean(loss_sum / accum, d)
                 bar.update(1)
-                done = step + 1
-                row = None
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    now = time.perf_counter()
-                    row = {"step": done, "tokens_seen": tokens_seen, "loss": train_loss, "lr": lr,
-                           "grad_norm": grad_norm, "tokens_per_s": (tokens_seen - tok_last) / (now - t_last),
-                           "precision": precision, "train_seconds": train_seconds}
-                    t_last, tok_last = now, tokens_seen
-                    bar.set_postfix(loss=f"{train_loss:.3f}")
-                if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                    row = row or {"step": done, "tokens_seen": tokens_seen, "lr": lr, "precision": precision,
-                                  "train_seconds": train_seconds}
-                    row["val_loss"] = evaluate_loss(model, val, cfg.micro_batch_size, precision)
-                    if eval_hook is not None and d.main:
-                        row.update(eval_hook(model, done, tokens_seen))
-                    t_last = time.perf_counter()  # evaluation time is not training throughput
-                if row is not None and metrics_f is not None:
-                    metrics_f.write(json.dumps(row) + "\n")
-                    metrics_f.flush()
-                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    if d.main:
-                        save_checkpoint(run_dir, model, opt, done, tokens_seen, precision, train_seconds)
-                    barrier(d)
+                stats = {"step": step + 1, "tokens_seen": tokens_seen, "loss": train_loss, "lr": lr,
+                         "grad_norm": grad_norm, "precision": precision, "train_seconds": train_seconds}
+                row = _record_step(stats, cfg, d, clock, model, opt, val, eval_hook, metrics_f, bar, run_dir)
         finally:
-            bar.close()
-            if l1 is not None:
-                l1.remove()
-            if metrics_f is not None:
-                metrics_f.close()
+            _close(bar, l1, metrics_f)
 
         summary = {"steps": cfg.steps, "tokens_seen": tokens_seen, "final_train_loss": train_loss,
                    "final_val_loss": row["val_loss"] if row else None, "precision": precision,
                    "processes": d.world, "threads": torch.get_num_threads(),
                    "seconds_this_session": time.perf_counter() - t_start, "train_seconds": train_seconds,
-                   "resumed_from_step": start_step,
-                   "parameters": sum(p.numel() for p in model.parameters()),
-                   "trainable_parameters": sum(p.numel() for _, p in trainable)}
-        if precision_measurement is not None:
-            summary["precision_measurement"] = precision_measurement
+                   "resumed_from_step": start_step, **_parameter_counts(model, trainable),
+                   **({"precision_measurement": precision_measurement} if precision_measurement else {})}
         if d.main:
-            check_finite(model, f"training {run_dir}")  # nothing non-finite is ever marked complete
-            # final weights in transformers' format, then the summary that marks the run complete
-            with atomic_path(run_dir / ".final", is_dir=True) as tmp:
-                model.save_pretrained(tmp)
-            for f in (run_dir / ".final").iterdir():
-                os.replace(f, run_dir / f.name)
-            (run_dir / ".final").rmdir()
-            write_json(run_dir / SUMMARY_FILE, summary)
-            shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the final weights supersede it
+            _save_final(run_dir, model, summary)
         barrier(d)
         return summary
     finally:
