@@ -1,10 +1,8 @@
 """Training a from-scratch mixture of experts with the trainer of notebook 02: config guard, resume, losses."""
 
 import json
-import os
-import subprocess
-import sys
 
+import fault_injection
 import pytest
 import torch
 
@@ -43,17 +41,15 @@ def test_moe_config_is_recorded_and_guards_the_run_folder(tmp_path, built_data):
         training.train(train_config("smoke", "drelu", total_tokens=4 * 4 * 128), tmp_path)  # the dense one
 
 
-def _run(args, env_extra=None):
-    env = {**os.environ, "TQDM_DISABLE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "turbosparse_lib.train.loop", *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+def _run(args, **faults):
+    return fault_injection.run(["-m", "turbosparse_lib.train.loop", *args], **faults)
 
 
 def test_killed_moe_run_resumes_to_the_same_weights(tmp_path, built_data):
     base = ["--preset", "smoke", "--variant", "drelu", "--moe", "--threads", "1", "--total-tokens", str(STEPS * 4 * 128)]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert _run(base + ["--out", str(whole)]).returncode == 0
-    r = _run(base + ["--out", str(killed)], {"TURBOSPARSE_KILL_AT_STEP": "11"})
+    r = _run(base + ["--out", str(killed)], kill_at_step=11)
     assert r.returncode == -9, r.stderr[-2000:]
     assert json.loads((killed / checkpoint.CHECKPOINT / "state.json").read_text())["step"] == 8
     r = _run(base + ["--out", str(killed)])

@@ -2,11 +2,9 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+import fault_injection
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,11 +97,7 @@ print(json.dumps({"final_train_loss": s["final_train_loss"], "resumed_from_step"
 
 
 def _run(base, out, kill_at=None):
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    if kill_at is not None:
-        env["TURBOSPARSE_KILL_AT_STEP"] = str(kill_at)
-    return subprocess.run([sys.executable, "-c", _RUN, str(base), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return fault_injection.run(["-c", _RUN, str(base), str(out)], kill_at_step=kill_at)
 
 
 @pytest.mark.slow

@@ -4,14 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import fault_injection
 import numpy as np
 import pytest
 import torch
 
 from turbosparse_lib.train import checkpoint
 from turbosparse_lib.train import loop as training
-from turbosparse_lib.train.config import TrainConfig, lr_at, train_config
+from turbosparse_lib.train.config import lr_at, train_config
 from turbosparse_lib.train.data import make_sequences
 
 
@@ -70,10 +72,8 @@ def test_a_run_folder_refuses_another_config(tmp_path, built_data):
     assert list(metrics.step[metrics.loss.notna()]) == [2, 4] and "val_loss" in metrics
 
 
-def _run(args, env_extra=None, cwd=None):
-    env = {**os.environ, "TQDM_DISABLE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "turbosparse_lib.train.loop", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+def _run(args, cwd=None, **faults):
+    return fault_injection.run(["-m", "turbosparse_lib.train.loop", *args], cwd=cwd, **faults)
 
 
 def _summary(run_dir):
@@ -91,7 +91,7 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, built_data):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert _run(base + ["--out", str(whole)]).returncode == 0
     # checkpoints every 8 steps: a SIGKILL at step 13 loses steps 8-12, which the resume must redo
-    r = _run(base + ["--out", str(killed)], {"TURBOSPARSE_KILL_AT_STEP": "13"})
+    r = _run(base + ["--out", str(killed)], kill_at_step=13)
     assert r.returncode == -9, r.stderr[-2000:]
     assert (killed / checkpoint.CHECKPOINT / "state.json").exists() and not training.is_complete(killed)
     assert json.loads((killed / checkpoint.CHECKPOINT / "state.json").read_text())["step"] == 8
@@ -110,6 +110,52 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, built_data):
     # the metrics of the resumed run have each step once, as the uninterrupted run's
     assert list(training.read_metrics(killed).step) == list(training.read_metrics(whole).step)
     assert not list(killed.glob(".*tmp-*")) and not (killed / checkpoint.LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_random_kills_end_in_the_uninterrupted_weights_with_nothing_left_behind(tmp_path, built_data):
+    """Faults drawn with a fixed seed, two of each kind, each at a point the run has not yet passed: a SIGKILL as a
+    step begins, one inside a checkpoint (or final weights) write with half the file on disk, and one from outside
+    at a random moment. Resumed after each, the run ends with the uninterrupted run's weights, metrics and losses,
+    and no temporary file, old checkpoint or lock is left in its folder."""
+    import random
+
+    base = ["--preset", "smoke", "--variant", "drelu", "--seed", "0", "--threads", "1"]
+    whole, faulty = tmp_path / "whole", tmp_path / "faulty"
+    t0 = time.perf_counter()
+    assert _run(base + ["--out", str(whole)]).returncode == 0
+    run_s = time.perf_counter() - t0
+    cfg = train_config("smoke", "drelu", 0)
+    rng = random.Random(0)
+    kinds, seen = ["step", "write", "time"] * 2, []
+    rng.shuffle(kinds)
+    for kind in kinds:
+        if training.is_complete(faulty):  # a kill from outside came too late
+            break
+        state = faulty / checkpoint.CHECKPOINT / "state.json"
+        done = json.loads(state.read_text())["step"] if state.exists() else 0
+        if kind == "step":
+            fault = {"kill_at_step": rng.randrange(done + 1, cfg.steps)}
+        elif kind == "write":  # the checkpoints still to come (model and optimiser each) and the final weights
+            fault = {"kill_in_write": rng.randrange(1, 2 * ((cfg.steps - 1) // cfg.checkpoint_every - done
+                                                            // cfg.checkpoint_every) + 2)}
+        else:
+            fault = {"kill_after_s": rng.uniform(0.1, 0.4) * run_s}
+        r = _run(base + ["--out", str(faulty)], **fault)
+        seen.append((fault, r.returncode))
+        assert r.returncode in (fault_injection.KILLED, 0 if kind == "time" else None), (seen, r.stderr[-2000:])
+        if kind == "write":  # the half-written file is there for the next start to clear
+            assert list(faulty.glob(".checkpoint.tmp-*")) or list(faulty.glob(".final.tmp-*")), seen
+    assert sum(rc == fault_injection.KILLED for _, rc in seen) >= 5, seen
+    if not training.is_complete(faulty):
+        r = _run(base + ["--out", str(faulty)])
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _summary(whole), _summary(faulty)
+    assert a["final_train_loss"] == b["final_train_loss"] and a["final_val_loss"] == b["final_val_loss"]
+    wa, wb = _weights(whole), _weights(faulty)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), seen
+    assert list(training.read_metrics(faulty).step) == list(training.read_metrics(whole).step)
+    assert sorted(p.name for p in faulty.iterdir()) == sorted(p.name for p in whole.iterdir()), seen
 
 
 def test_a_corrupt_metrics_line_is_named(tmp_path):
@@ -150,7 +196,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, built_data):
     from safetensors.torch import load_file, save_file
 
     base = ["--preset", "smoke", "--variant", "drelu", "--seed", "0", "--threads", "1", "--out", str(tmp_path)]
-    assert _run(base, {"TURBOSPARSE_KILL_AT_STEP": "10"}).returncode == -9
+    assert _run(base, kill_at_step=10).returncode == -9
     f = tmp_path / checkpoint.CHECKPOINT / "model.safetensors"
     w = load_file(str(f))
     k = next(iter(w))

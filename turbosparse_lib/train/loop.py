@@ -44,7 +44,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -385,7 +384,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
 
         device = next(model.parameters()).device  # the caller places the model (and the teacher) on a device
         ddp = _wrap_ddp(model, d)
-        kill_at = int(os.environ.get("TURBOSPARSE_KILL_AT_STEP", "-1"))  # for the resume tests: a real SIGKILL
         metrics_f, bar = _open_progress(run_dir, cfg, d, start_step, progress)
         if d.main and start_step == 0 and eval_hook is not None:  # the curve's first point: before any step
             _write_row(metrics_f, _evaluate_row(None, model, val, cfg, precision, eval_hook, 0, 0, None, 0.0))
@@ -396,8 +394,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
         train_loss, row = float("nan"), None
         try:
             for step in range(start_step, cfg.steps):
-                if step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 t_step = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for g in opt.param_groups:
