@@ -1,6 +1,6 @@
 # Two entry points, each doing all of its own set-up on a fresh machine with Python 3.11:
 #   make reproduce   fetch the data, run every notebook headless at PRESET (default cpu)
-#   make test        the test suite, and the smoke-preset notebooks re-executed and compared by nbval
+#   make test        the linter, the test suite, and the smoke-preset notebooks re-executed and compared by nbval
 # and, for reading and editing the notebooks:
 #   make lab         a Jupyter kernel bound to .venv ("Python (turbosparse)"), JupyterLab on notebooks/
 PY ?= python3
@@ -9,7 +9,7 @@ PRESET ?= cpu
 BIN := $(VENV)/bin
 KERNEL := turbosparse
 
-.PHONY: setup data reproduce test test-benchmarks lab smoke-copies
+.PHONY: setup data reproduce test lint test-benchmarks lab smoke-copies
 
 setup: $(VENV)/.installed
 
@@ -38,8 +38,13 @@ reproduce: $(REPRODUCE_DEPS)
 
 # nbval re-executes the committed smoke-preset copies (notebooks/executed/smoke/, kept in step with the notebooks
 # by tests/test_notebooks_runner.py) and compares the cells marked NBVAL_CHECK_OUTPUT
-test: data
+test: data lint
 	$(BIN)/python -m pytest -q tests --nbval-lax $(wildcard notebooks/executed/smoke/[0-9][0-9]_*.ipynb)
+
+# the linter and the formatter (ruff, configured in pyproject.toml) over the library and the tests
+lint: setup
+	$(BIN)/ruff check turbosparse_lib tests
+	$(BIN)/ruff format --check turbosparse_lib tests
 
 # regenerate the smoke copies after editing a notebook
 smoke-copies: data

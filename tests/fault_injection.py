@@ -24,11 +24,19 @@ from pathlib import Path
 KILLED = -signal.SIGKILL  # a child's return code after a SIGKILL
 
 
-def run(target: list[str], kill_at_step: int | None = None, kill_in_write: int | None = None,
-        kill_after_s: float | None = None, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+def run(
+    target: list[str],
+    kill_at_step: int | None = None,
+    kill_in_write: int | None = None,
+    kill_after_s: float | None = None,
+    timeout: float = 600,
+    **popen,
+) -> subprocess.CompletedProcess:
     """Run ``target`` (``["-m", module, *args]`` or ``["-c", code, *args]``) with the faults asked for."""
-    faults = [*(["--kill-at-step", str(kill_at_step)] if kill_at_step is not None else []),
-              *(["--kill-in-write", str(kill_in_write)] if kill_in_write is not None else [])]
+    faults = [
+        *(["--kill-at-step", str(kill_at_step)] if kill_at_step is not None else []),
+        *(["--kill-in-write", str(kill_in_write)] if kill_in_write is not None else []),
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1", **popen.pop("env", {})}
     args = [sys.executable, str(Path(__file__).resolve()), *faults, *target]
     if kill_after_s is None:

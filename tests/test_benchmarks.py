@@ -12,12 +12,14 @@ import torch
 
 from turbosparse_lib.bench import bandwidth, bytes_model, decoding, llamacpp, projections, timing
 from turbosparse_lib.bench import kernels as bench_kernels
+from turbosparse_lib.inference.engine import Engine
 from turbosparse_lib.presets import get_preset
 from turbosparse_lib.sparsity import frequencies
 from turbosparse_lib.sparsity.masks import kept_count
-from turbosparse_lib.inference.engine import Engine
 
-TINY = bytes_model.ModelShape("tiny", hidden=8, intermediate=20, layers=2, heads=4, kv_heads=2, head_dim=2, vocab=50, tied=True)
+TINY = bytes_model.ModelShape(
+    "tiny", hidden=8, intermediate=20, layers=2, heads=4, kv_heads=2, head_dim=2, vocab=50, tied=True
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,7 +34,9 @@ def test_sizes_cover_the_issue():
     # the FFN benchmark's layers cannot stay in the cache: TinyLlama at 90% cycles 22 layers, at every format
     for fmt in cpu.ffn_dtypes:
         L = bench_kernels.cycled_layers(2048, 5632, 22, fmt, cpu.ffn_memory_mb)
-        assert L == 22 and L * bench_kernels.ffn_bytes(2048, 5632, kept_count(0.9, 5632), fmt) > timing.LLC_BYTES_DEFAULT
+        assert (
+            L == 22 and L * bench_kernels.ffn_bytes(2048, 5632, kept_count(0.9, 5632), fmt) > timing.LLC_BYTES_DEFAULT
+        )
     assert 2 <= bench_kernels.cycled_layers(4096, 14336, 32, "f32", cpu.ffn_memory_mb) < 32  # the memory budget binds
 
 
@@ -148,7 +152,10 @@ def test_ffn_bytes_matches_bytes_per_token():
     one_layer = bytes_model.ModelShape("x", 64, 20, 1, 4, 2, 2, 50)  # hidden a multiple of the 32-weight block
     for fmt in ("f32", "q8_0", "q4_0"):
         prec = bytes_model.engine_precision(fmt)
-        assert bench_kernels.ffn_bytes(64, 20, None, fmt) == bytes_model.bytes_per_token(one_layer, None, precision=prec)["ffn"]
+        assert (
+            bench_kernels.ffn_bytes(64, 20, None, fmt)
+            == bytes_model.bytes_per_token(one_layer, None, precision=prec)["ffn"]
+        )
         sparse = bytes_model.bytes_per_token(one_layer, 0.25, precision=prec)
         assert bench_kernels.ffn_bytes(64, 20, 5, fmt) == sparse["ffn"] + sparse["mask_indices"]
     assert bench_kernels.ffn_bytes(33, 1, None, "q4_0") == 3 * 2 * 18 + 33 * 4  # a partial block is stored whole
@@ -166,7 +173,9 @@ def test_moe_reads_only_routed_experts_and_the_router():
 def test_paper_model_sizes():
     assert projections.MISTRAL_7B.params == 7_241_732_096  # Mistral-7B-v0.1's parameter count
     assert abs(projections.MIXTRAL_47B.params / 1e9 - 46.7) < 0.05
-    assert abs(bytes_model.activated_params(projections.MIXTRAL_47B) / 1e9 - 12.9) < 0.2  # "13B active" (paper, figure 1)
+    assert (
+        abs(bytes_model.activated_params(projections.MIXTRAL_47B) / 1e9 - 12.9) < 0.2
+    )  # "13B active" (paper, figure 1)
     frac = bytes_model.ffn_active_from_activated(projections.MISTRAL_7B, 2.5e9)
     assert abs(bytes_model.activated_params(projections.MISTRAL_7B, frac) - 2.5e9) < 1e3
 
@@ -175,8 +184,15 @@ def test_engine_shape_and_tied_head():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=32, tie_word_embeddings=True)  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32,
+        tie_word_embeddings=True,
+    )
     shape = bytes_model.ModelShape.of_engine(Engine.from_transformers(LlamaForCausalLM(cfg).eval()))
     assert (shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim) == (16, 24, 4, 2, 4)
     assert shape.tied
@@ -270,7 +286,9 @@ def test_cpu_projection_is_bandwidth_over_bytes():
     assert p["dense tok/s"] == pytest.approx(67.2e9 / dense)
     assert p["sparse tok/s"] == pytest.approx(67.2e9 / sparse)
     assert p["speed-up"] == pytest.approx(dense / sparse)
-    half = projections.project("table 7 (CPU only)", m, projections.MISTRAL_7B, bytes_model.FP16, 0.1, context=0, efficiency=0.5)
+    half = projections.project(
+        "table 7 (CPU only)", m, projections.MISTRAL_7B, bytes_model.FP16, 0.1, context=0, efficiency=0.5
+    )
     assert half["dense tok/s"] == pytest.approx(p["dense tok/s"] / 2)
     with pytest.raises(ValueError, match="table"):
         projections.project("table 5", m, projections.MISTRAL_7B, bytes_model.FP16, 0.1)
@@ -278,12 +296,25 @@ def test_cpu_projection_is_bandwidth_over_bytes():
 
 def test_hybrid_and_phone_projections_use_the_fast_tier():
     f = np.stack([_skewed(1000)])
-    gpu = projections.project("table 8 (CPU+GPU)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, f)
-    cpu = projections.project("table 7 (CPU only)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, f)
+    gpu = projections.project(
+        "table 8 (CPU+GPU)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, f
+    )
+    cpu = projections.project(
+        "table 7 (CPU only)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, f
+    )
     assert gpu["dense tok/s"] > cpu["dense tok/s"] and gpu["sparse tok/s"] > cpu["sparse tok/s"]
-    uniform = projections.project("table 8 (CPU+GPU)", projections.PAPER_MACHINES["PC-2080Ti"], projections.MISTRAL_7B, bytes_model.FP16, 0.1, None)
+    uniform = projections.project(
+        "table 8 (CPU+GPU)",
+        projections.PAPER_MACHINES["PC-2080Ti"],
+        projections.MISTRAL_7B,
+        bytes_model.FP16,
+        0.1,
+        None,
+    )
     assert gpu["sparse tok/s"] > uniform["sparse tok/s"]  # skew: hot neurons on the GPU catch more traffic
-    phone = projections.project("table 9 (phone)", projections.PAPER_MACHINES["OnePlus-12"], projections.MIXTRAL_47B, bytes_model.Q4_0, 0.25, f)
+    phone = projections.project(
+        "table 9 (phone)", projections.PAPER_MACHINES["OnePlus-12"], projections.MIXTRAL_47B, bytes_model.Q4_0, 0.25, f
+    )
     dense_b = bytes_model.bytes_per_token(projections.MIXTRAL_47B, None, 256, bytes_model.Q4_0)["total"]
     assert phone["dense tok/s"] == pytest.approx(4.2e9 / dense_b)  # 26 GB > 16 GB budget: all from flash
     assert phone["speed-up"] > 1
@@ -344,8 +375,15 @@ def test_bench_decoding_tables_and_limits():
     prof = decoding.profile_table(runs)
     assert prof.loc["dense", "ffn_active"] == 1.0 and prof.loc["topk", "ffn_active"] == pytest.approx(5 / 48)
     assert prof.loc["dense", "ffn_rows_per_token"] == 3 * 48 * 2
-    lim = decoding.decoding_limits(bytes_model.ModelShape.of_engine(engine), runs, speed, 4, 4, bandwidth_gbs=10.0,
-                                   baselines={"f32": "dense", "q8_0": "q8"})
+    lim = decoding.decoding_limits(
+        bytes_model.ModelShape.of_engine(engine),
+        runs,
+        speed,
+        4,
+        4,
+        bandwidth_gbs=10.0,
+        baselines={"f32": "dense", "q8_0": "q8"},
+    )
     assert lim.loc["dense", "byte_limit"] == 1.0 and lim.loc["topk", "byte_limit"] > lim.loc["exact", "byte_limit"] > 1
     assert lim.loc["q8", "masks"] == "dense" and lim.loc["q8", "speedup"] == 1.0
     # the in-line oracle reads every gate row: a smaller byte limit than replaying its masks would have
@@ -363,7 +401,9 @@ def test_bench_decoding_tables_and_limits():
 def test_decoding_runs_are_labelled_by_model_precision_and_masks():
     engine = _tiny_drelu_engine()
     runs, keys, legend = decoding.decoding_runs(engine, engine, "tiny dReLU", 0.9, precisions=("f32", "q4_0"))
-    assert set(keys) == {(p, k) for p in ("f32", "q4_0") for k in ("swiglu", "dense", "exact", "oracle")} | {("f32", "topk")}
+    assert set(keys) == {(p, k) for p in ("f32", "q4_0") for k in ("swiglu", "dense", "exact", "oracle")} | {
+        ("f32", "topk")
+    }
     assert list(legend.index) == list(runs) and set(legend.precision) == {"f32", "q4_0"}
     assert runs[keys[("q4_0", "oracle")]].engine.fmt == "q4_0" and runs[keys[("q4_0", "oracle")]].masks == "oracle"
 
@@ -425,8 +465,10 @@ def test_llama_cpp_decodes_smollm2_like_our_engine(built_data):
     prompt = np.array(tok("The capital of France is", add_special_tokens=False)["input_ids"])
     engine = Engine.from_transformers(model)
     for fmt in ("f32", "q8_0", "q4_0"):
-        runs = {"ours": decoding.EngineRun(engine, fmt),
-                "llama.cpp": llamacpp.LlamaCppRun(llamacpp.smollm2_gguf(fmt), 2, precision=fmt)}
+        runs = {
+            "ours": decoding.EngineRun(engine, fmt),
+            "llama.cpp": llamacpp.LlamaCppRun(llamacpp.smollm2_gguf(fmt), 2, precision=fmt),
+        }
         speed, tokens = decoding.bench_decoding(runs, prompt, 8, repeats=1)
         theirs = runs["llama.cpp"].prompt_logits(prompt)
         runs["llama.cpp"].close()
@@ -441,7 +483,14 @@ def test_llama_cpp_decodes_smollm2_like_our_engine(built_data):
     from turbosparse_lib.data.build import heldout_ids
 
     ids = heldout_ids(tok, max_tokens=192).numpy()
-    table = quality.quality_table({f: engine.quantized(f) for f in ("f32", "q8_0", "q4_0")},
-                                  {f: llamacpp.smollm2_gguf(f) for f in ("f32", "q8_0", "q4_0")}, ids, 64, 2)
+    table = quality.quality_table(
+        {f: engine.quantized(f) for f in ("f32", "q8_0", "q4_0")},
+        {f: llamacpp.smollm2_gguf(f) for f in ("f32", "q8_0", "q4_0")},
+        ids,
+        64,
+        2,
+    )
     assert abs(table.loc["f32", "ours_over_llama_cpp"] - 1) < 0.005
-    assert (abs(table.ours_over_llama_cpp - 1) < 0.1).all() and (table.ppl_ours < 2 * table.loc["f32", "ppl_ours"]).all()
+    assert (abs(table.ours_over_llama_cpp - 1) < 0.1).all() and (
+        table.ppl_ours < 2 * table.loc["f32", "ppl_ours"]
+    ).all()

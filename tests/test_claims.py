@@ -21,15 +21,27 @@ def _write(folder, name, rows):
 
 @pytest.mark.parametrize(
     "zeros,ratio,order_verdict,recovery_verdict",
-    [((0.5, 0.6, 0.9), (1.01, 1.0, 1.02), claims.HOLDS, claims.HOLDS),
-     ((0.7, 0.6, 0.9), (1.4, 1.3, 1.5), claims.QUALITATIVE, claims.QUALITATIVE),
-     ((0.5, 0.95, 0.9), (3.0, 2.8, 3.2), claims.FAILS, claims.FAILS)],
-)  # fmt: skip
+    [
+        ((0.5, 0.6, 0.9), (1.01, 1.0, 1.02), claims.HOLDS, claims.HOLDS),
+        ((0.7, 0.6, 0.9), (1.4, 1.3, 1.5), claims.QUALITATIVE, claims.QUALITATIVE),
+        ((0.5, 0.95, 0.9), (3.0, 2.8, 3.2), claims.FAILS, claims.FAILS),
+    ],
+)
 def test_relufication_rules(tmp_path, zeros, ratio, order_verdict, recovery_verdict):
-    rows = [{"model": "swiglu (original)", "ppl": 20.0, "zero_frac": 0.0, "ratio": 1.0, "ratio_lo": 1.0, "ratio_hi": 1.0}]
+    rows = [
+        {"model": "swiglu (original)", "ppl": 20.0, "zero_frac": 0.0, "ratio": 1.0, "ratio_lo": 1.0, "ratio_hi": 1.0}
+    ]
     for m, z in zip(("reglu", "shifted_relu", "drelu"), zeros):
-        rows.append({"model": m, "ppl": 20 * ratio[0], "zero_frac": z, "ratio": ratio[0], "ratio_lo": ratio[1],
-                     "ratio_hi": ratio[2]})
+        rows.append(
+            {
+                "model": m,
+                "ppl": 20 * ratio[0],
+                "zero_frac": z,
+                "ratio": ratio[0],
+                "ratio_lo": ratio[1],
+                "ratio_hi": ratio[2],
+            }
+        )
     _write(tmp_path, "05_table1_analogue.csv", rows)
     _write(tmp_path, "05_relufication_runs.csv", [{"variant": "drelu", "tokens": 32768}])
     t = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim")
@@ -40,32 +52,84 @@ def test_relufication_rules(tmp_path, zeros, ratio, order_verdict, recovery_verd
 
 @pytest.mark.parametrize(
     "zeros,matched,verdict,fragment",
-    [((0.6, 0.7, 0.9), (0.5, 0.6, 0.9), claims.HOLDS, "drelu 90%"),
-     ((0.6, 0.95, 0.8), (0.5, float("nan"), 0.8), claims.QUALITATIVE, "shifted_relu never as good"),  # broken: left out
-     ((0.6, 0.7, 0.9), (0.95, 0.6, 0.9), claims.FAILS, "reglu 95%")],
-)  # fmt: skip
+    [
+        ((0.6, 0.7, 0.9), (0.5, 0.6, 0.9), claims.HOLDS, "drelu 90%"),
+        (
+            (0.6, 0.95, 0.8),
+            (0.5, float("nan"), 0.8),
+            claims.QUALITATIVE,
+            "shifted_relu never as good",
+        ),  # broken: left out
+        ((0.6, 0.7, 0.9), (0.95, 0.6, 0.9), claims.FAILS, "reglu 95%"),
+    ],
+)
 def test_relufication_order_at_equal_quality(tmp_path, zeros, matched, verdict, fragment):
     """A variant that is sparse because it is broken (never as good as dReLU) cannot win table 1's ordering."""
-    rows = [{"model": "swiglu (original)", "ppl": 20.0, "zero_frac": 0.0, "ratio": 1.0, "ratio_lo": 1.0,
-             "ratio_hi": 1.0, "topk_at_matched": 0.8}]
+    rows = [
+        {
+            "model": "swiglu (original)",
+            "ppl": 20.0,
+            "zero_frac": 0.0,
+            "ratio": 1.0,
+            "ratio_lo": 1.0,
+            "ratio_hi": 1.0,
+            "topk_at_matched": 0.8,
+        }
+    ]
     for m, z, k in zip(("reglu", "shifted_relu", "drelu"), zeros, matched):
-        rows.append({"model": m, "ppl": 30.0, "zero_frac": z, "ratio": 1.5, "ratio_lo": 1.4, "ratio_hi": 1.6,
-                     "topk_at_matched": k})
+        rows.append(
+            {
+                "model": m,
+                "ppl": 30.0,
+                "zero_frac": z,
+                "ratio": 1.5,
+                "ratio_lo": 1.4,
+                "ratio_hi": 1.6,
+                "topk_at_matched": k,
+            }
+        )
     _write(tmp_path, "05_table1_analogue.csv", rows)
     _write(tmp_path, "05_relufication_runs.csv", [{"variant": "drelu", "tokens": 32768}])
-    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc[
-        "ReLUfication sparsity: SwiGLU < ReGLU < shifted ReLU < dReLU"]
+    row = (
+        claims.claims_table("cpu", results_dir=tmp_path)
+        .set_index("claim")
+        .loc["ReLUfication sparsity: SwiGLU < ReGLU < shifted ReLU < dReLU"]
+    )
     assert row.verdict == verdict and fragment in row.ours
 
 
 def test_speed_claim_needs_equal_quality(tmp_path):
     base = {"model": "m", "mask_source": "x", "speedup": 1.0, "byte_limit": 1.0, "of_limit": 1.0, "MB_per_token": 1.0}
-    rows = [{**base, "run": "ours exact", "precision": "q4_0", "mask_source": "exact zeros", "threshold": None,
-             "tokens_per_s": 100, "heldout_ppl": 30.0, "over_llama_cpp": 2.5},
-            {**base, "run": "ours predicted", "precision": "q4_0", "threshold": 0.3, "tokens_per_s": 100,
-             "heldout_ppl": 30.3, "over_llama_cpp": 2.5},
-            {**base, "run": "llama.cpp q4_0", "precision": "q4_0 (GGUF, pure)", "threshold": None, "tokens_per_s": 40,
-             "heldout_ppl": 20.0, "over_llama_cpp": 1.0}]
+    rows = [
+        {
+            **base,
+            "run": "ours exact",
+            "precision": "q4_0",
+            "mask_source": "exact zeros",
+            "threshold": None,
+            "tokens_per_s": 100,
+            "heldout_ppl": 30.0,
+            "over_llama_cpp": 2.5,
+        },
+        {
+            **base,
+            "run": "ours predicted",
+            "precision": "q4_0",
+            "threshold": 0.3,
+            "tokens_per_s": 100,
+            "heldout_ppl": 30.3,
+            "over_llama_cpp": 2.5,
+        },
+        {
+            **base,
+            "run": "llama.cpp q4_0",
+            "precision": "q4_0 (GGUF, pure)",
+            "threshold": None,
+            "tokens_per_s": 40,
+            "heldout_ppl": 20.0,
+            "over_llama_cpp": 1.0,
+        },
+    ]
     _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
     row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
     assert row.verdict == claims.QUALITATIVE and "not at equal quality" in row.why  # x1.5 worse perplexity
@@ -81,8 +145,15 @@ def test_readme_table_is_current_and_backed_by_committed_results():
     readme = (paths.repo_root() / "README.md").read_text()
     assert claims.readme_block("cpu") in readme, "the README's claims table is stale: run turbosparse-report"
     table = claims.claims_table("cpu")
-    tracked = set(subprocess.run(["git", "ls-files", str(paths.results_dir("cpu"))], cwd=paths.repo_root(),
-                                 capture_output=True, text=True, check=True).stdout.split())
+    tracked = set(
+        subprocess.run(
+            ["git", "ls-files", str(paths.results_dir("cpu"))],
+            cwd=paths.repo_root(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    )
     for r in table[table.verdict != claims.NOT_HERE].itertuples():
         for f in r.evidence.split():
             rel = str((paths.results_dir("cpu") / f).relative_to(paths.repo_root()))
@@ -105,12 +176,37 @@ def test_zero_shot_is_judged_against_each_tasks_own_chance(tmp_path, cont, verdi
     rows = []
     for v in ("swiglu", "drelu"):
         for seed in (0, 1):
-            rows.append({"task": "continuation", "metric": "acc", "accuracy": cont, "stderr": 0.025, "n": 300,
-                         "chance": 0.25, "variant": v, "seed": seed})
-            rows.append({"task": "lastword", "metric": "acc", "accuracy": 1 / 300, "stderr": 0.0033, "n": 300,
-                         "chance": 0.0, "variant": v, "seed": seed})
+            rows.append(
+                {
+                    "task": "continuation",
+                    "metric": "acc",
+                    "accuracy": cont,
+                    "stderr": 0.025,
+                    "n": 300,
+                    "chance": 0.25,
+                    "variant": v,
+                    "seed": seed,
+                }
+            )
+            rows.append(
+                {
+                    "task": "lastword",
+                    "metric": "acc",
+                    "accuracy": 1 / 300,
+                    "stderr": 0.0033,
+                    "n": 300,
+                    "chance": 0.0,
+                    "variant": v,
+                    "seed": seed,
+                }
+            )
     _write(tmp_path, "02_zeroshot.csv", rows)
-    _write(tmp_path, "02_training_summary.csv", [{"parameters": 7.4e6, "tokens_seen": 1.5e6, "seed": s} for s in (0, 1)])
-    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc[
-        "dReLU matches SwiGLU on zero-shot tasks"]
+    _write(
+        tmp_path, "02_training_summary.csv", [{"parameters": 7.4e6, "tokens_seen": 1.5e6, "seed": s} for s in (0, 1)]
+    )
+    row = (
+        claims.claims_table("cpu", results_dir=tmp_path)
+        .set_index("claim")
+        .loc["dReLU matches SwiGLU on zero-shot tasks"]
+    )
     assert row.verdict == verdict and "(chance 0.25)" in row.ours and "(chance 0)" in row.ours

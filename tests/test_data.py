@@ -1,8 +1,5 @@
 """The offline data: sources, checksums, decontamination, splits, tokenizer, mixture."""
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,9 +9,16 @@ from turbosparse_lib.data.sources import DataError, Source
 
 
 def _fake_source(**kw):
-    base = dict(name="fake", package="turbosparse-no-such-package", version="9.9.9",
-                filename="turbosparse_no_such_package-9.9.9-py3-none-any.whl", sha256="0" * 64,
-                license="none", members=("x",), what="test")
+    base = dict(
+        name="fake",
+        package="turbosparse-no-such-package",
+        version="9.9.9",
+        filename="turbosparse_no_such_package-9.9.9-py3-none-any.whl",
+        sha256="0" * 64,
+        license="none",
+        members=("x",),
+        what="test",
+    )
     return Source(**{**base, **kw})
 
 
@@ -89,22 +93,31 @@ def test_built_splits(built_data):
 def test_no_evaluation_article_in_training_text(built_data):
     """The held-out guarantee, checked on what was built: by title and by 13-gram overlap."""
     dd = build.load_splits()
-    test = [corpus.Document(*r.values()) for r in dd["test"].select_columns(["doc_id", "category", "source", "title", "text"])]
+    test = [
+        corpus.Document(*r.values())
+        for r in dd["test"].select_columns(["doc_id", "category", "source", "title", "text"])
+    ]
     eval_titles = {corpus.normalise_title(d.title) for d in test}
     index = corpus.ngram_index(test)
     for split in ("train", "validation"):
         for row in dd[split]:
             if row["source"].startswith("wiki"):
                 assert corpus.normalise_title(row["title"]) not in eval_titles, row["doc_id"]
-            assert not corpus.shares_ngram(row["text"], index), f"{row['doc_id']} shares a 13-gram with the evaluation set"
+            assert not corpus.shares_ngram(row["text"], index), (
+                f"{row['doc_id']} shares a 13-gram with the evaluation set"
+            )
 
 
 def test_rebuild_touches_nothing(built_data):
     files = [p for d in (paths.built_dir(), paths.cache_dir(), paths.raw_dir()) for p in d.rglob("*") if p.is_file()]
     before = {p: p.stat().st_mtime_ns for p in files}
     build.build_all(quiet=True)
-    after = {p: p.stat().st_mtime_ns for d in (paths.built_dir(), paths.cache_dir(), paths.raw_dir())
-             for p in d.rglob("*") if p.is_file()}
+    after = {
+        p: p.stat().st_mtime_ns
+        for d in (paths.built_dir(), paths.cache_dir(), paths.raw_dir())
+        for p in d.rglob("*")
+        if p.is_file()
+    }
     assert after == before
 
 
@@ -139,7 +152,9 @@ def test_tokenizer_deterministic_and_loadable(built_data, tmp_path):
 
 def test_mixture_ratios_and_report():
     rng = np.random.default_rng(0)
-    docs = {c: [rng.integers(1, 100, rng.integers(5, 50)) for _ in range(n)] for c, n in (("a", 50), ("b", 5), ("c", 20))}
+    docs = {
+        c: [rng.integers(1, 100, rng.integers(5, 50)) for _ in range(n)] for c, n in (("a", 50), ("b", 5), ("c", 20))
+    }
     s = mixture.sample_mixture(docs, 10_000, {"a": 0.5, "b": 0.3, "c": 0.2}, seed=1)
     rep = s.report.set_index("category")
     assert rep.tokens_drawn.to_dict() == {"a": 5000, "b": 3000, "c": 2000}

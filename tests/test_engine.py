@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from turbosparse_lib.inference.engine import Engine, EngineConfig
 from turbosparse_lib.inference import step as step_kernels
+from turbosparse_lib.inference.engine import Engine, EngineConfig
 from turbosparse_lib.inference.masks import ExactZeroOracle, RecordedMasks, TopKOracle
 
 PROMPT_LEN, NEW_TOKENS = 8, 16
@@ -225,9 +225,11 @@ def test_bad_masks_and_tokens_raise(drelu_engine, prompt):
         drelu_engine.step(TINY["vocab_size"])
     drelu_engine.reset()
     with pytest.raises(ValueError, match="layers"):
+
         class Short:
             def token_masks(self, n_layers):
                 return np.zeros(2, np.int64), np.zeros(0, np.int64)
+
         drelu_engine.step(1, sparse=True, mask_provider=Short())
 
 
@@ -262,8 +264,9 @@ def test_one_registry_drives_torch_kernels_and_engine(prompt):
         W = rng.standard_normal((50, 8), dtype=np.float32)
         x = rng.standard_normal(8, dtype=np.float32)
         ffn = FFNBundles.from_weights(W, W[::-1].copy(), np.ones((8, 50), np.float32), "f32")
-        np.testing.assert_allclose(combined(ffn, x, "drelu2"), K.combine_ref(W @ x, W[::-1] @ x, "drelu2"),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            combined(ffn, x, "drelu2"), K.combine_ref(W @ x, W[::-1] @ x, "drelu2"), rtol=1e-5, atol=1e-6
+        )
         engine = Engine.from_transformers(model)  # 3. the engine, dense and with its exact-zero oracle
         want_tokens, _ = _hf_greedy(model, prompt)
         np.testing.assert_array_equal(engine.generate(prompt[0].numpy(), NEW_TOKENS), want_tokens)

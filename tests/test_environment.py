@@ -25,12 +25,18 @@ def test_environment_yml_matches_pyproject():
     assert pip_lines, "environment.yml must install the package itself through pip (`- -e .[extras]`)"
     extras = set(pip_lines[0].split("[", 1)[1].rstrip("]").split(","))
     assert extras == set(_pyproject()["project"]["optional-dependencies"]), (
-        "environment.yml installs extras %s but pyproject.toml defines %s"
-        % (sorted(extras), sorted(_pyproject()["project"]["optional-dependencies"]))
+        f"environment.yml installs extras {sorted(extras)} but pyproject.toml defines "
+        f"{sorted(_pyproject()['project']['optional-dependencies'])}"
     )
     # no package may be listed in environment.yml directly: pyproject.toml is the one source
-    listed = [ln for ln in lines if ln.startswith("- ") and ln not in ("- python=3.11", "- pip", "- pip:")
-              and not ln.startswith("- -e") and not ln.startswith("- conda-forge")]
+    listed = [
+        ln
+        for ln in lines
+        if ln.startswith("- ")
+        and ln not in ("- python=3.11", "- pip", "- pip:")
+        and not ln.startswith("- -e")
+        and not ln.startswith("- conda-forge")
+    ]
     assert listed == [], f"environment.yml lists packages of its own: {listed}; put them in pyproject.toml"
 
 

@@ -95,7 +95,7 @@ def test_quantised_down_columns_are_scaled_per_hidden_channel():
         np.testing.assert_allclose(ffn.down_scale, np.abs(Wd).max(axis=1))
         plain = Q.dequantize(Q.quantize(Wd.T.copy(), fmt))
         others = np.arange(64) != 5
-        err = lambda A: np.abs(A[:, others] - Wd.T[:, others]).mean()  # noqa: E731
+        err = lambda A: np.abs(A[:, others] - Wd.T[:, others]).mean()
         assert err(ffn.dequantized(2)) < err(plain) / 5
         _close(B.ffn(ffn, x, None, "drelu"), B.ffn_ref(ffn, x, None, "drelu"))
 
@@ -196,8 +196,11 @@ def test_half_to_float_both_ways_over_every_finite_half():
 
 def test_activation_quantisation_is_bit_exact_and_pads_with_zeros():
     rng = np.random.default_rng(8)
-    for x in (rng.standard_normal(70, dtype=np.float32) * 5, np.zeros(33, np.float32),
-              np.array([0.5, -0.5, 127.0, -1e-30, 3.0], np.float32)):  # fmt: skip
+    for x in (
+        rng.standard_normal(70, dtype=np.float32) * 5,
+        np.zeros(33, np.float32),
+        np.array([0.5, -0.5, 127.0, -1e-30, 3.0], np.float32),
+    ):
         x16, xd = Q.quantize_activation(x)
         r16, rd = Q.quantize_activation_ref(x)
         np.testing.assert_array_equal(x16, r16)
@@ -338,8 +341,21 @@ def test_ffn_over_stacked_layers_is_each_layers_ffn():
         masks = [rng.permutation(N)[: 5 + 7 * li] for li in range(L)]
         offsets = np.concatenate([[0], np.cumsum([len(m) for m in masks])]).astype(np.int64)
         y, rows = np.empty((L, H), np.float32), np.zeros(3, np.int64)
-        B.ffn_layers_into(stack.data, stack.down_scale, stack.code, H, x, offsets, np.concatenate(masks), True, True,
-                          *K.variant_code("drelu"), numba.get_num_threads(), y, rows)
+        B.ffn_layers_into(
+            stack.data,
+            stack.down_scale,
+            stack.code,
+            H,
+            x,
+            offsets,
+            np.concatenate(masks),
+            True,
+            True,
+            *K.variant_code("drelu"),
+            numba.get_num_threads(),
+            y,
+            rows,
+        )
         for li in range(L):
             _close(y[li], B.ffn_ref(stack[li], x[li], masks[li], "drelu"))
         assert rows[0] == sum(len(m) for m in masks)

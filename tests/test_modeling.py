@@ -92,8 +92,17 @@ def test_save_load_round_trip_families(family, ids, tmp_path):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_build_and_round_trip_every_variant(variant, ids, tmp_path):
-    model = build_model(variant, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                        intermediate_size=64, vocab_size=VOCAB, context_length=64, seed=0)
+    model = build_model(
+        variant,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        context_length=64,
+        seed=0,
+    )
     assert type(model).__name__ == "LlamaForCausalLM"
     assert all(m.variant == variant for m in mlp_modules(model))
     expected = logits(model, ids)
@@ -115,8 +124,9 @@ def test_build_model_seed_and_presets():
 
 
 def test_count_parameters_counts_tied_weights_once():
-    model = build_model("swiglu", hidden_size=32, num_layers=1, intermediate_size=64, vocab_size=VOCAB,
-                        tie_word_embeddings=True)
+    model = build_model(
+        "swiglu", hidden_size=32, num_layers=1, intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=True
+    )
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, vocab_size=VOCAB)
     mlp = 3 * 32 * 64

@@ -21,16 +21,33 @@ from turbosparse_lib.sparsity.instruments import record_activations
 from turbosparse_lib.sparsity.masks import kept_count, threshold_mask, topk_keep, topk_mask
 
 VOCAB, H, E, K = 128, 32, 4, 2
-BASE = dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-            num_experts_per_tok=K)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=H,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    num_experts_per_tok=K,
+)
 CONFIGS = {
     "mixtral": lambda: MixtralConfig(**BASE, intermediate_size=16, num_local_experts=E),
     # a shared expert, and layer 1 a dense MLP (mlp_only_layers): every kind of unit in one model
-    "qwen2_moe": lambda: Qwen2MoeConfig(**BASE, intermediate_size=48, moe_intermediate_size=16,
-                                        shared_expert_intermediate_size=24, num_experts=E, mlp_only_layers=[1]),
-    "qwen3_moe": lambda: Qwen3MoeConfig(**BASE, intermediate_size=48, moe_intermediate_size=16, num_experts=E,
-                                        norm_topk_prob=True),
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        **BASE,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=E,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        **BASE, intermediate_size=48, moe_intermediate_size=16, num_experts=E, norm_topk_prob=True
+    ),
 }
 
 
@@ -65,8 +82,17 @@ class FixedRouter(nn.Module):
 def fixed_moe(variant: str):
     """A from-scratch MoE (hidden 32 = expert width, 2 layers, 4 experts) with the fixed router in every layer and
     gate = up = a +-1 diagonal per expert, so that combined = act(d * x) * up_act(d * x) exactly."""
-    model = build_model(variant, hidden_size=H, num_layers=2, num_heads=4, intermediate_size=2 * H, vocab_size=VOCAB,
-                        context_length=64, moe=MoEConfig(E, K, H), seed=0).eval()
+    model = build_model(
+        variant,
+        hidden_size=H,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=2 * H,
+        vocab_size=VOCAB,
+        context_length=64,
+        moe=MoEConfig(E, K, H),
+        seed=0,
+    ).eval()
     model.config.output_router_logits = False  # the fixed router has no logits for the load-balancing loss
     signs = torch.where(torch.rand(2, E, H, generator=torch.Generator().manual_seed(3)) < 0.5, -1.0, 1.0)
     with torch.no_grad():
@@ -81,8 +107,10 @@ def fixed_moe(variant: str):
 def block_inputs(model, ids):
     """The input of every layer's MoE block (after attention and norm), as the model computes it."""
     seen = {}
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].reshape(-1, H).clone()))
-             for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].reshape(-1, H).clone()))
+        for i, layer in enumerate(model.model.layers)
+    ]
     try:
         logits(model, ids)
     finally:
@@ -104,8 +132,10 @@ def test_native_swap_is_eager_bit_for_bit_and_shares_the_weights(family, ids):
     assert torch.equal(logits(model, ids), expected)
     assert torch.allclose(logits(model, ids), default, atol=1e-6)
     swapped = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
-    assert all(isinstance(s, GatedExperts) and s.gate_up_proj is n.gate_up_proj and s.down_proj is n.down_proj
-               for s, n in zip(swapped, native))
+    assert all(
+        isinstance(s, GatedExperts) and s.gate_up_proj is n.gate_up_proj and s.down_proj is n.down_proj
+        for s, n in zip(swapped, native)
+    )
     assert set(model.state_dict()) == keys  # the views add no parameter: an ordinary transformers checkpoint
     assert count_parameters(model) == count_parameters(tiny(family))
 
@@ -129,7 +159,9 @@ def test_hooked_and_plain_expert_paths_agree_bit_for_bit(ids):
 def test_units_are_labelled_by_layer_and_expert():
     units = mlp_units(apply_variant(tiny("qwen2_moe"), "drelu"))
     assert [(u.layer, u.expert, u.role) for u in units] == [(0, e, "routed") for e in range(E)] + [
-        (0, None, "shared"), (1, None, "dense")]
+        (0, None, "shared"),
+        (1, None, "dense"),
+    ]
     routed = units[2].mlp
     assert isinstance(routed, ExpertMLP) and routed.gate_proj.weight.shape == (16, H)
     assert routed.down_proj.weight.shape == (H, 16) and routed.act_fn is units[0].mlp.act_fn
@@ -153,8 +185,16 @@ def test_variant_changes_every_expert_and_round_trips_through_a_checkpoint(famil
 
 
 def test_from_scratch_moe_checkpoint_round_trips(ids, tmp_path):
-    model = build_model("drelu", hidden_size=H, num_layers=2, num_heads=4, intermediate_size=2 * H, vocab_size=VOCAB,
-                        moe=MoEConfig(E, K, H), seed=0).eval()
+    model = build_model(
+        "drelu",
+        hidden_size=H,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=2 * H,
+        vocab_size=VOCAB,
+        moe=MoEConfig(E, K, H),
+        seed=0,
+    ).eval()
     assert type(model).__name__ == "MixtralForCausalLM" and model.config.output_router_logits
     model.save_pretrained(tmp_path)
     loaded = load_model(tmp_path)

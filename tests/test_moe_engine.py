@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from test_moe import CONFIGS, tiny
+
 from turbosparse_lib.bench.bytes_model import bytes_per_token
 from turbosparse_lib.bench.decoding import bench_decoding, decoding_limits
 from turbosparse_lib.bench.moe_decoding import MoERun, moe_profile_table, moe_runs, moe_shape
@@ -32,9 +32,15 @@ def sharpened(family: str, variant: str):
 
 def hf_greedy(model, prompt):
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=NEW, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[0, prompt.shape[1]:].numpy(), torch.stack(out.scores)[:, 0].numpy()
+        out = model.generate(
+            prompt,
+            max_new_tokens=NEW,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    return out.sequences[0, prompt.shape[1] :].numpy(), torch.stack(out.scores)[:, 0].numpy()
 
 
 @pytest.mark.parametrize("variant", ["swiglu", "drelu"])
@@ -52,7 +58,9 @@ def test_moe_decoding_matches_transformers(family, variant, prompt):
 
 def test_native_experts_decode_too(prompt):
     model = tiny("mixtral")  # no swap: transformers' fused experts are read directly
-    assert np.array_equal(MoEEngine.from_transformers(model).generate(prompt[0].numpy(), NEW), hf_greedy(model, prompt)[0])
+    assert np.array_equal(
+        MoEEngine.from_transformers(model).generate(prompt[0].numpy(), NEW), hf_greedy(model, prompt)[0]
+    )
 
 
 def test_exact_zero_masks_are_the_nonzero_neurons_and_replay_bit_for_bit(prompt):
@@ -94,8 +102,16 @@ def test_unsupported_models_raise_clear_errors():
 
 
 def test_dense_and_sparse_expert_runs_with_bytes_per_token(prompt):
-    model = build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=128,
-                        moe=MoEConfig(4, 2, 32), seed=0).eval()
+    model = build_model(
+        "drelu",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=128,
+        moe=MoEConfig(4, 2, 32),
+        seed=0,
+    ).eval()
     eng = MoEEngine.from_transformers(model)
     runs, legend = moe_runs(eng, "tiny dReLU MoE")
     speed, tokens = bench_decoding(runs, prompt[0].numpy(), new_tokens=6, repeats=1)

@@ -46,7 +46,17 @@ def _run(args, **faults):
 
 
 def test_killed_moe_run_resumes_to_the_same_weights(tmp_path, built_data):
-    base = ["--preset", "smoke", "--variant", "drelu", "--moe", "--threads", "1", "--total-tokens", str(STEPS * 4 * 128)]
+    base = [
+        "--preset",
+        "smoke",
+        "--variant",
+        "drelu",
+        "--moe",
+        "--threads",
+        "1",
+        "--total-tokens",
+        str(STEPS * 4 * 128),
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert _run(base + ["--out", str(whole)]).returncode == 0
     r = _run(base + ["--out", str(killed)], kill_at_step=11)

@@ -11,7 +11,9 @@ from turbosparse_lib.runner import notebooks, outputs
 
 def _code(nb):
     """The code cells a reader wrote (papermill's injected parameters left out)."""
-    return [c.source for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+    return [
+        c.source for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])
+    ]
 
 
 def test_notebooks_are_ordered_and_tagged():
@@ -37,7 +39,9 @@ def test_dependencies_come_first():
 def test_code_cells_stay_short():
     for nb_path in notebooks.list_notebooks():
         for src in _code(nbformat.read(nb_path, as_version=4)):
-            assert src.count("\n") + 1 <= 32, f"{nb_path.name}: a code cell of {src.count(chr(10)) + 1} lines:\n{src[:200]}"
+            assert src.count("\n") + 1 <= 32, (
+                f"{nb_path.name}: a code cell of {src.count(chr(10)) + 1} lines:\n{src[:200]}"
+            )
 
 
 def test_committed_smoke_copies_are_in_step_with_the_notebooks():
@@ -46,8 +50,9 @@ def test_committed_smoke_copies_are_in_step_with_the_notebooks():
         smoke = paths.executed_dir("smoke") / nb_path.name
         assert smoke.exists(), f"no smoke copy of {nb_path.name}: run turbosparse-notebooks --preset smoke"
         ours, theirs = nbformat.read(nb_path, as_version=4), nbformat.read(smoke, as_version=4)
-        assert _code(ours) == _code(theirs), (f"{smoke.name} is stale: rerun "
-                                              f"turbosparse-notebooks --preset smoke --only {nb_path.name[:2]}")
+        assert _code(ours) == _code(theirs), (
+            f"{smoke.name} is stale: rerun turbosparse-notebooks --preset smoke --only {nb_path.name[:2]}"
+        )
         assert theirs.metadata["papermill"]["parameters"]["preset"] == "smoke"
 
 
@@ -87,11 +92,14 @@ def test_failing_notebook_is_reported_and_leaves_previous_results(tmp_path, monk
     old = paths.results_dir("smoke") / "table.csv"
     old.parent.mkdir(parents=True)
     old.write_text("old\n")
-    _notebook(tmp_path, "98_fail.ipynb",
-              "from turbosparse_lib.runner.outputs import NotebookOutputs\nout = NotebookOutputs(preset, '98')",
-              "(out.results / 'table.csv').write_text('new, half-made\\n')",
-              "raise ValueError('boom in cell')",
-              "out.commit()")
+    _notebook(
+        tmp_path,
+        "98_fail.ipynb",
+        "from turbosparse_lib.runner.outputs import NotebookOutputs\nout = NotebookOutputs(preset, '98')",
+        "(out.results / 'table.csv').write_text('new, half-made\\n')",
+        "raise ValueError('boom in cell')",
+        "out.commit()",
+    )
     with pytest.raises(RuntimeError, match="(?s)98_fail.ipynb failed at preset 'smoke'.*boom in cell"):
         notebooks.run_notebooks("smoke", build_data=False)
     assert sorted(p.name for p in paths.executed_dir("smoke").iterdir()) == ["98_fail.failed.ipynb"]
@@ -100,11 +108,14 @@ def test_failing_notebook_is_reported_and_leaves_previous_results(tmp_path, monk
 
 def test_a_notebook_run_commits_its_results_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOSPARSE_ROOT", str(tmp_path))
-    _notebook(tmp_path, "97_ok.ipynb",
-              "from turbosparse_lib.runner.outputs import NotebookOutputs\nout = NotebookOutputs(preset, '97')",
-              "(out.results / 'a.csv').write_text('1\\n'); (out.figures / 'a.png').write_bytes(b'png')",
-              "import pathlib; assert not (out.final_results / 'a.csv').exists()  # nothing before the commit",
-              "out.commit()")
+    _notebook(
+        tmp_path,
+        "97_ok.ipynb",
+        "from turbosparse_lib.runner.outputs import NotebookOutputs\nout = NotebookOutputs(preset, '97')",
+        "(out.results / 'a.csv').write_text('1\\n'); (out.figures / 'a.png').write_bytes(b'png')",
+        "import pathlib; assert not (out.final_results / 'a.csv').exists()  # nothing before the commit",
+        "out.commit()",
+    )
     (done,) = notebooks.run_notebooks("smoke", build_data=False)
     assert done == paths.executed_dir("smoke") / "97_ok.ipynb"
     assert json.loads(done.read_text())["metadata"]["papermill"]["parameters"]["preset"] == "smoke"
@@ -129,8 +140,13 @@ def test_committed_cpu_results_come_from_committed_cpu_runs():
         meta = nbformat.read(nb_path, as_version=4).metadata.get("papermill", {})
         if meta.get("parameters", {}).get("preset") == "cpu":
             ran.add(nb_path.name[:2])
-    files = subprocess.run(["git", "ls-files", "data/results/cpu", "figures/cpu"], cwd=paths.repo_root(),
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "data/results/cpu", "figures/cpu"],
+        cwd=paths.repo_root(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     owner = {"data_summary.csv": "00", "mixture_report.csv": "00"}
     for f in files:
         name = f.rsplit("/", 1)[-1]
@@ -141,7 +157,10 @@ def test_committed_cpu_results_come_from_committed_cpu_runs():
 def test_leftovers_of_a_killed_run_are_cleared(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOSPARSE_ROOT", str(tmp_path))
     running = paths.executed_dir("smoke") / ".05_relufication.running.ipynb"
-    staged = [paths.results_dir("smoke") / ".staging-05" / "a.csv", paths.figures_dir("smoke") / ".staging-07" / "b.png"]
+    staged = [
+        paths.results_dir("smoke") / ".staging-05" / "a.csv",
+        paths.figures_dir("smoke") / ".staging-07" / "b.png",
+    ]
     kept = paths.results_dir("smoke") / "05_table.csv"
     for f in (running, *staged, kept):
         f.parent.mkdir(parents=True, exist_ok=True)

@@ -6,16 +6,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turbosparse_lib.models.architecture import build_model
 from turbosparse_lib.eval.perplexity import perplexity, progress_enabled, windows
+from turbosparse_lib.models.architecture import build_model
 
 VOCAB = 64
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                       vocab_size=VOCAB, context_length=64, seed=0).eval()
+    return build_model(
+        "drelu",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        context_length=64,
+        seed=0,
+    ).eval()
 
 
 @pytest.fixture(scope="module")

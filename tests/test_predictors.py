@@ -13,8 +13,16 @@ from turbosparse_lib.predictors.train import PredictorTraining, train_predictors
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=64,
-                       context_length=64, seed=0).eval()
+    return build_model(
+        "drelu",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=64,
+        context_length=64,
+        seed=0,
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,9 @@ def test_capture_is_resumable_and_labels_are_the_exact_zeros(tiny, ids, tmp_path
     x2, y2 = D.load_layer(tmp_path, 1)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     with pytest.raises(ValueError, match="another configuration"):
-        D.capture(tiny, ids, tmp_path, D.CaptureConfig(source=source, label="topk", tokens_per_shard=512, context_length=64))
+        D.capture(
+            tiny, ids, tmp_path, D.CaptureConfig(source=source, label="topk", tokens_per_shard=512, context_length=64)
+        )
 
 
 def test_topk_labels_keep_exactly_k():
@@ -75,7 +85,9 @@ def test_predictors_train_save_load_and_mask(tiny, ids, tmp_path):
     prov = PredictorMaskProvider(ps, threshold=1e-9)
     assert len(prov(0, np.random.default_rng(0).standard_normal(32).astype(np.float32))) == 64
     prompt = ids[:8].numpy()
-    np.testing.assert_array_equal(engine.generate(prompt, 6, sparse=True, mask_provider=prov), engine.generate(prompt, 6))
+    np.testing.assert_array_equal(
+        engine.generate(prompt, 6, sparse=True, mask_provider=prov), engine.generate(prompt, 6)
+    )
     # the benchmark runs: predictors in the engine's format, their bytes counted in bytes per token
     from turbosparse_lib.bench import decoding
     from turbosparse_lib.bench.bytes_model import ModelShape
@@ -84,8 +96,15 @@ def test_predictors_train_save_load_and_mask(tiny, ids, tmp_path):
     assert len(runs) == len(legend) == 2 * 4 and runs[keys[("q8_0", "predicted", 0.5)]].provider.fmt == "q8_0"
     speed, tokens = decoding.bench_decoding(runs, prompt, 4, 1)
     assert np.array_equal(tokens[keys[("q8_0", "predicted", 1e-9)]], tokens[keys[("q8_0", "dense", None)]])
-    limits = decoding.decoding_limits(ModelShape.of_engine(engine, "tiny"), runs, speed, len(prompt), 4, 10.0,
-                                      {p: keys[(p, "dense", None)] for p in ("f32", "q8_0")})
+    limits = decoding.decoding_limits(
+        ModelShape.of_engine(engine, "tiny"),
+        runs,
+        speed,
+        len(prompt),
+        4,
+        10.0,
+        {p: keys[(p, "dense", None)] for p in ("f32", "q8_0")},
+    )
     pred, exact = limits.loc[keys[("q8_0", "predicted", 1e-9)]], limits.loc[keys[("q8_0", "exact", None)]]
     prov_mb = runs[keys[("q8_0", "predicted", 1e-9)]].provider.nbytes / 1e6
     assert prov_mb > 0 and pred.MB_per_token > exact.MB_per_token + prov_mb * 0.99

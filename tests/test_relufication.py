@@ -3,8 +3,8 @@
 import copy
 import json
 
-import numpy as np
 import fault_injection
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -15,9 +15,18 @@ from turbosparse_lib.train import relufication as R
 
 def _tiny(seed=0, vocab=8192):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=True,
-                      bos_token_id=None, eos_token_id=None)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -126,16 +135,22 @@ def test_killed_relufication_resumes_to_the_same_weights(tiny_base, tmp_path):
 def test_recovery_at_equal_time_leaves_a_run_that_has_not_started_without_a_value():
     import pandas as pd
 
-    curves = pd.DataFrame({
-        "recipe": ["a", "a", "a", "b", "b"],
-        "wall_seconds": [0.0, 100.0, 200.0, 300.0, 500.0],  # b's warm start ends after a's last point
-        "heldout_ppl": [1000.0, 100.0, 10.0, 50.0, 5.0],
-    })  # fmt: skip
+    curves = pd.DataFrame(
+        {
+            "recipe": ["a", "a", "a", "b", "b"],
+            "wall_seconds": [0.0, 100.0, 200.0, 300.0, 500.0],  # b's warm start ends after a's last point
+            "heldout_ppl": [1000.0, 100.0, 10.0, 50.0, 5.0],
+        }
+    )
     t, r = R.recovery_at_equal_time(curves)
     assert t == 200.0
     assert r.loc["a", "ppl_at_t"] == pytest.approx(10.0)
     assert np.isnan(r.loc["b", "ppl_at_t"])  # not its first value carried back to t
-    assert r.loc["b", "best_ppl"] == pytest.approx(5.0) and r.loc["b", "best_s"] == 500.0 and r.loc["b", "first_s"] == 300.0
+    assert (
+        r.loc["b", "best_ppl"] == pytest.approx(5.0)
+        and r.loc["b", "best_s"] == 500.0
+        and r.loc["b", "first_s"] == 300.0
+    )
     t, r = R.recovery_at_equal_time(curves.assign(wall_seconds=[0.0, 100.0, 200.0, 0.0, 400.0]))
     assert r.loc["b", "ppl_at_t"] == pytest.approx(np.exp(np.interp(200, [0, 400], np.log([50, 5]))))
 
@@ -148,7 +163,9 @@ def test_default_recipe_trains_the_mlps_only_and_records_what_it_reached(tiny_ba
 
     assert R.DEFAULT_RECIPE == "lstsq+hidden" and R.RECIPES[R.DEFAULT_RECIPE].trainable == "mlp"
     out = tmp_path / "run"
-    d, s = R.relufy("smoke", "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours", progress=False)
+    d, s = R.relufy(
+        "smoke", "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours", progress=False
+    )
     before, after = load_file(str(tiny_base / "model.safetensors")), load_file(str(d / "model.safetensors"))
     for k in before:
         if "mlp" not in k:
@@ -160,8 +177,15 @@ def test_default_recipe_trains_the_mlps_only_and_records_what_it_reached(tiny_ba
     curve = R.recovery_curve(d)
     assert rec["quality"]["heldout_ppl"] == pytest.approx(curve.heldout_ppl.iloc[-1])
     with pytest.raises(ValueError, match="another config"):
-        R.relufy("smoke", "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours",
-                 total_tokens=2 * s["tokens_seen"])
+        R.relufy(
+            "smoke",
+            "drelu",
+            R.DEFAULT_RECIPE,
+            base=str(tiny_base),
+            run_dir=out,
+            tokenizer="ours",
+            total_tokens=2 * s["tokens_seen"],
+        )
     assert R.main(["--preset", "smoke", "--base", str(tiny_base), "--out", str(out), "--total-tokens", "4096"]) == 2
 
 

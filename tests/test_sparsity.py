@@ -183,8 +183,15 @@ def test_native_transformers_mlp_gives_the_same_statistics_as_gated_mlp():
     from turbosparse_lib.models.swap import apply_variant
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=H, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      vocab_size=32, bos_token_id=None, eos_token_id=None)
+    cfg = LlamaConfig(
+        hidden_size=H,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=32,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 32, (2, 5))
     frames = []
@@ -200,13 +207,20 @@ def test_native_transformers_mlp_gives_the_same_statistics_as_gated_mlp():
 def test_activation_stats_and_topk_sweep_over_a_stream():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from turbosparse_lib.models.swap import apply_variant
     from turbosparse_lib.eval.sweeps import topk_sweep
+    from turbosparse_lib.models.swap import apply_variant
     from turbosparse_lib.sparsity.instruments import activation_stats
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=64,
+    )
     model = apply_variant(LlamaForCausalLM(cfg), "drelu")
     ids = torch.randint(0, 50, (70,))
     rec = activation_stats(model, ids, context_length=16, batch_size=3)

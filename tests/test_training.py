@@ -54,7 +54,13 @@ def test_bad_configs_are_refused():
 
 def test_paper_preset_is_table_12():
     cfg = train_config("paper", "drelu")
-    assert (cfg.batch_size, cfg.context_length, cfg.lr, cfg.warmup_steps, cfg.weight_decay) == (128, 2048, 1e-4, 2000, 0.01)
+    assert (cfg.batch_size, cfg.context_length, cfg.lr, cfg.warmup_steps, cfg.weight_decay) == (
+        128,
+        2048,
+        1e-4,
+        2000,
+        0.01,
+    )
     assert (cfg.beta1, cfg.beta2) == (0.9, 0.95)
 
 
@@ -137,8 +143,11 @@ def test_random_kills_end_in_the_uninterrupted_weights_with_nothing_left_behind(
         if kind == "step":
             fault = {"kill_at_step": rng.randrange(done + 1, cfg.steps)}
         elif kind == "write":  # the checkpoints still to come (model and optimiser each) and the final weights
-            fault = {"kill_in_write": rng.randrange(1, 2 * ((cfg.steps - 1) // cfg.checkpoint_every - done
-                                                            // cfg.checkpoint_every) + 2)}
+            fault = {
+                "kill_in_write": rng.randrange(
+                    1, 2 * ((cfg.steps - 1) // cfg.checkpoint_every - done // cfg.checkpoint_every) + 2
+                )
+            }
         else:
             fault = {"kill_after_s": rng.uniform(0.1, 0.4) * run_s}
         r = _run(base + ["--out", str(faulty)], **fault)
@@ -213,9 +222,25 @@ def test_ddp_two_processes_match_one(tmp_path, built_data):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _run(base + ["--out", str(one)]).returncode == 0
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "turbosparse_lib.train.loop", *base, "--out", str(two)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "turbosparse_lib.train.loop",
+            *base,
+            "--out",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _summary(one), _summary(two)
     assert b["processes"] == 2
@@ -226,7 +251,13 @@ def test_ddp_two_processes_match_one(tmp_path, built_data):
 def test_bad_arguments_create_nothing(tmp_path):
     out = tmp_path / "run"
     (tmp_path / "a-file").write_text("x")
-    for bad in (["--variant", "foo"], ["--preset", "huge"], ["--precision", "fp8"], ["--threads", "0"], ["--seed", "-1"]):
+    for bad in (
+        ["--variant", "foo"],
+        ["--preset", "huge"],
+        ["--precision", "fp8"],
+        ["--threads", "0"],
+        ["--seed", "-1"],
+    ):
         r = _run(["--out", str(out), *bad])
         assert r.returncode == 2, (bad, r.stderr[-500:])
         assert not out.exists(), f"{bad} created {out}"
@@ -262,8 +293,10 @@ def test_l1_penalty_is_the_mean_absolute_combined_activation():
     model = build_model("drelu", preset="smoke", seed=0)
     x = torch.randint(0, 100, (2, 16))
     seen = []
-    hooks = [m.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].abs().mean().item()))
-             for m in mlp_modules(model)]
+    hooks = [
+        m.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].abs().mean().item()))
+        for m in mlp_modules(model)
+    ]
     cfg = train_config("smoke", "drelu", 0)
     base = _loss(model, None, x, cfg, "fp32").item()
     for h in hooks:

@@ -49,8 +49,9 @@ def tokenizer(built_data):
 def tiny_model():
     from turbosparse_lib.models.architecture import build_model
 
-    return build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                       context_length=256, seed=0).eval()
+    return build_model(
+        "drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, context_length=256, seed=0
+    ).eval()
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -108,12 +109,19 @@ def test_continuation_holds_the_true_ending_once(documents, tasks):
 def test_sentence_splitting_keeps_abbreviations_whole():
     line = 'Dr. J. Smith moved to the U.S. Army in 1950. He left! "Why?" she asked. Then 3 more came.'
     sentences = [line[a:b] for a, b in zeroshot.split_sentences(line)]
-    assert sentences == ["Dr. J. Smith moved to the U.S. Army in 1950.", "He left!", '"Why?" she asked.', "Then 3 more came."]
+    assert sentences == [
+        "Dr. J. Smith moved to the U.S. Army in 1950.",
+        "He left!",
+        '"Why?" she asked.',
+        "Then 3 more came.",
+    ]
 
 
 def test_headings_end_sections():
-    text = ("One two three four five six seven eight. Nine ten eleven twelve thirteen.\nA heading.\n"
-            "Fourteen fifteen sixteen seventeen eighteen nineteen twenty twentyone.")
+    text = (
+        "One two three four five six seven eight. Nine ten eleven twelve thirteen.\nA heading.\n"
+        "Fourteen fifteen sixteen seventeen eighteen nineteen twenty twentyone."
+    )
     secs = zeroshot.sections(text)
     assert [[text[a:b] for a, b in s] for s in secs] == [
         ["One two three four five six seven eight.", "Nine ten eleven twelve thirteen."],
@@ -136,13 +144,15 @@ def test_clear_errors(documents, tiny_model, tokenizer):
 def test_binomial_stderr_and_summary():
     assert binomial_stderr(0.5, 100) == pytest.approx(0.05)
     assert binomial_stderr(0.0, 10) == 0.0 and binomial_stderr(1.0, 10) == 0.0
-    pred = pd.DataFrame(dict(
-        task=["lastword"] * 4 + ["continuation"] * 5,
-        acc=[1, 0, 0, 0] + [1, 1, 0, 1, 0],
-        acc_norm=[math.nan] * 4 + [1, 1, 1, 1, 0],
-        target_loglik=[-1, -2, -3, -4] + [-10] * 5,
-        chance=[0.0] * 4 + [0.25] * 5,
-    ))
+    pred = pd.DataFrame(
+        dict(
+            task=["lastword"] * 4 + ["continuation"] * 5,
+            acc=[1, 0, 0, 0] + [1, 1, 0, 1, 0],
+            acc_norm=[math.nan] * 4 + [1, 1, 1, 1, 0],
+            target_loglik=[-1, -2, -3, -4] + [-10] * 5,
+            chance=[0.0] * 4 + [0.25] * 5,
+        )
+    )
     s = summarise(pred).set_index(["task", "metric"])
     assert list(s.index) == [("lastword", "acc"), ("continuation", "acc"), ("continuation", "acc_norm")]
     assert s.loc[("lastword", "acc"), "accuracy"] == 0.25 and s.loc[("lastword", "acc"), "n"] == 4
@@ -158,8 +168,10 @@ def test_binomial_stderr_and_summary():
 
 def test_loglikelihood_matches_one_unpadded_forward(tiny_model):
     torch.manual_seed(0)
-    requests = [(torch.randint(0, 8192, (n,)).tolist(), torch.randint(0, 8192, (c,)).tolist())
-                for n, c in [(7, 1), (30, 3), (12, 2), (3, 5)]]
+    requests = [
+        (torch.randint(0, 8192, (n,)).tolist(), torch.randint(0, 8192, (c,)).tolist())
+        for n, c in [(7, 1), (30, 3), (12, 2), (3, 5)]
+    ]
     reference = []
     for context, continuation in requests:
         full = torch.tensor(context + continuation)
@@ -167,8 +179,7 @@ def test_loglikelihood_matches_one_unpadded_forward(tiny_model):
             logp = torch.log_softmax(tiny_model(full[None, :-1]).logits[0].double(), -1)  # (T, V)
         scored = logp[-len(continuation) :]
         target = torch.tensor(continuation)
-        reference.append((scored.gather(-1, target[:, None]).sum().item(),
-                          bool((scored.argmax(-1) == target).all())))
+        reference.append((scored.gather(-1, target[:, None]).sum().item(), bool((scored.argmax(-1) == target).all())))
     for batch_size in (1, 3):  # padding and batch composition do not change a request's score
         got = loglikelihoods(tiny_model, requests, batch_size=batch_size, progress=False)
         for (ll, greedy), (ref_ll, ref_greedy) in zip(got, reference):
@@ -208,8 +219,10 @@ def test_a_model_that_knows_the_answer_scores_it(tokenizer):
     context = "The animal in the yard barked at the postman. It was a"
     tasks = {
         "lastword": [LastWordExample("a", context, "dog"), LastWordExample("b", context, "cat")],
-        "continuation": [ContinuationExample("c", context, ("small cat.", "dog", "long sentence about nothing."), 1),
-                         ContinuationExample("d", context, ("dog", "cat"), 1)],
+        "continuation": [
+            ContinuationExample("c", context, ("small cat.", "dog", "long sentence about nothing."), 1),
+            ContinuationExample("d", context, ("dog", "cat"), 1),
+        ],
     }
     pred = predict(model, tokenizer, tasks, progress=False)
     assert pred["acc"].tolist() == [1.0, 0.0, 1.0, 0.0]
@@ -223,8 +236,11 @@ def test_random_model_on_real_tasks(tiny_model, tokenizer, tasks):
     tasks = {name: examples[:n] for name, examples in tasks.items()}
     table = evaluate(tiny_model, tokenizer, tasks, batch_size=16, max_length=128, progress=False)
     assert list(table.columns) == ["task", "metric", "accuracy", "stderr", "n", "chance", "mean_loglik"]
-    assert table[["task", "metric"]].values.tolist() == [["lastword", "acc"], ["continuation", "acc"],
-                                                          ["continuation", "acc_norm"]]
+    assert table[["task", "metric"]].values.tolist() == [
+        ["lastword", "acc"],
+        ["continuation", "acc"],
+        ["continuation", "acc_norm"],
+    ]
     assert (table["n"] == n).all() and table["accuracy"].between(0, 1).all()
     assert table["chance"].tolist() == [0.0, 0.25, 0.25]
     assert (table["mean_loglik"] < 0).all()

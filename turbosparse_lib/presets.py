@@ -21,7 +21,7 @@ at a few thousand tokens/s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from .models.architecture import ModelConfig, MoEConfig
 
@@ -160,21 +160,64 @@ PRESETS: dict[str, Preset] = {
         notebook_timeout_s=600,
         data=DataSection(mixture_tokens=200_000),
         model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176, context_length=256),
-        train=TrainSection(total_tokens=32 * 4 * 128, batch_size=4, micro_batch_size=2, context_length=128, lr=3e-3,
-                           warmup_steps=4, precision="fp32", eval_every=16, eval_sequences=4, checkpoint_every=8,
-                           log_every=2),
+        train=TrainSection(
+            total_tokens=32 * 4 * 128,
+            batch_size=4,
+            micro_batch_size=2,
+            context_length=128,
+            lr=3e-3,
+            warmup_steps=4,
+            precision="fp32",
+            eval_every=16,
+            eval_sequences=4,
+            checkpoint_every=8,
+            log_every=2,
+        ),
         moe=MoEConfig(num_experts=4, experts_per_token=2, expert_intermediate_size=88),
-        relufy=RelufySection(total_tokens=4 * 2 * 64, batch_size=2, micro_batch_size=2, context_length=64, lr=1e-4,
-                             min_lr_ratio=0.1, warmup_steps=1, fit_tokens=256, eval_every=2, curve_eval_tokens=512,
-                             checkpoint_every=2, compare_tokens=2 * 2 * 64, final_eval_tokens=512, tolerance_tokens=256,
-                             base="scratch-swiglu", precision="fp32", sparsity_recipes=("lstsq+hidden+l1",)),
+        relufy=RelufySection(
+            total_tokens=4 * 2 * 64,
+            batch_size=2,
+            micro_batch_size=2,
+            context_length=64,
+            lr=1e-4,
+            min_lr_ratio=0.1,
+            warmup_steps=1,
+            fit_tokens=256,
+            eval_every=2,
+            curve_eval_tokens=512,
+            checkpoint_every=2,
+            compare_tokens=2 * 2 * 64,
+            final_eval_tokens=512,
+            tolerance_tokens=256,
+            base="scratch-swiglu",
+            precision="fp32",
+            sparsity_recipes=("lstsq+hidden+l1",),
+        ),
         # seconds in CI: notebook 02's tiny model, not SmolLM2
         predict=PredictSection(capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5)),
-        eval=EvalSection(eval_tokens=1024, quick_eval_tokens=512, stats_tokens=256, context_length=256, topk_sparsities=(0.0, 0.5, 0.9),
-                         zeroshot_examples=40, bootstrap_samples=200),
-        bench=BenchSection(bandwidth_mb=128, repeats=3, gemv_shapes=_SMOL_GEMV, ffn_shapes=(("SmolLM2-135M", 576, 1536, 30),),
-                           ffn_memory_mb=64, stats_tokens=256, stats_context=256, prompt_tokens=8, new_tokens=5,
-                           decode_repeats=2, quality_tokens=64, quality_chunk=32),
+        eval=EvalSection(
+            eval_tokens=1024,
+            quick_eval_tokens=512,
+            stats_tokens=256,
+            context_length=256,
+            topk_sparsities=(0.0, 0.5, 0.9),
+            zeroshot_examples=40,
+            bootstrap_samples=200,
+        ),
+        bench=BenchSection(
+            bandwidth_mb=128,
+            repeats=3,
+            gemv_shapes=_SMOL_GEMV,
+            ffn_shapes=(("SmolLM2-135M", 576, 1536, 30),),
+            ffn_memory_mb=64,
+            stats_tokens=256,
+            stats_context=256,
+            prompt_tokens=8,
+            new_tokens=5,
+            decode_repeats=2,
+            quality_tokens=64,
+            quality_chunk=32,
+        ),
     ),
     "cpu": Preset(
         name="cpu",
@@ -185,9 +228,19 @@ PRESETS: dict[str, Preset] = {
         model=ModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, context_length=512),
         # a 10x higher peak learning rate than the paper's: models of a few million parameters trained for a few
         # hundred steps need it (the usual scaling of lr with 1/width); both variants get the same
-        train=TrainSection(total_tokens=1_500_000, batch_size=8, micro_batch_size=8, context_length=512, lr=1e-3,
-                           warmup_steps=30, precision="auto", eval_every=100, eval_sequences=16, checkpoint_every=100,
-                           log_every=10),
+        train=TrainSection(
+            total_tokens=1_500_000,
+            batch_size=8,
+            micro_batch_size=8,
+            context_length=512,
+            lr=1e-3,
+            warmup_steps=30,
+            precision="auto",
+            eval_every=100,
+            eval_sequences=16,
+            checkpoint_every=100,
+            log_every=10,
+        ),
         # Mixtral's routing, top-2 of 8, each expert half the dense width: a token reaches 704 neurons per layer
         moe=MoEConfig(num_experts=8, experts_per_token=2, expert_intermediate_size=352),
         # sized from measured speeds on 2 cores: distillation of logits and hidden states with the MLPs trained runs
@@ -197,17 +250,47 @@ PRESETS: dict[str, Preset] = {
         # and the progressive-L1 recipe is compared with the default at the same tokens; the recipes of the old
         # comparison get 16k tokens each (curves read at equal minutes). One held-out set (the first 8k tokens)
         # serves the curves and the tables.
-        relufy=RelufySection(total_tokens=122_880, batch_size=2, micro_batch_size=2, context_length=256, lr=3e-4,
-                             min_lr_ratio=0.1, warmup_steps=10, fit_tokens=16_384, eval_every=40,
-                             curve_eval_tokens=8192, checkpoint_every=60, compare_tokens=16_384,
-                             final_eval_tokens=8192, tolerance_tokens=4096, precision="fp32",
-                             sparsity_recipes=("lstsq+hidden+l1",)),
+        relufy=RelufySection(
+            total_tokens=122_880,
+            batch_size=2,
+            micro_batch_size=2,
+            context_length=256,
+            lr=3e-4,
+            min_lr_ratio=0.1,
+            warmup_steps=10,
+            fit_tokens=16_384,
+            eval_every=40,
+            curve_eval_tokens=8192,
+            checkpoint_every=60,
+            compare_tokens=16_384,
+            final_eval_tokens=8192,
+            tolerance_tokens=4096,
+            precision="fp32",
+            sparsity_recipes=("lstsq+hidden+l1",),
+        ),
         predict=PredictSection(capture_tokens=32_768, tokens_per_shard=4096, rank=128, epochs=8),
-        eval=EvalSection(eval_tokens=65_536, quick_eval_tokens=8192, stats_tokens=4_096, context_length=512,
-                         topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95), zeroshot_examples=300, bootstrap_samples=1000),
-        bench=BenchSection(bandwidth_mb=512, repeats=15, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
-                           stats_tokens=4096, stats_context=512, prompt_tokens=32, new_tokens=65, decode_repeats=7,
-                           max_load=0.35, load_wait_s=600),
+        eval=EvalSection(
+            eval_tokens=65_536,
+            quick_eval_tokens=8192,
+            stats_tokens=4_096,
+            context_length=512,
+            topk_fine=(0.3, 0.6, 0.7, 0.75, 0.95),
+            zeroshot_examples=300,
+            bootstrap_samples=1000,
+        ),
+        bench=BenchSection(
+            bandwidth_mb=512,
+            repeats=15,
+            gemv_shapes=_BIG_GEMV,
+            ffn_shapes=_BIG_FFN,
+            stats_tokens=4096,
+            stats_context=512,
+            prompt_tokens=32,
+            new_tokens=65,
+            decode_repeats=7,
+            max_load=0.35,
+            load_wait_s=600,
+        ),
     ),
     "gpu": None,  # filled below from "cpu"
     "paper": Preset(
@@ -217,39 +300,91 @@ PRESETS: dict[str, Preset] = {
         notebook_timeout_s=48 * 3600,
         data=DataSection(mixture_tokens=50_000_000),
         # table 11; the paper gives no intermediate size, so it is Llama's 8/3 * hidden rounded up to 256
-        model=ModelConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2816, vocab_size=32000,
-                          context_length=2048),
-        train=TrainSection(total_tokens=5_000_000_000, batch_size=128, micro_batch_size=8, context_length=2048,
-                           lr=1e-4, warmup_steps=2000, precision="bf16", eval_every=1000, eval_sequences=64,
-                           checkpoint_every=500, log_every=10),
+        model=ModelConfig(
+            hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2816, vocab_size=32000, context_length=2048
+        ),
+        train=TrainSection(
+            total_tokens=5_000_000_000,
+            batch_size=128,
+            micro_batch_size=8,
+            context_length=2048,
+            lr=1e-4,
+            warmup_steps=2000,
+            precision="bf16",
+            eval_every=1000,
+            eval_sequences=64,
+            checkpoint_every=500,
+            log_every=10,
+        ),
         moe=MoEConfig(num_experts=8, experts_per_token=2, expert_intermediate_size=1408),
         # table 5: 150B tokens in batches of 2048 x 4096, lr 5e-5 -> 5e-6, 1000 warm-up steps (64 A800 GPUs); our
         # offline corpus has 5M tokens, so the tokens are the user's (train.loop.train(..., sequences=...))
-        relufy=RelufySection(total_tokens=150_000_000_000, batch_size=2048, micro_batch_size=8, context_length=4096,
-                             lr=5e-5, min_lr_ratio=0.1, warmup_steps=1000, fit_tokens=262_144, eval_every=500,
-                             curve_eval_tokens=65_536, checkpoint_every=250),
+        relufy=RelufySection(
+            total_tokens=150_000_000_000,
+            batch_size=2048,
+            micro_batch_size=8,
+            context_length=4096,
+            lr=5e-5,
+            min_lr_ratio=0.1,
+            warmup_steps=1000,
+            fit_tokens=262_144,
+            eval_every=500,
+            curve_eval_tokens=65_536,
+            checkpoint_every=250,
+        ),
         # 65k tokens of a 7B model: 32 layers x (4096 fp16 inputs + 14336 label bits) per token, about 21 GB on disk
         predict=PredictSection(capture_tokens=65_536, tokens_per_shard=8192, rank=256, epochs=8),
-        eval=EvalSection(eval_tokens=0, quick_eval_tokens=65_536, stats_tokens=65_536, context_length=2048,
-                         topk_fine=tuple(round(0.05 * i, 2) for i in range(1, 20)
-                                         if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)),
-                         zeroshot_examples=1000, bootstrap_samples=2000),
-        bench=BenchSection(bandwidth_mb=1024, repeats=31, gemv_shapes=_BIG_GEMV, ffn_shapes=_BIG_FFN,
-                           stats_tokens=16384, stats_context=1024, prompt_tokens=64, new_tokens=129, decode_repeats=7,
-                           max_load=0.35, load_wait_s=1800),
+        eval=EvalSection(
+            eval_tokens=0,
+            quick_eval_tokens=65_536,
+            stats_tokens=65_536,
+            context_length=2048,
+            topk_fine=tuple(
+                round(0.05 * i, 2) for i in range(1, 20) if round(0.05 * i, 2) not in (0.5, 0.8, 0.85, 0.9)
+            ),
+            zeroshot_examples=1000,
+            bootstrap_samples=2000,
+        ),
+        bench=BenchSection(
+            bandwidth_mb=1024,
+            repeats=31,
+            gemv_shapes=_BIG_GEMV,
+            ffn_shapes=_BIG_FFN,
+            stats_tokens=16384,
+            stats_context=1024,
+            prompt_tokens=64,
+            new_tokens=129,
+            decode_repeats=7,
+            max_load=0.35,
+            load_wait_s=1800,
+        ),
     ),
-}  # fmt: skip
+}
 # One GPU hour aimed at full recovery (x1.1 of the original): the default recipe costs about 4 x the forward pass of
 # a 135M model per token (student forward and backward, teacher forward), ~1.1 GFLOP per token; at a conservative
 # 50k tokens/s on one H100/H200-class GPU in bf16 (an estimate: no GPU was at hand to measure it), 150M tokens take
 # about 50 minutes. 150M tokens is ~1,200x the cpu budget and 1/1000 of the paper's.
 PRESETS["gpu"] = replace(
-    PRESETS["cpu"], name="gpu", threads=None,
+    PRESETS["cpu"],
+    name="gpu",
+    threads=None,
     description="one GPU: the cpu sizes, ReLUfication for about one GPU hour (150M tokens, 1024-token context)",
-    relufy=replace(PRESETS["cpu"].relufy, total_tokens=150_000_000, batch_size=64, micro_batch_size=16,
-                   context_length=1024, lr=3e-4, warmup_steps=100, fit_tokens=65_536, eval_every=100,
-                   curve_eval_tokens=65_536, final_eval_tokens=65_536, compare_tokens=10_000_000,
-                   checkpoint_every=200, precision="auto"),
+    relufy=replace(
+        PRESETS["cpu"].relufy,
+        total_tokens=150_000_000,
+        batch_size=64,
+        micro_batch_size=16,
+        context_length=1024,
+        lr=3e-4,
+        warmup_steps=100,
+        fit_tokens=65_536,
+        eval_every=100,
+        curve_eval_tokens=65_536,
+        final_eval_tokens=65_536,
+        compare_tokens=10_000_000,
+        checkpoint_every=200,
+        precision="auto",
+    ),
 )
 
 

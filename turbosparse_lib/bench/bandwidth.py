@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .timing import stream_sum, median, time_round_robin
+from .timing import median, stream_sum, time_round_robin
 
 
 def measure_bandwidth(size_mb: float = 256, repeats: int = 7) -> dict:

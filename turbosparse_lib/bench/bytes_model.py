@@ -30,10 +30,19 @@ class ModelShape:
     experts_per_token: int = 1
 
     @classmethod
-    def of_engine(cls, engine, name: str = "model") -> "ModelShape":
+    def of_engine(cls, engine, name: str = "model") -> ModelShape:
         c = engine.config
-        return cls(name, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
-                   c.head_dim, c.vocab_size, tied=engine.weights.tied)  # fmt: skip
+        return cls(
+            name,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.vocab_size,
+            tied=engine.weights.tied,
+        )
 
     @property
     def attention_params(self) -> int:
@@ -89,8 +98,9 @@ def llama_cpp_precision(fmt: str) -> Precision:
     return replace(_BY_FORMAT[fmt], name=f"llama.cpp {fmt}", kv=2.0)
 
 
-def bytes_per_token(shape: ModelShape, ffn_active: float | None = None, context: float = 0.0,
-                    precision: Precision = FP32) -> dict[str, float]:
+def bytes_per_token(
+    shape: ModelShape, ffn_active: float | None = None, context: float = 0.0, precision: Precision = FP32
+) -> dict[str, float]:
     """Bytes read (and the KV row written) to decode one token at position ``context``.
 
     ``ffn_active=None`` is the dense path (all N neurons); a fraction runs the sparse path (bundled
@@ -139,15 +149,18 @@ def ffn_active_from_activated(shape: ModelShape, activated: float) -> float:
     return float(np.clip((activated - fixed) / (activated_params(shape, 1.0) - fixed), 0.0, 1.0))
 
 
-def measured_bytes_per_token(shape: ModelShape, profile: dict, context: float, precision: Precision,
-                             index_bytes: bool = True) -> dict[str, float]:
+def measured_bytes_per_token(
+    shape: ModelShape, profile: dict, context: float, precision: Precision, index_bytes: bool = True
+) -> dict[str, float]:
     """``bytes_per_token`` with the FFN bytes an engine profile counted: the gate, up and down rows its
     kernels read (``rows_gate``, ``rows_up``, ``rows_down``) and, with ``index_bytes``, 8 bytes per
     active neuron of a mask that was handed to the kernel (not for dense or the in-line oracle)."""
     n = profile["tokens"]
     rows = (profile["rows_gate"] + profile["rows_up"] + profile["rows_down"]) / n
     out = bytes_per_token(shape, None, context, precision)
-    out["ffn"] = rows * shape.hidden * precision.ffn + (shape.layers * 4 * shape.hidden if precision.ffn_out_scales else 0)
+    out["ffn"] = rows * shape.hidden * precision.ffn + (
+        shape.layers * 4 * shape.hidden if precision.ffn_out_scales else 0
+    )
     out["mask_indices"] = 8.0 * profile["active_neurons"] / n if index_bytes else 0.0
     out["total"] = sum(v for k, v in out.items() if k != "total")
     return out

@@ -107,10 +107,17 @@ def bench_decoding(runs: dict, prompt_ids, new_tokens: int, repeats: int) -> tup
             stable[name] &= bool(np.array_equal(toks, tokens[name]))
             secs[name].append(s)
     steps = new_tokens - 1
-    rows = [{
-        "run": name, "tokens_per_s": steps / median(v), "ms_per_token": 1e3 * median(v) / steps,
-        "spread_pct": 100 * (max(v) - min(v)) / median(v), "repeats": len(v), "same_tokens_each_run": stable[name],
-    } for name, v in secs.items()]  # fmt: skip
+    rows = [
+        {
+            "run": name,
+            "tokens_per_s": steps / median(v),
+            "ms_per_token": 1e3 * median(v) / steps,
+            "spread_pct": 100 * (max(v) - min(v)) / median(v),
+            "repeats": len(v),
+            "same_tokens_each_run": stable[name],
+        }
+        for name, v in secs.items()
+    ]
     return pd.DataFrame(rows).set_index("run"), tokens
 
 
@@ -132,8 +139,15 @@ def profile_table(runs: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("run")
 
 
-def decoding_limits(shape: ModelShape, runs: dict, speed: pd.DataFrame, prompt_tokens: int, new_tokens: int,
-                    bandwidth_gbs: float, baselines: dict[str, str]) -> pd.DataFrame:
+def decoding_limits(
+    shape: ModelShape,
+    runs: dict,
+    speed: pd.DataFrame,
+    prompt_tokens: int,
+    new_tokens: int,
+    bandwidth_gbs: float,
+    baselines: dict[str, str],
+) -> pd.DataFrame:
     """Per run: bytes per token, achieved GB/s and its fraction of ``bandwidth_gbs``, the GB/s of the FFN
     kernels alone (from the profile; NaN for llama.cpp); and against ``baselines[precision]`` (the dense
     run of ours at the same precision) the measured ``speedup``, the ``byte_limit`` (baseline bytes / own
@@ -151,18 +165,26 @@ def decoding_limits(shape: ModelShape, runs: dict, speed: pd.DataFrame, prompt_t
     for name, run in runs.items():
         fmt, masks = run.precision, getattr(run, "masks", None)
         if name in prof.index:
-            b = measured_bytes_per_token(shape, run.profile, context, engine_precision(fmt),
-                                         index_bytes=masks not in (None, "oracle"))  # fmt: skip
+            b = measured_bytes_per_token(
+                shape, run.profile, context, engine_precision(fmt), index_bytes=masks not in (None, "oracle")
+            )
         else:
             b = bytes_per_token(shape, None, context, llama_cpp_precision(fmt))
         # a provider's own weights (the predictors) are read every token: they count, as PowerInfer's do
         b["mask_provider"] = float(getattr(getattr(run, "provider", None), "nbytes", 0))
         b["total"] += b["mask_provider"]
         ffn_ms = float(prof.loc[name, "ffn"]) if name in prof.index else math.nan
-        rows.append({"run": name, "precision": fmt, "masks": masks or "dense",
-                     "ffn_active": float(prof.loc[name, "ffn_active"]) if name in prof.index else 1.0,
-                     "MB_per_token": b["total"] / 1e6, "tokens_per_s": speed.loc[name, "tokens_per_s"],
-                     "ffn_GBps": (b["ffn"] + b["mask_indices"]) / ffn_ms / 1e6})  # fmt: skip
+        rows.append(
+            {
+                "run": name,
+                "precision": fmt,
+                "masks": masks or "dense",
+                "ffn_active": float(prof.loc[name, "ffn_active"]) if name in prof.index else 1.0,
+                "MB_per_token": b["total"] / 1e6,
+                "tokens_per_s": speed.loc[name, "tokens_per_s"],
+                "ffn_GBps": (b["ffn"] + b["mask_indices"]) / ffn_ms / 1e6,
+            }
+        )
     df = pd.DataFrame(rows).set_index("run")
     df["GBps"] = df.MB_per_token * df.tokens_per_s / 1e3
     df["bw_frac"] = df.GBps / bandwidth_gbs
@@ -181,9 +203,15 @@ def scratch_drelu_dirs(preset: str, seeds=(0, 1)) -> list[Path]:
     return [d for s in seeds if ((d := paths.scratch_model_dir(preset, "drelu", s)) / "config.json").exists()]
 
 
-def decoding_runs(engine_swiglu: Engine, engine: Engine, model_label: str, topk_sparsity: float,
-                  llama: dict | None = None, precisions=("f32", "q8_0", "q4_0"),
-                  shipped_label: str = "SmolLM2 as shipped (SwiGLU)") -> tuple[dict, dict, pd.DataFrame]:
+def decoding_runs(
+    engine_swiglu: Engine,
+    engine: Engine,
+    model_label: str,
+    topk_sparsity: float,
+    llama: dict | None = None,
+    precisions=("f32", "q8_0", "q4_0"),
+    shipped_label: str = "SmolLM2 as shipped (SwiGLU)",
+) -> tuple[dict, dict, pd.DataFrame]:
     """The end-to-end configurations of notebook 06, each labelled with its model, precision and mask source.
 
     ``engine_swiglu``: the dense model as shipped (llama.cpp decodes the same); ``engine``: the sparse model
@@ -204,8 +232,15 @@ def decoding_runs(engine_swiglu: Engine, engine: Engine, model_label: str, topk_
             spec[(p, "topk")] = (f"{m} · sparse {p} · top-{topk_sparsity:.0%} replayed", engine, "topk")
     runs = {name: EngineRun(eng, key[0], masks, topk_sparsity) for key, (name, eng, masks) in spec.items()}
     keys = {key: v[0] for key, v in spec.items()}
-    legend = [{"run": name, "model": shipped_label if key[1] == "swiglu" else m, "precision": key[0],
-               "mask_source": MASK_SOURCES[masks]} for key, (name, _, masks) in spec.items()]
+    legend = [
+        {
+            "run": name,
+            "model": shipped_label if key[1] == "swiglu" else m,
+            "precision": key[0],
+            "mask_source": MASK_SOURCES[masks],
+        }
+        for key, (name, _, masks) in spec.items()
+    ]
     for p, run in llama.items():
         keys[(p, "llama")] = name = f"llama.cpp · {shipped_label} · dense {p}"
         runs[name] = run
@@ -224,19 +259,34 @@ def scratch_model_decoding(dirs: list[Path], prompt_ids, bench, bandwidth_gbs: f
         eng = Engine.from_transformers(load_model(d))
         mb = weights_mb(eng)
         if mb * 1e6 < 2 * llc_bytes:
-            out[d.name] = (f"{mb:.0f} MB of weights, within twice the {llc_bytes / 2**20:.0f} MB cache: not "
-                           "bandwidth-bound, so not timed end to end")
+            out[d.name] = (
+                f"{mb:.0f} MB of weights, within twice the {llc_bytes / 2**20:.0f} MB cache: not "
+                "bandwidth-bound, so not timed end to end"
+            )
             continue
         runs = {"dense f32": EngineRun(eng), "sparse f32 exact replayed": EngineRun(eng, masks="exact")}
         speed, _ = bench_decoding(runs, prompt_ids, bench.new_tokens, bench.decode_repeats)
-        out[d.name] = decoding_limits(ModelShape.of_engine(eng, d.name), runs, speed, bench.prompt_tokens,
-                                      bench.new_tokens, bandwidth_gbs, {"f32": "dense f32"})
+        out[d.name] = decoding_limits(
+            ModelShape.of_engine(eng, d.name),
+            runs,
+            speed,
+            bench.prompt_tokens,
+            bench.new_tokens,
+            bandwidth_gbs,
+            {"f32": "dense f32"},
+        )
     return out
 
 
-def predicted_decoding_runs(engine: Engine, predictors, thresholds, model_label: str, llama: dict | None = None,
-                            precisions=("f32", "q8_0", "q4_0"),
-                            llama_label: str = "SmolLM2 as shipped (SwiGLU)") -> tuple[dict, dict, pd.DataFrame]:
+def predicted_decoding_runs(
+    engine: Engine,
+    predictors,
+    thresholds,
+    model_label: str,
+    llama: dict | None = None,
+    precisions=("f32", "q8_0", "q4_0"),
+    llama_label: str = "SmolLM2 as shipped (SwiGLU)",
+) -> tuple[dict, dict, pd.DataFrame]:
     """The configurations of notebook 07's speed-at-equal-quality table, for every precision: ``engine``
     (a float32 engine of the sparse model) dense, sparse with exact masks replayed (an ideal, free predictor),
     sparse with ``predictors`` (a ``PredictorSet``) in line at each threshold, its matrices in the engine's
@@ -257,12 +307,26 @@ def predicted_decoding_runs(engine: Engine, predictors, thresholds, model_label:
             keys[(p, "predicted", t)] = name = f"{model_label} · sparse {p} · predicted, threshold {t:g}"
             spec[name] = (p, "provider", PredictorMaskProvider(predictors, t, fmt=p), t)
     runs = {name: EngineRun(engine, p, masks, provider=prov) for name, (p, masks, prov, _) in spec.items()}
-    legend = [{"run": name, "model": model_label, "precision": p,
-               "mask_source": MASK_SOURCES[masks] if t is None else f"predictors in line, threshold {t:g}",
-               "threshold": t} for name, (p, masks, _, t) in spec.items()]  # fmt: skip
+    legend = [
+        {
+            "run": name,
+            "model": model_label,
+            "precision": p,
+            "mask_source": MASK_SOURCES[masks] if t is None else f"predictors in line, threshold {t:g}",
+            "threshold": t,
+        }
+        for name, (p, masks, _, t) in spec.items()
+    ]
     for p, run in (llama or {}).items():
         keys[(p, "llama", None)] = name = f"llama.cpp · {llama_label} · dense {p}"
         runs[name] = run
-        legend.append({"run": name, "model": llama_label, "precision": f"{p} (GGUF, pure)", "mask_source": "dense",
-                       "threshold": None})
+        legend.append(
+            {
+                "run": name,
+                "model": llama_label,
+                "precision": f"{p} (GGUF, pure)",
+                "mask_source": "dense",
+                "threshold": None,
+            }
+        )
     return runs, keys, pd.DataFrame(legend).set_index("run")

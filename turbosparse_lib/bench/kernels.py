@@ -63,24 +63,37 @@ def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.D
         x = rng.standard_normal(inp, dtype=np.float32)
         W_t, x_t = torch.from_numpy(W), torch.from_numpy(x)
         mats = {fmt: quant.quantize(W, fmt) for fmt in sizes.ffn_dtypes}
-        for fmt, Wq in mats.items():
+        for Wq in mats.values():
             want = quant.gemv_ref(Wq, x)
             np.testing.assert_allclose(quant.gemv(Wq, x), want, rtol=0, atol=1e-3 * np.abs(want).max())
         fns = {fmt: (lambda r, Wq=Wq: quant.gemv(Wq, x)) for fmt, Wq in mats.items()}
         # our formats among themselves (one thread pool) for the bandwidth; against the BLAS libraries,
         # whose threads spin on after a call, in a second loop where each call follows one of its own
         ms = {k: 1e3 * median(v) for k, v in time_round_robin(fns, sizes.repeats).items()}
-        vs = time_round_robin({"ours": fns["f32"], "numpy": lambda r: W @ x, "torch": lambda r: torch.mv(W_t, x_t)},
-                              sizes.repeats, settle=True)
+        vs = time_round_robin(
+            {"ours": fns["f32"], "numpy": lambda r: W @ x, "torch": lambda r: torch.mv(W_t, x_t)},
+            sizes.repeats,
+            settle=True,
+        )
         ms_vs = {k: 1e3 * median(v) for k, v in vs.items()}
         best = min(ms_vs["numpy"], ms_vs["torch"])
         for fmt, Wq in mats.items():
-            rows.append({
-                "shape": name, "fmt": fmt, "out": out, "in": inp, "MB": Wq.nbytes / 2**20, "ours_ms": ms[fmt],
-                "GBps": Wq.nbytes / ms[fmt] / 1e6, "bw_frac": Wq.nbytes / ms[fmt] / 1e6 / bandwidth_gbs,
-                "above_cache": Wq.nbytes > llc_bytes(), "numpy_ms": ms_vs["numpy"], "torch_ms": ms_vs["torch"],
-                "ours_vs_best": ms_vs["ours"] / best if fmt == "f32" else np.nan,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "shape": name,
+                    "fmt": fmt,
+                    "out": out,
+                    "in": inp,
+                    "MB": Wq.nbytes / 2**20,
+                    "ours_ms": ms[fmt],
+                    "GBps": Wq.nbytes / ms[fmt] / 1e6,
+                    "bw_frac": Wq.nbytes / ms[fmt] / 1e6 / bandwidth_gbs,
+                    "above_cache": Wq.nbytes > llc_bytes(),
+                    "numpy_ms": ms_vs["numpy"],
+                    "torch_ms": ms_vs["torch"],
+                    "ours_vs_best": ms_vs["ours"] / best if fmt == "f32" else np.nan,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -113,7 +126,9 @@ def _stacked_bundles(rng, H: int, N: int, layers: int, fmt: str) -> bundles.FFNB
     del Wg, Wu, Wd
     data = np.empty((layers, *one.data.shape), np.uint8)
     data[:] = one.data  # broadcast: one copy per layer
-    return bundles.FFNBundles(data, fmt, H, np.ascontiguousarray(np.broadcast_to(one.down_scale, (layers, *one.down_scale.shape))))
+    return bundles.FFNBundles(
+        data, fmt, H, np.ascontiguousarray(np.broadcast_to(one.down_scale, (layers, *one.down_scale.shape)))
+    )
 
 
 def _validate_sparse(stack: bundles.FFNBundles, x: np.ndarray, idx: np.ndarray, n: int = 512) -> None:
@@ -157,9 +172,10 @@ def bench_ffn(sizes: BenchSection, freq: np.ndarray, bandwidth_gbs: float, seed:
             _validate_sparse(stack, xs[0][0], packed[s0][0][1][: kept_count(s0, N)])
             no_idx = (np.zeros(1, np.int64), np.empty(0, np.int64))
 
-            def sweep(x, masks, use_idx):
-                bundles.ffn_layers_into(stack.data, stack.down_scale, stack.code, H, x, *masks, use_idx, use_idx, *act, threads,
-                                        y, counts)  # fmt: skip
+            def sweep(x, masks, use_idx, stack=stack):
+                bundles.ffn_layers_into(
+                    stack.data, stack.down_scale, stack.code, H, x, *masks, use_idx, use_idx, *act, threads, y, counts
+                )
 
             fns = {"dense": lambda r: sweep(xs[r % 2], no_idx, False)}
             for s in sizes.ffn_sparsities:
@@ -169,14 +185,27 @@ def bench_ffn(sizes: BenchSection, freq: np.ndarray, bandwidth_gbs: float, seed:
             for s in sizes.ffn_sparsities:
                 k = kept_count(s, N)
                 sparse_ms, sparse_b = 1e3 * median(t[f"sparse@{s}"]) / L, ffn_bytes(H, N, k, fmt)
-                rows.append({
-                    "shape": name, "H": H, "N": N, "dtype": fmt, "sparsity": s, "active": k,
-                    "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": speedup(t["dense"], t[f"sparse@{s}"]),
-                    "ideal": 1 / (1 - s), "byte_limit": dense_b / sparse_b,
-                    "dense_GBps": dense_b / dense_ms / 1e6, "sparse_GBps": sparse_b / sparse_ms / 1e6,
-                    "dense_bw_frac": dense_b / dense_ms / 1e6 / bandwidth_gbs,
-                    "sparse_bw_frac": sparse_b / sparse_ms / 1e6 / bandwidth_gbs,
-                    "layers_cycled": L, "model_layers": model_layers, "sweep_MB_sparse": L * sparse_b / 2**20,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "shape": name,
+                        "H": H,
+                        "N": N,
+                        "dtype": fmt,
+                        "sparsity": s,
+                        "active": k,
+                        "dense_ms": dense_ms,
+                        "sparse_ms": sparse_ms,
+                        "speedup": speedup(t["dense"], t[f"sparse@{s}"]),
+                        "ideal": 1 / (1 - s),
+                        "byte_limit": dense_b / sparse_b,
+                        "dense_GBps": dense_b / dense_ms / 1e6,
+                        "sparse_GBps": sparse_b / sparse_ms / 1e6,
+                        "dense_bw_frac": dense_b / dense_ms / 1e6 / bandwidth_gbs,
+                        "sparse_bw_frac": sparse_b / sparse_ms / 1e6 / bandwidth_gbs,
+                        "layers_cycled": L,
+                        "model_layers": model_layers,
+                        "sweep_MB_sparse": L * sparse_b / 2**20,
+                    }
+                )
             del stack, fns
     return pd.DataFrame(rows)

@@ -47,8 +47,11 @@ def _quiet_stderr():
 
 
 def _ftype(llama_cpp, fmt: str) -> int:
-    ftypes = {"f32": llama_cpp.LLAMA_FTYPE_ALL_F32, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
-              "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}  # fmt: skip
+    ftypes = {
+        "f32": llama_cpp.LLAMA_FTYPE_ALL_F32,
+        "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+        "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+    }
     if fmt not in ftypes:
         raise ValueError(f"unknown weight format {fmt!r}; valid: {', '.join(ftypes)}")
     return ftypes[fmt]
@@ -100,9 +103,14 @@ class LlamaCppRun:
         llama_cpp = self._lib = require_llama_cpp()
         _ftype(llama_cpp, precision)
         self.llm = llama_cpp.Llama(
-            model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-            n_batch=n_ctx, logits_all=False, verbose=False,
-        )  # fmt: skip
+            model_path=str(gguf),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=False,
+            verbose=False,
+        )
         self.threads, self.profile = threads, {}
         self.precision, self.masks = precision, None  # dense, for decoding_limits
 
@@ -136,8 +144,6 @@ class LlamaCppRun:
         return np.array(tokens, dtype=np.int64), perf_counter() - t0
 
 
-
-
 def llama_cpp_nll(gguf: Path, ids: np.ndarray, chunk: int, threads: int) -> np.ndarray:
     """Negative log-likelihood (nats) of every token of ``ids`` after the first of its chunk, by llama.cpp.
 
@@ -146,8 +152,15 @@ def llama_cpp_nll(gguf: Path, ids: np.ndarray, chunk: int, threads: int) -> np.n
     ``quality.engine_nll`` scores our engine on the same chunks.
     """
     llama_cpp = require_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=chunk,
-                          n_batch=chunk, logits_all=True, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=chunk,
+        n_batch=chunk,
+        logits_all=True,
+        verbose=False,
+    )
     try:
         nll = []
         for lo in range(0, len(ids) - 1, chunk):

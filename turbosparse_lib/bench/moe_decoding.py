@@ -32,11 +32,22 @@ def moe_shape(engine: MoEEngine, name: str = "moe") -> ModelShape:
     """The bytes-model shape of a Mixtral-style engine (every layer routed, no shared expert)."""
     c = engine.config
     if any(layer.router_EH is None or layer.shared is not None for layer in engine.layers):
-        raise NotImplementedError("the bytes model covers layers of routed experts only (no shared expert or dense "
-                                  "MLP layer, as in Mixtral)")
-    return ModelShape(name, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
-                      c.vocab_size, tied=engine.lm_head_VH is engine.embed_VH, n_experts=c.num_experts,
-                      experts_per_token=c.experts_per_token)
+        raise NotImplementedError(
+            "the bytes model covers layers of routed experts only (no shared expert or dense MLP layer, as in Mixtral)"
+        )
+    return ModelShape(
+        name,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_layers,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.vocab_size,
+        tied=engine.lm_head_VH is engine.embed_VH,
+        n_experts=c.num_experts,
+        experts_per_token=c.experts_per_token,
+    )
 
 
 @dataclass
@@ -79,9 +90,15 @@ class MoERun:
 
 def moe_runs(engine: MoEEngine, label: str) -> tuple[dict[str, MoERun], pd.DataFrame]:
     """Dense experts, exact replayed and exact in-line, named ``"<label> · ..."``; and their legend."""
-    spec = {None: "dense experts", "exact": "sparse experts · exact replayed", "oracle": "sparse experts · exact in-line"}
+    spec = {
+        None: "dense experts",
+        "exact": "sparse experts · exact replayed",
+        "oracle": "sparse experts · exact in-line",
+    }
     runs = {f"{label} · {name}": MoERun(engine, masks) for masks, name in spec.items()}
-    legend = pd.DataFrame([{"run": f"{label} · {name}", "mask_source": MOE_MASK_SOURCES[m]} for m, name in spec.items()])
+    legend = pd.DataFrame(
+        [{"run": f"{label} · {name}", "mask_source": MOE_MASK_SOURCES[m]} for m, name in spec.items()]
+    )
     return runs, legend.set_index("run")
 
 

@@ -15,15 +15,15 @@ import pandas as pd
 from ..paper import values as paper
 from ..sparsity.frequencies import hot_share, inclusion_probabilities
 from ..sparsity.masks import kept_count
-from .bytes_model import FP16, Q4_0, ModelShape, bytes_per_token
-
-
+from .bytes_model import FP16, Q4_0, ModelShape, Precision, bytes_per_token
 
 MISTRAL_7B = ModelShape("Mistral-7B", 4096, 14336, 32, 32, 8, 128, 32000)
 MIXTRAL_47B = ModelShape("Mixtral-47B", 4096, 14336, 32, 32, 8, 128, 32000, n_experts=8, experts_per_token=2)
 # TurboSparse's activated parameters (paper, table 6)
-PAPER_ACTIVATED = {"Mistral-7B": paper.get("table6/TurboSparse-Mistral-7B/activated_params"),
-                   "Mixtral-47B": paper.get("table6/TurboSparse-Mixtral-47B/activated_params")}
+PAPER_ACTIVATED = {
+    "Mistral-7B": paper.get("table6/TurboSparse-Mistral-7B/activated_params"),
+    "Mixtral-47B": paper.get("table6/TurboSparse-Mixtral-47B/activated_params"),
+}
 
 # paper tables 7-9, tokens/s; "sparse" = PowerInfer (-2) on TurboSparse, "dense" = llama.cpp on the original
 PAPER_TABLES = paper.table("speed")
@@ -46,22 +46,38 @@ class Machine:
 
 PAPER_MACHINES = {
     "PC-2080Ti": Machine(
-        "PC-2080Ti", host_gbs=paper.get("section7.1/PC-2080Ti/host_bandwidth"), gpu_gb=11, gpu_gbs=616,
-        sources=("host 38.4 GB/s, GPU 11 GB: paper section 7.1",
-                 "GPU 616 GB/s: RTX 2080 Ti spec sheet, not in the paper"),
+        "PC-2080Ti",
+        host_gbs=paper.get("section7.1/PC-2080Ti/host_bandwidth"),
+        gpu_gb=11,
+        gpu_gbs=616,
+        sources=(
+            "host 38.4 GB/s, GPU 11 GB: paper section 7.1",
+            "GPU 616 GB/s: RTX 2080 Ti spec sheet, not in the paper",
+        ),
     ),
     "PC-Laptop": Machine(
-        "PC-Laptop", host_gbs=paper.get("section7.1/PC-Laptop/host_bandwidth"), gpu_gb=16, gpu_gbs=576,
-        sources=("host 67.2 GB/s, GPU 16 GB: paper section 7.1",
-                 "GPU 576 GB/s: RTX 4090 Laptop spec sheet, not in the paper"),
+        "PC-Laptop",
+        host_gbs=paper.get("section7.1/PC-Laptop/host_bandwidth"),
+        gpu_gb=16,
+        gpu_gbs=576,
+        sources=(
+            "host 67.2 GB/s, GPU 16 GB: paper section 7.1",
+            "GPU 576 GB/s: RTX 4090 Laptop spec sheet, not in the paper",
+        ),
     ),
     "OnePlus-12": Machine(
-        "OnePlus-12", host_gbs=76.8, weights_budget_gb=16, flash_gbs=4.2,
-        sources=("24 GB DRAM, UFS 4.0: paper section 7.1", "DRAM 76.8 GB/s (LPDDR5X, Snapdragon 8 Gen 3) and "
-                 "UFS 4.0 4.2 GB/s sequential read: spec sheets, not in the paper",
-                 "16 GB of the 24 GB for weights: our assumption"),
+        "OnePlus-12",
+        host_gbs=76.8,
+        weights_budget_gb=16,
+        flash_gbs=4.2,
+        sources=(
+            "24 GB DRAM, UFS 4.0: paper section 7.1",
+            "DRAM 76.8 GB/s (LPDDR5X, Snapdragon 8 Gen 3) and "
+            "UFS 4.0 4.2 GB/s sequential read: spec sheets, not in the paper",
+            "16 GB of the 24 GB for weights: our assumption",
+        ),
     ),
-}  # fmt: skip
+}
 
 GPU_RESERVE_GB = 1.0  # GPU memory kept for KV cache and scratch buffers (our assumption)
 
@@ -86,8 +102,16 @@ def _hot_share(freq: np.ndarray | None, ffn_active: float, capacity_fraction: fl
     return float(np.mean(shares))
 
 
-def project(table: str, machine: Machine, shape: ModelShape, precision: Precision, ffn_active: float,
-            freq: np.ndarray | None = None, context: float = 256, efficiency: float = 1.0) -> dict:
+def project(
+    table: str,
+    machine: Machine,
+    shape: ModelShape,
+    precision: Precision,
+    ffn_active: float,
+    freq: np.ndarray | None = None,
+    context: float = 256,
+    efficiency: float = 1.0,
+) -> dict:
     """Projected tokens/s, dense (llama.cpp-like) and sparse (PowerInfer-like), on a paper machine.
 
     Per token, time = sum over memory tiers of bytes read there / the tier's bandwidth, times
@@ -133,13 +157,18 @@ def project(table: str, machine: Machine, shape: ModelShape, precision: Precisio
         t_sparse = (rest_sparse + hot * ffn_sparse) / host + (1 - hot) * ffn_sparse / (host if fits else flash)
     else:
         raise ValueError(f"unknown table {table!r}; valid: 'table 7 ...', 'table 8 ...', 'table 9 ...'")
-    return {"dense tok/s": efficiency / t_dense, "sparse tok/s": efficiency / t_sparse,
-            "speed-up": t_dense / t_sparse, "dense GB/token": dense_b["total"] / 1e9,
-            "sparse GB/token": sparse_b["total"] / 1e9}  # fmt: skip
+    return {
+        "dense tok/s": efficiency / t_dense,
+        "sparse tok/s": efficiency / t_sparse,
+        "speed-up": t_dense / t_sparse,
+        "dense GB/token": dense_b["total"] / 1e9,
+        "sparse GB/token": sparse_b["total"] / 1e9,
+    }
 
 
-def project_paper_tables(ffn_active: dict[str, float], freq: np.ndarray | None = None, efficiency: float = 1.0,
-                         context: float = 256) -> pd.DataFrame:
+def project_paper_tables(
+    ffn_active: dict[str, float], freq: np.ndarray | None = None, efficiency: float = 1.0, context: float = 256
+) -> pd.DataFrame:
     """Every row of the paper's tables 7-9 with our projection beside it.
 
     ``ffn_active``: model name ('Mistral-7B', 'Mixtral-47B') -> FFN active fraction to project
@@ -153,29 +182,58 @@ def project_paper_tables(ffn_active: dict[str, float], freq: np.ndarray | None =
         shape, precision = _PAPER_MODELS[rec["model"]]
         if shape.name not in ffn_active:
             raise KeyError(f"no FFN active fraction for {shape.name}; give one for each of {sorted(PAPER_ACTIVATED)}")
-        proj = project(rec["table"], PAPER_MACHINES[rec["setting"]], shape, precision, ffn_active[shape.name],
-                       freq, context, efficiency)  # fmt: skip
-        rows.append({**rec, "ffn_active": ffn_active[shape.name],
-                     **{f"{k} (projection)": v for k, v in proj.items()},
-                     # the bandwidth the paper's own numbers imply, if our bytes per token are right
-                     "dense GB/s implied (paper)": rec["dense tok/s (paper)"] * proj["dense GB/token"],
-                     "sparse GB/s implied (paper)": rec["sparse tok/s (paper)"] * proj["sparse GB/token"]})  # fmt: skip
+        proj = project(
+            rec["table"],
+            PAPER_MACHINES[rec["setting"]],
+            shape,
+            precision,
+            ffn_active[shape.name],
+            freq,
+            context,
+            efficiency,
+        )
+        rows.append(
+            {
+                **rec,
+                "ffn_active": ffn_active[shape.name],
+                **{f"{k} (projection)": v for k, v in proj.items()},
+                # the bandwidth the paper's own numbers imply, if our bytes per token are right
+                "dense GB/s implied (paper)": rec["dense tok/s (paper)"] * proj["dense GB/token"],
+                "sparse GB/s implied (paper)": rec["sparse tok/s (paper)"] * proj["sparse GB/token"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
-SHOW = ["table", "setting", "model", "ffn_active", "sparse tok/s (paper)", "dense tok/s (paper)", "speed-up (paper)",
-        "sparse tok/s (projection)", "dense tok/s (projection)", "speed-up (projection)"]
+SHOW = [
+    "table",
+    "setting",
+    "model",
+    "ffn_active",
+    "sparse tok/s (paper)",
+    "dense tok/s (paper)",
+    "speed-up (paper)",
+    "sparse tok/s (projection)",
+    "dense tok/s (projection)",
+    "speed-up (projection)",
+]
 
 
-def projection_table(paper_active: dict[str, float], active_here: float, freq: np.ndarray | None,
-                     efficiency: float) -> pd.DataFrame:
+def projection_table(
+    paper_active: dict[str, float], active_here: float, freq: np.ndarray | None, efficiency: float
+) -> pd.DataFrame:
     """Tables 7-9 projected three ways: the paper's activated parameters at the bandwidth limit, our measured
     active fraction at the limit, and the paper's at our dense engine's fraction of bandwidth (``basis`` column)."""
     eff = min(1.0, efficiency)  # a measured efficiency above 1 means the bandwidth reading was low (noise)
-    return pd.concat([
-        project_paper_tables(paper_active, freq).assign(basis="paper's activated params, bandwidth limit"),
-        project_paper_tables({k: active_here for k in paper_active}, freq).assign(
-            basis=f"our measured active fraction {active_here:.3f}, bandwidth limit"),
-        project_paper_tables(paper_active, freq, efficiency=eff).assign(
-            basis=f"paper's activated params, at our dense engine's {eff:.0%} of bandwidth"),
-    ], ignore_index=True)
+    return pd.concat(
+        [
+            project_paper_tables(paper_active, freq).assign(basis="paper's activated params, bandwidth limit"),
+            project_paper_tables({k: active_here for k in paper_active}, freq).assign(
+                basis=f"our measured active fraction {active_here:.3f}, bandwidth limit"
+            ),
+            project_paper_tables(paper_active, freq, efficiency=eff).assign(
+                basis=f"paper's activated params, at our dense engine's {eff:.0%} of bandwidth"
+            ),
+        ],
+        ignore_index=True,
+    )

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..inference.engine import Engine
-from .llamacpp import next_token_nll, llama_cpp_nll
+from .llamacpp import llama_cpp_nll, next_token_nll
 
 
 def engine_nll(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
@@ -43,6 +43,8 @@ def quality_table(engines: dict[str, Engine], ggufs: dict, ids: np.ndarray, chun
         row = {"fmt": fmt, "tokens": len(ours), "ppl_ours": float(np.exp(ours.mean()))}
         if ggufs.get(fmt) is not None:
             theirs = llama_cpp_nll(ggufs[fmt], ids, chunk, threads)
-            row.update(ppl_llama_cpp=float(np.exp(theirs.mean())), ours_over_llama_cpp=float(np.exp((ours - theirs).mean())))
+            row.update(
+                ppl_llama_cpp=float(np.exp(theirs.mean())), ours_over_llama_cpp=float(np.exp((ours - theirs).mean()))
+            )
         rows.append(row)
     return pd.DataFrame(rows).set_index("fmt")

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
-from typing import Callable
 
 import numba
 import numpy as np
@@ -51,8 +51,6 @@ def warm_up() -> None:
         kernels.validate_kernels()
         validate_attention()
         _WARM = True
-
-
 
 
 def median(xs) -> float:
@@ -111,8 +109,9 @@ class CacheFlusher:
         stream_sum(self.buf, 4 * numba.get_num_threads())
 
 
-def time_round_robin(fns: dict[str, Callable[[int], object]], repeats: int,
-                     flush: bool = True, settle: bool = False) -> dict[str, np.ndarray]:
+def time_round_robin(
+    fns: dict[str, Callable[[int], object]], repeats: int, flush: bool = True, settle: bool = False
+) -> dict[str, np.ndarray]:
     """Seconds of ``repeats`` calls of every callable, interleaved: round r calls each ``fn(r)`` once.
 
     Each callable is called once untimed first (round 0's arguments). With ``flush`` the cache is
@@ -149,8 +148,7 @@ def machine_load() -> dict:
     return {"load1": load1, "cores": cores, "load_per_core": load1 / cores}
 
 
-def wait_for_quiet(max_load_per_core: float | None, wait_s: float, poll_s: float = 15.0,
-                   own_load: float = 0.0) -> dict:
+def wait_for_quiet(max_load_per_core: float | None, wait_s: float, poll_s: float = 15.0, own_load: float = 0.0) -> dict:
     """Wait until the 1-minute load per core is at most ``max_load_per_core``, for at most ``wait_s``.
 
     ``own_load``: runnable threads this process itself adds to the reading (subtracted). Returns the

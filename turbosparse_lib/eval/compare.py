@@ -21,13 +21,24 @@ def perplexity_table(results: dict[tuple[str, int], PerplexityResult], samples: 
     rows = []
     for (variant, seed), r in results.items():
         lo, hi = r.interval(samples)
-        rows.append({"variant": variant, "seed": seed, "ppl": r.ppl, "ppl_lo": lo, "ppl_hi": hi, "nll": r.nll,
-                     "tokens": r.n_tokens, "windows": r.n_windows})
+        rows.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "ppl": r.ppl,
+                "ppl_lo": lo,
+                "ppl_hi": hi,
+                "nll": r.nll,
+                "tokens": r.n_tokens,
+                "windows": r.n_windows,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def compare_variants(results: dict[tuple[str, int], PerplexityResult], base: str, other: str,
-                     samples: int = 1000) -> dict:
+def compare_variants(
+    results: dict[tuple[str, int], PerplexityResult], base: str, other: str, samples: int = 1000
+) -> dict:
     """``other`` against ``base`` at every seed both have (same held-out windows), and the verdict.
 
     Returns per-seed ratios other/base with paired intervals, the mean ratio, the seed spread of each
@@ -37,8 +48,9 @@ def compare_variants(results: dict[tuple[str, int], PerplexityResult], base: str
     seeds = sorted({s for v, s in results if v == base} & {s for v, s in results if v == other})
     if not seeds:
         raise ValueError(f"no seed has both {base!r} and {other!r}")
-    per_seed = pd.DataFrame([{"seed": s, **paired_interval(results[(base, s)], results[(other, s)], samples)}
-                             for s in seeds])
+    per_seed = pd.DataFrame(
+        [{"seed": s, **paired_interval(results[(base, s)], results[(other, s)], samples)} for s in seeds]
+    )
     ppl = {v: np.array([results[(v, s)].ppl for s in seeds]) for v in (base, other)}
     return {"base": base, "other": other, "per_seed": per_seed, **variant_verdict(per_seed, ppl, base, other)}
 
@@ -66,11 +78,15 @@ def describe(cmp: dict) -> str:
     ps = cmp["per_seed"]
     seeds = "; ".join(f"seed {r.seed}: x{r.ratio:.3f} [{r.ratio_lo:.3f}, {r.ratio_hi:.3f}]" for r in ps.itertuples())
     spread = ", ".join(f"{v} {s:.1%}" for v, s in cmp["seed_spread"].items())
-    return (f"{cmp['other']} / {cmp['base']} perplexity: mean x{cmp['mean_ratio']:.3f} ({seeds}); seed spread {spread} "
-            f"-> {cmp['verdict']}")
+    return (
+        f"{cmp['other']} / {cmp['base']} perplexity: mean x{cmp['mean_ratio']:.3f} ({seeds}); seed spread {spread} "
+        f"-> {cmp['verdict']}"
+    )
 
 
-def topk_robustness(sweeps: pd.DataFrame, level: float, a: str = "swiglu", b: str = "drelu", robust: float = 1.05) -> dict:
+def topk_robustness(
+    sweeps: pd.DataFrame, level: float, a: str = "swiglu", b: str = "drelu", robust: float = 1.05
+) -> dict:
     """Which variant keeps its perplexity better at top-k ``level``, by rule.
 
     ``sweeps``: rows of ``eval.sweeps.topk_sweep`` with ``model`` and ``seed`` columns. Per model and seed,
@@ -87,9 +103,19 @@ def topk_robustness(sweeps: pd.DataFrame, level: float, a: str = "swiglu", b: st
     for s in seeds:
         ra = at[(at.model == a) & (at.seed == s)].iloc[0]
         rb = at[(at.model == b) & (at.seed == s)].iloc[0]
-        rows.append({"seed": s, f"{a}_ratio": ra.ratio, f"{a}_lo": ra.ratio_lo, f"{a}_hi": ra.ratio_hi,
-                     f"{b}_ratio": rb.ratio, f"{b}_lo": rb.ratio_lo, f"{b}_hi": rb.ratio_hi,
-                     "b_below": rb.ratio_hi < ra.ratio_lo, "b_above": rb.ratio_lo > ra.ratio_hi})
+        rows.append(
+            {
+                "seed": s,
+                f"{a}_ratio": ra.ratio,
+                f"{a}_lo": ra.ratio_lo,
+                f"{a}_hi": ra.ratio_hi,
+                f"{b}_ratio": rb.ratio,
+                f"{b}_lo": rb.ratio_lo,
+                f"{b}_hi": rb.ratio_hi,
+                "b_below": rb.ratio_hi < ra.ratio_lo,
+                "b_above": rb.ratio_lo > ra.ratio_hi,
+            }
+        )
     df = pd.DataFrame(rows)
     if (df[f"{a}_hi"] <= robust).all() and (df[f"{b}_hi"] <= robust).all():
         verdict = f"both robust (within x{robust} at every seed)"
@@ -102,8 +128,16 @@ def topk_robustness(sweeps: pd.DataFrame, level: float, a: str = "swiglu", b: st
     return {"level": level, "per_seed": df, "verdict": verdict}
 
 
-def sparsity_table(models: dict, base: str, ids, context_length: int, tol_ids, samples: int = 1000,
-                   tol: float = 0.01, matched_to: str | None = None) -> tuple[pd.DataFrame, dict]:
+def sparsity_table(
+    models: dict,
+    base: str,
+    ids,
+    context_length: int,
+    tol_ids,
+    samples: int = 1000,
+    tol: float = 0.01,
+    matched_to: str | None = None,
+) -> tuple[pd.DataFrame, dict]:
     """The table 1 analogue: per model, held-out perplexity with its interval, the ratio to ``base`` on the same
     windows (paired interval), the exact-zero fraction of combined, and one sparsity for every variant: the
     largest top-k level within ``tol`` of the model's own unmasked perplexity (``eval.sweeps.topk_tolerance``
@@ -121,18 +155,28 @@ def sparsity_table(models: dict, base: str, ids, context_length: int, tol_ids, s
             results[name] = perplexity(m, ids, context_length=context_length)
         lo, hi = results[name].interval(samples)
         tolerance = topk_tolerance(m, tol_ids, tol=tol, context_length=context_length)
-        rows.append({"model": name, "ppl": results[name].ppl, "ppl_lo": lo, "ppl_hi": hi,
-                     "zero_frac": float(rec.overall().zero_frac.iloc[0]),
-                     f"topk_within_{tol:.0%}": tolerance["sparsity"], "tolerance_resolution": tolerance["resolution"],
-                     "tol_ppl": tolerance["unmasked_ppl"]})
+        rows.append(
+            {
+                "model": name,
+                "ppl": results[name].ppl,
+                "ppl_lo": lo,
+                "ppl_hi": hi,
+                "zero_frac": float(rec.overall().zero_frac.iloc[0]),
+                f"topk_within_{tol:.0%}": tolerance["sparsity"],
+                "tolerance_resolution": tolerance["resolution"],
+                "tol_ppl": tolerance["unmasked_ppl"],
+            }
+        )
     df = pd.DataFrame(rows).set_index("model")
     if matched_to is not None:
         if matched_to not in models:
             raise ValueError(f"matched_to={matched_to!r} is not one of the models: {', '.join(models)}")
         limit = float(df.loc[matched_to, "tol_ppl"]) * (1 + tol)  # as good as that model, within the same tolerance
         df["matched_ppl"] = limit
-        df["topk_at_matched"] = [topk_tolerance(m, tol_ids, context_length=context_length, limit_ppl=limit)["sparsity"]
-                                 for m in models.values()]
+        df["topk_at_matched"] = [
+            topk_tolerance(m, tol_ids, context_length=context_length, limit_ppl=limit)["sparsity"]
+            for m in models.values()
+        ]
     for name in models:
         c = paired_interval(results[base], results[name], samples)
         df.loc[name, ["ratio", "ratio_lo", "ratio_hi"]] = c["ratio"], c["ratio_lo"], c["ratio_hi"]

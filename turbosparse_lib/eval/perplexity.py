@@ -59,8 +59,9 @@ def _resampled_ppl(nll_W: np.ndarray, tok_W: np.ndarray, idx_SW: np.ndarray) -> 
     return np.exp(nll_W[idx_SW].sum(axis=1) / tok_W[idx_SW].sum(axis=1))
 
 
-def bootstrap_interval(result: PerplexityResult, samples: int = 1000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    result: PerplexityResult, samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the perplexity, resampling evaluation windows with replacement.
 
     Windows, not tokens, are resampled: tokens inside a window share their context, so they are
@@ -78,13 +79,18 @@ def bootstrap_interval(result: PerplexityResult, samples: int = 1000, level: flo
     return float(np.quantile(ppl, a)), float(np.quantile(ppl, 1 - a))
 
 
-def paired_interval(a: PerplexityResult, b: PerplexityResult, samples: int = 1000, level: float = 0.95,
-                    seed: int = 0) -> dict:
+def paired_interval(
+    a: PerplexityResult, b: PerplexityResult, samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict:
     """How ``b``'s perplexity compares with ``a``'s on the same windows: the ratio b/a, its paired
     percentile bootstrap interval (the same resampled windows for both), and ``distinguishable``,
     True when the interval excludes 1."""
-    if a.window_nll is None or b.window_nll is None or len(a.window_nll) != len(b.window_nll) \
-            or not np.array_equal(a.window_tokens, b.window_tokens):
+    if (
+        a.window_nll is None
+        or b.window_nll is None
+        or len(a.window_nll) != len(b.window_nll)
+        or not np.array_equal(a.window_tokens, b.window_tokens)
+    ):
         raise ValueError("paired_interval needs two results over the same windows (same tokens, context and stride)")
     W = len(a.window_nll)
     idx = np.random.default_rng(seed).integers(0, W, size=(samples, W))
@@ -144,8 +150,10 @@ def perplexity(
         raise ValueError(f"token_ids must be 1-D; got shape {tuple(ids.shape)}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"token_ids must lie in [0, {vocab}), the model's vocabulary; got {int(ids.min())}.."
-                         f"{int(ids.max())}: were they made by another tokenizer?")
+        raise ValueError(
+            f"token_ids must lie in [0, {vocab}), the model's vocabulary; got {int(ids.min())}.."
+            f"{int(ids.max())}: were they made by another tokenizer?"
+        )
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if positions is not None and context_length > positions:
         raise ValueError(f"context_length {context_length} exceeds the model's {positions} positions")
@@ -183,6 +191,12 @@ def perplexity(
     n_scored = len(ids) - 1
     nll = float(nll_W.sum()) / n_scored
     return PerplexityResult(
-        ppl=math.exp(nll), nll=nll, n_tokens=n_scored, n_windows=len(wins), context_length=context_length,
-        stride=stride, window_nll=nll_W, window_tokens=np.array([n for _, _, n in wins], dtype=np.int64),
+        ppl=math.exp(nll),
+        nll=nll,
+        n_tokens=n_scored,
+        n_windows=len(wins),
+        context_length=context_length,
+        stride=stride,
+        window_nll=nll_W,
+        window_tokens=np.array([n for _, _, n in wins], dtype=np.int64),
     )

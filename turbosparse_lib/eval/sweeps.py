@@ -9,8 +9,15 @@ from ..sparsity.masks import topk_mask
 from .perplexity import PerplexityResult, paired_interval, perplexity
 
 
-def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 512, batch_size: int = 4,
-               bootstrap_samples: int = 1000, return_results: bool = False):
+def topk_sweep(
+    model: nn.Module,
+    token_ids,
+    sparsities,
+    context_length: int = 512,
+    batch_size: int = 4,
+    bootstrap_samples: int = 1000,
+    return_results: bool = False,
+):
     """Perplexity under top-k masking (paper table 3) at each target sparsity.
 
     Columns: sparsity (the target), realized_sparsity (zeros after masking, the model's own zeros
@@ -25,8 +32,17 @@ def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 51
             r = perplexity(model, token_ids, context_length=context_length, batch_size=batch_size)
         results[float(s)] = r
         lo, hi = r.interval(bootstrap_samples)
-        rows.append(dict(sparsity=float(s), realized_sparsity=m.realized_sparsity, ppl=r.ppl, ppl_lo=lo, ppl_hi=hi,
-                         nll=r.nll, n_tokens=r.n_tokens))
+        rows.append(
+            dict(
+                sparsity=float(s),
+                realized_sparsity=m.realized_sparsity,
+                ppl=r.ppl,
+                ppl_lo=lo,
+                ppl_hi=hi,
+                nll=r.nll,
+                n_tokens=r.n_tokens,
+            )
+        )
     df = pd.DataFrame(rows)
     base: PerplexityResult = results[float(sparsities[0])]
     cmp = pd.DataFrame([paired_interval(base, results[float(s)], bootstrap_samples) for s in sparsities])
@@ -34,8 +50,16 @@ def topk_sweep(model: nn.Module, token_ids, sparsities, context_length: int = 51
     return (df, results) if return_results else df
 
 
-def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_length: int = 512, batch_size: int = 4,
-                   hi: float = 0.99, iters: int = 6, limit_ppl: float | None = None) -> dict:
+def topk_tolerance(
+    model: nn.Module,
+    token_ids,
+    tol: float = 0.01,
+    context_length: int = 512,
+    batch_size: int = 4,
+    hi: float = 0.99,
+    iters: int = 6,
+    limit_ppl: float | None = None,
+) -> dict:
     """The largest top-k sparsity whose perplexity stays within ``(1 + tol)`` of the unmasked model's, or, with
     ``limit_ppl``, at or below that perplexity (sparsity at a quality fixed for every model; NaN for a model
     whose unmasked perplexity is already above it: it never reaches that quality).
@@ -46,6 +70,7 @@ def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_lengt
     masks nothing but zeros, so the answer is at least that fraction. Returns the sparsity, the unmasked
     perplexity and every level evaluated.
     """
+
     def ppl_at(s: float) -> float:
         with topk_mask(model, sparsity=s):
             return perplexity(model, token_ids, context_length=context_length, batch_size=batch_size).ppl
@@ -54,8 +79,14 @@ def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_lengt
     limit = base * (1 + tol) if limit_ppl is None else limit_ppl
     tried = [(0.0, base)]
     if base > limit:
-        return {"sparsity": float("nan"), "unmasked_ppl": base, "tol": tol, "limit_ppl": limit,
-                "evaluated": tried, "resolution": hi / 2**iters}
+        return {
+            "sparsity": float("nan"),
+            "unmasked_ppl": base,
+            "tol": tol,
+            "limit_ppl": limit,
+            "evaluated": tried,
+            "resolution": hi / 2**iters,
+        }
     good, bad = 0.0, hi
     p_hi = ppl_at(hi)
     tried.append((hi, p_hi))
@@ -67,5 +98,11 @@ def topk_tolerance(model: nn.Module, token_ids, tol: float = 0.01, context_lengt
             p = ppl_at(mid)
             tried.append((mid, p))
             good, bad = (mid, bad) if p <= limit else (good, mid)
-    return {"sparsity": good, "unmasked_ppl": base, "tol": tol, "limit_ppl": limit,
-            "evaluated": sorted(tried), "resolution": hi / 2**iters}
+    return {
+        "sparsity": good,
+        "unmasked_ppl": base,
+        "tol": tol,
+        "limit_ppl": limit,
+        "evaluated": sorted(tried),
+        "resolution": hi / 2**iters,
+    }

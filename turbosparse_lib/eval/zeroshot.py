@@ -60,8 +60,9 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -244,8 +245,10 @@ def build_tasks(
     if unknown:
         raise ValueError(f"unknown zero-shot task(s) {unknown}; valid: {', '.join(TASK_NAMES)}")
     if n_examples < 1 or n_choices < 2 or context_sentences < 1:
-        raise ValueError(f"need n_examples >= 1, n_choices >= 2, context_sentences >= 1; got "
-                         f"{n_examples}, {n_choices}, {context_sentences}")
+        raise ValueError(
+            f"need n_examples >= 1, n_choices >= 2, context_sentences >= 1; got "
+            f"{n_examples}, {n_choices}, {context_sentences}"
+        )
     docs = _as_documents(documents)
     out: dict[str, list] = {}
     for task in tasks:
@@ -255,8 +258,10 @@ def build_tasks(
         else:
             candidates = [w for doc_id, text in docs for w in _continuation_windows(doc_id, text, context_sentences)]
         if n_examples > len(candidates):
-            raise ValueError(f"asked for {n_examples} {task} examples but these documents give only "
-                             f"{len(candidates)}; lower n_examples or pass more text")
+            raise ValueError(
+                f"asked for {n_examples} {task} examples but these documents give only "
+                f"{len(candidates)}; lower n_examples or pass more text"
+            )
         order = np.random.default_rng([seed, task_id]).permutation(len(candidates))
         if task == "lastword":
             out[task] = [candidates[i] for i in order[:n_examples]]
@@ -274,8 +279,10 @@ def build_tasks(
             if ex is not None:
                 examples.append(ex)
         if len(examples) < n_examples:
-            raise ValueError(f"asked for {n_examples} continuation examples but only {len(examples)} find "
-                             f"{n_choices - 1} distractors in their length bin; lower n_examples or n_choices")
+            raise ValueError(
+                f"asked for {n_examples} continuation examples but only {len(examples)} find "
+                f"{n_choices - 1} distractors in their length bin; lower n_examples or n_choices"
+            )
         out[task] = examples
     return out
 
@@ -414,14 +421,31 @@ def predict(
             rs = by_example[(task, k)]
             if task == "lastword":
                 ll, greedy = scores[rs[0]]
-                rows.append(dict(task=task, example=k, doc_id=ex.doc_id, acc=float(greedy), acc_norm=math.nan,
-                                 target_loglik=ll, chance=0.0))
+                rows.append(
+                    dict(
+                        task=task,
+                        example=k,
+                        doc_id=ex.doc_id,
+                        acc=float(greedy),
+                        acc_norm=math.nan,
+                        target_loglik=ll,
+                        chance=0.0,
+                    )
+                )
                 continue
             ll = np.array([scores[r][0] for r in rs])
             per_char = ll / np.array([len(continuations[r]) for r in rs])  # lm-eval's acc_norm: per character
-            rows.append(dict(task=task, example=k, doc_id=ex.doc_id, acc=float(np.argmax(ll) == ex.label),
-                             acc_norm=float(np.argmax(per_char) == ex.label), target_loglik=float(ll[ex.label]),
-                             chance=1.0 / len(ex.choices)))
+            rows.append(
+                dict(
+                    task=task,
+                    example=k,
+                    doc_id=ex.doc_id,
+                    acc=float(np.argmax(ll) == ex.label),
+                    acc_norm=float(np.argmax(per_char) == ex.label),
+                    target_loglik=float(ll[ex.label]),
+                    chance=1.0 / len(ex.choices),
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -439,8 +463,17 @@ def summarise(predictions):
         metrics = ("acc",) if task == "lastword" else ("acc", "acc_norm")
         for metric in metrics:
             p, n = float(df[metric].mean()), len(df)
-            rows.append(dict(task=task, metric=metric, accuracy=p, stderr=binomial_stderr(p, n), n=n,
-                             chance=float(df["chance"].mean()), mean_loglik=float(df["target_loglik"].mean())))
+            rows.append(
+                dict(
+                    task=task,
+                    metric=metric,
+                    accuracy=p,
+                    stderr=binomial_stderr(p, n),
+                    n=n,
+                    chance=float(df["chance"].mean()),
+                    mean_loglik=float(df["target_loglik"].mean()),
+                )
+            )
     return pd.DataFrame(rows, columns=["task", "metric", "accuracy", "stderr", "n", "chance", "mean_loglik"])
 
 

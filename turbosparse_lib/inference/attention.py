@@ -10,7 +10,6 @@ from numba import njit, prange
 from .kernels import FASTMATH, assert_close
 
 
-
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def decode_attention(qkv_Q, k_cache_GCE, v_cache_GCE, cos_R, sin_R, pos, n_heads, lo):
     """One token's attention, fused so a decode step is not a string of small NumPy calls.

@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import quant, simd
-from .kernels import FASTMATH, gate_act, up_act, combine_ref, variant_code
+from .kernels import FASTMATH, combine_ref, gate_act, up_act, variant_code
 
 PREFETCH_BYTES = 8192  # default, of the next neuron's bundle; the hardware streams a long bundle on its own
 
@@ -67,22 +67,25 @@ class FFNBundles:
         self.code = quant.format_code(self.fmt)
         self.seg_bytes = quant.row_bytes(self.hidden, self.fmt)
         if self.data.dtype != np.uint8 or not self.data.flags.c_contiguous or self.data.shape[-1] != 3 * self.seg_bytes:
-            raise ValueError(f"bundles must be C-contiguous uint8 (..., N, {3 * self.seg_bytes}); got "
-                             f"{self.data.dtype}{self.data.shape}")  # fmt: skip
+            raise ValueError(
+                f"bundles must be C-contiguous uint8 (..., N, {3 * self.seg_bytes}); got "
+                f"{self.data.dtype}{self.data.shape}"
+            )
         if self.down_scale is None:
             self.down_scale = np.empty((*self.data.shape[:-2], 0), np.float32)
         if self.down_scale.shape[-1] not in (0, self.hidden) or self.down_scale.dtype != np.float32:
             raise ValueError(f"down_scale must be float32 (..., {self.hidden}) or empty; got {self.down_scale.shape}")
 
     @classmethod
-    def from_weights(cls, w_gate_NH, w_up_NH, w_down_HN, fmt: str) -> "FFNBundles":
+    def from_weights(cls, w_gate_NH, w_up_NH, w_down_HN, fmt: str) -> FFNBundles:
         """Bundle ``nn.Linear``-layout weights (gate, up: (..., N, H); down: (..., H, N)), quantised to ``fmt``
         (the Q formats with each hidden channel of the down projection scaled to a maximum of 1 first)."""
         gate, up = np.asarray(w_gate_NH, np.float32), np.asarray(w_up_NH, np.float32)
         down_HN = np.asarray(w_down_HN, np.float32)
         if not gate.shape == up.shape == np.swapaxes(down_HN, -1, -2).shape:
-            raise ValueError(f"gate {gate.shape}, up {up.shape} and down transposed {np.swapaxes(down_HN, -1, -2).shape} "
-                             "must match")  # fmt: skip
+            raise ValueError(
+                f"gate {gate.shape}, up {up.shape} and down transposed {np.swapaxes(down_HN, -1, -2).shape} must match"
+            )
         scale = None
         if quant.format_code(fmt) != quant.F32:
             amax = np.abs(down_HN).max(axis=-1)
@@ -100,7 +103,7 @@ class FFNBundles:
     def nbytes(self) -> int:
         return self.data.nbytes
 
-    def __getitem__(self, i) -> "FFNBundles":
+    def __getitem__(self, i) -> FFNBundles:
         """One layer of a stack, a view."""
         return FFNBundles(self.data[i], self.fmt, self.hidden, self.down_scale[i])
 
@@ -118,8 +121,9 @@ class FFNBundles:
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def ffn_into(B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read,
-             prefetch_bytes):
+def ffn_into(
+    B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read, prefetch_bytes
+):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
     ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
     ``prefetch_bytes`` of the next listed neuron's bundle are prefetched (``prefetch_bytes_for``)."""
@@ -191,8 +195,14 @@ def _one_layer(bundles: FFNBundles, x_H) -> None:
         raise ValueError(f"input has shape {np.shape(x_H)}; the FFN's hidden size is {bundles.hidden}")
 
 
-def ffn(bundles: FFNBundles, x_H, idx_K=None, variant="drelu", skip_zeros: bool | None = None,
-        rows_read: np.ndarray | None = None) -> np.ndarray:
+def ffn(
+    bundles: FFNBundles,
+    x_H,
+    idx_K=None,
+    variant="drelu",
+    skip_zeros: bool | None = None,
+    rows_read: np.ndarray | None = None,
+) -> np.ndarray:
     """The FFN of one layer on ``x_H``: dense over all neurons (``idx_K=None``) or over the listed ones.
 
     ``skip_zeros`` defaults to False for dense (every row read, the baseline) and True for sparse;
@@ -204,9 +214,22 @@ def ffn(bundles: FFNBundles, x_H, idx_K=None, variant="drelu", skip_zeros: bool 
     skip = use_idx if skip_zeros is None else bool(skip_zeros)
     y = np.empty(bundles.hidden, np.float32)
     counts = np.zeros(3, np.int64) if rows_read is None else rows_read
-    ffn_into(bundles.data, bundles.down_scale, bundles.code, bundles.hidden, *quant.activation_for(bundles.code, x_H),
-             idx, n, use_idx, skip, *variant_code(variant), numba.get_num_threads(), y, counts,
-             prefetch_bytes_for(bundles.data.shape[-1]))  # fmt: skip
+    ffn_into(
+        bundles.data,
+        bundles.down_scale,
+        bundles.code,
+        bundles.hidden,
+        *quant.activation_for(bundles.code, x_H),
+        idx,
+        n,
+        use_idx,
+        skip,
+        *variant_code(variant),
+        numba.get_num_threads(),
+        y,
+        counts,
+        prefetch_bytes_for(bundles.data.shape[-1]),
+    )
     return y
 
 
@@ -215,8 +238,17 @@ def combined(bundles: FFNBundles, x_H, variant="drelu", idx_K=None) -> np.ndarra
     _one_layer(bundles, x_H)
     idx, n, use_idx = _indices(bundles, idx_K)
     c = np.empty(n, np.float32)
-    combined_into(bundles.data, bundles.code, bundles.hidden, *quant.activation_for(bundles.code, x_H), idx, n,
-                  use_idx, *variant_code(variant), c)  # fmt: skip
+    combined_into(
+        bundles.data,
+        bundles.code,
+        bundles.hidden,
+        *quant.activation_for(bundles.code, x_H),
+        idx,
+        n,
+        use_idx,
+        *variant_code(variant),
+        c,
+    )
     return c
 
 
@@ -238,8 +270,9 @@ def ffn_ref(bundles: FFNBundles, x_H, idx_K=None, variant="drelu") -> np.ndarray
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def ffn_layers_into(B, down_scale, code, H, x_LH, offsets, idx, use_idx, skip_zeros, act, shift, n_threads, y_LH,
-                    rows_read):
+def ffn_layers_into(
+    B, down_scale, code, H, x_LH, offsets, idx, use_idx, skip_zeros, act, shift, n_threads, y_LH, rows_read
+):
     """The FFN of every layer of a stack ``B`` (L, N, bytes) in turn, layer l on ``x_LH[l]`` over neurons
     ``idx[offsets[l]:offsets[l + 1]]`` (``use_idx``) or all: one token's FFNs in one call."""
     nb = (H + 31) // 32
@@ -248,5 +281,22 @@ def ffn_layers_into(B, down_scale, code, H, x_LH, offsets, idx, use_idx, skip_ze
         if code != quant.F32:
             quant._quantize_activation(x_LH[li], x16, xd)
         lo, hi = (offsets[li], offsets[li + 1]) if use_idx else (0, B.shape[1])
-        ffn_into(B[li], down_scale[li], code, H, x_LH[li], x16, xd, idx[lo:hi], hi - lo, use_idx, skip_zeros, act,
-                 shift, n_threads, y_LH[li], rows_read, prefetch_bytes_for(B.shape[2]))  # fmt: skip
+        ffn_into(
+            B[li],
+            down_scale[li],
+            code,
+            H,
+            x_LH[li],
+            x16,
+            xd,
+            idx[lo:hi],
+            hi - lo,
+            use_idx,
+            skip_zeros,
+            act,
+            shift,
+            n_threads,
+            y_LH[li],
+            rows_read,
+            prefetch_bytes_for(B.shape[2]),
+        )

@@ -76,7 +76,7 @@ class EngineConfig:
         self.qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
     @classmethod
-    def from_hf_config(cls, config) -> "EngineConfig":
+    def from_hf_config(cls, config) -> EngineConfig:
         """Read a transformers Llama/Mistral config, refusing what the engine would get wrong."""
         if getattr(config, "mlp_bias", False):
             raise NotImplementedError("mlp_bias=True is not supported by the engine")
@@ -131,10 +131,18 @@ class Engine:
 
     def __init__(self, config: EngineConfig, weights: step_kernels.ModelWeights):
         c, w = config, weights
-        expect = {"qkv": (c.num_layers, c.qkv_size, c.hidden_size), "o": (c.num_layers, c.hidden_size, c.num_heads * c.head_dim),
-                  "ffn": (c.num_layers, c.intermediate_size, c.hidden_size), "lm_head": (c.vocab_size, c.hidden_size)}
-        got = {"qkv": (*w.qkv.data.shape[:2], w.qkv.cols), "o": (*w.o.data.shape[:2], w.o.cols),
-               "ffn": (*w.ffn.data.shape[:2], w.ffn.hidden), "lm_head": (w.lm_head.rows, w.lm_head.cols)}  # fmt: skip
+        expect = {
+            "qkv": (c.num_layers, c.qkv_size, c.hidden_size),
+            "o": (c.num_layers, c.hidden_size, c.num_heads * c.head_dim),
+            "ffn": (c.num_layers, c.intermediate_size, c.hidden_size),
+            "lm_head": (c.vocab_size, c.hidden_size),
+        }
+        got = {
+            "qkv": (*w.qkv.data.shape[:2], w.qkv.cols),
+            "o": (*w.o.data.shape[:2], w.o.cols),
+            "ffn": (*w.ffn.data.shape[:2], w.ffn.hidden),
+            "lm_head": (w.lm_head.rows, w.lm_head.cols),
+        }
         if got != expect:
             raise ValueError(f"weights {got} do not match the config's shapes {expect}")
         self.config, self.weights = config, weights
@@ -151,7 +159,7 @@ class Engine:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_transformers(cls, model, fmt: str = "f32") -> "Engine":
+    def from_transformers(cls, model, fmt: str = "f32") -> Engine:
         """Copy the weights of a transformers LlamaForCausalLM / MistralForCausalLM, in format ``fmt``."""
         import torch
 
@@ -171,16 +179,19 @@ class Engine:
         def stack(get) -> np.ndarray:
             return np.stack([get(block) for block in model.model.layers])
 
-        att = lambda b: b.self_attn  # noqa: E731
+        att = lambda b: b.self_attn
         has_bias = att(model.model.layers[0]).q_proj.bias is not None
-        qkv_bias = (lambda b: np.concatenate([f32(att(b).q_proj.bias), f32(att(b).k_proj.bias), f32(att(b).v_proj.bias)]))
+        qkv_bias = lambda b: np.concatenate([f32(att(b).q_proj.bias), f32(att(b).k_proj.bias), f32(att(b).v_proj.bias)])
         tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
         weights = step_kernels.ModelWeights.quantize(
             fmt,
             attn_norm_LH=stack(lambda b: f32(b.input_layernorm.weight)),
             ffn_norm_LH=stack(lambda b: f32(b.post_attention_layernorm.weight)),
-            w_qkv_LQH=stack(lambda b: np.concatenate([f32(att(b).q_proj.weight), f32(att(b).k_proj.weight),
-                                                      f32(att(b).v_proj.weight)])),
+            w_qkv_LQH=stack(
+                lambda b: np.concatenate(
+                    [f32(att(b).q_proj.weight), f32(att(b).k_proj.weight), f32(att(b).v_proj.weight)]
+                )
+            ),
             w_o_LHD=stack(lambda b: f32(att(b).o_proj.weight)),
             w_gate_LNH=stack(lambda b: f32(b.mlp.gate_proj.weight)),
             w_up_LNH=stack(lambda b: f32(b.mlp.up_proj.weight)),
@@ -189,11 +200,13 @@ class Engine:
             lm_head_VH=f32(model.lm_head.weight),
             embed_VH=None if tied else f32(model.model.embed_tokens.weight),  # one matrix when the embedding is tied
             b_qkv_LQ=stack(qkv_bias) if has_bias else None,
-            b_o_LH=stack(lambda b: f32(att(b).o_proj.bias)) if att(model.model.layers[0]).o_proj.bias is not None else None,
-        )  # fmt: skip
+            b_o_LH=stack(lambda b: f32(att(b).o_proj.bias))
+            if att(model.model.layers[0]).o_proj.bias is not None
+            else None,
+        )
         return cls(cfg, weights)
 
-    def quantized(self, fmt: str) -> "Engine":
+    def quantized(self, fmt: str) -> Engine:
         """This model with every matrix in ``fmt`` ('f32', 'q8_0', 'q4_0'), made once from the float32 weights
         and kept (an engine of its own: its own KV cache); ``self`` for this engine's own format."""
         quant.format_code(fmt)
@@ -204,9 +217,20 @@ class Engine:
         if fmt not in self._quantized:
             w, deq = self.weights, quant.dequantize  # float32 views of a float32 engine's weights
             weights = step_kernels.ModelWeights.quantize(
-                fmt, w.attn_norm_LH, w.ffn_norm_LH, deq(w.qkv), deq(w.o), w.ffn.dequantized(0), w.ffn.dequantized(1),
-                np.swapaxes(w.ffn.dequantized(2), -1, -2), w.final_norm_H, deq(w.lm_head),
-                None if w.tied else deq(w.embed), w.b_qkv_LQ, w.b_o_LH)  # fmt: skip
+                fmt,
+                w.attn_norm_LH,
+                w.ffn_norm_LH,
+                deq(w.qkv),
+                deq(w.o),
+                w.ffn.dequantized(0),
+                w.ffn.dequantized(1),
+                np.swapaxes(w.ffn.dequantized(2), -1, -2),
+                w.final_norm_H,
+                deq(w.lm_head),
+                None if w.tied else deq(w.embed),
+                w.b_qkv_LQ,
+                w.b_o_LH,
+            )
             self._quantized[fmt] = Engine(self.config, weights)
         return self._quantized[fmt]
 
@@ -269,8 +293,14 @@ class Engine:
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def step(self, token_id: int, sparse: bool = False, mask_provider: MaskProvider | None = None,
-             profile: dict | None = None, fused: bool = True) -> np.ndarray:
+    def step(
+        self,
+        token_id: int,
+        sparse: bool = False,
+        mask_provider: MaskProvider | None = None,
+        profile: dict | None = None,
+        fused: bool = True,
+    ) -> np.ndarray:
         """Decode one token at the next position; logits (V,).
 
         ``sparse=True`` runs every FFN over the neurons ``mask_provider(layer_idx, x_normed_H)``
@@ -298,15 +328,23 @@ class Engine:
         elif masks is not None:
             if len(masks[0]) != cfg.num_layers + 1:
                 raise ValueError(f"packed masks for {len(masks[0]) - 1} layers; the model has {cfg.num_layers}")
-            logits_V, active = self._decode_token(int(token_id), fused_masks(masks, cfg.intermediate_size), times, rows_read)
+            logits_V, active = self._decode_token(
+                int(token_id), fused_masks(masks, cfg.intermediate_size), times, rows_read
+            )
         else:
             logits_V, active = self._step_layers(int(token_id), mask_provider, times, rows_read)
         self.pos += 1
         if profile is not None:
             for key, seconds in times.items():
                 profile[key] = profile.get(key, 0.0) + seconds
-            counts = {"tokens": 1, "ffn_calls": cfg.num_layers, "active_neurons": int(active),
-                      "rows_gate": int(rows_read[0]), "rows_up": int(rows_read[1]), "rows_down": int(rows_read[2])}
+            counts = {
+                "tokens": 1,
+                "ffn_calls": cfg.num_layers,
+                "active_neurons": int(active),
+                "rows_gate": int(rows_read[0]),
+                "rows_up": int(rows_read[1]),
+                "rows_down": int(rows_read[2]),
+            }
             for key, n in counts.items():
                 profile[key] = profile.get(key, 0) + n
         return logits_V
@@ -317,9 +355,27 @@ class Engine:
         ticks = np.zeros(len(step_kernels.TICKS), np.int64)
         t0 = perf_counter()
         logits_V, active = step_kernels.decode_token(
-            token_id, self.pos, *self._args, w.final_norm_H, w.lm_head.data, w.embed.data, w.qkv.code, cfg.num_heads,
-            cfg.head_dim, cfg.rms_norm_eps, self.k_cache, self.v_cache, self.cos_PR, self.sin_PR,
-            cfg.sliding_window or 0, *cfg.act, *masks, numba.get_num_threads(), ticks, rows_read)  # fmt: skip
+            token_id,
+            self.pos,
+            *self._args,
+            w.final_norm_H,
+            w.lm_head.data,
+            w.embed.data,
+            w.qkv.code,
+            cfg.num_heads,
+            cfg.head_dim,
+            cfg.rms_norm_eps,
+            self.k_cache,
+            self.v_cache,
+            self.cos_PR,
+            self.sin_PR,
+            cfg.sliding_window or 0,
+            *cfg.act,
+            *masks,
+            numba.get_num_threads(),
+            ticks,
+            rows_read,
+        )
         wall = perf_counter() - t0
         tick_s = step_kernels.seconds_per_tick()
         if np.isnan(tick_s):  # no time-stamp counter: the token's time is not split
@@ -333,14 +389,29 @@ class Engine:
     def _attention_args(self, li_x_h: tuple) -> tuple:
         cfg = self.config
         li, x_H, h_H = li_x_h
-        return (li, x_H, *self._args[:8], self.weights.qkv.code, cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps,
-                self.k_cache, self.v_cache, self.cos_PR, self.sin_PR, self.pos, cfg.sliding_window or 0, h_H)  # fmt: skip
+        return (
+            li,
+            x_H,
+            *self._args[:8],
+            self.weights.qkv.code,
+            cfg.num_heads,
+            cfg.head_dim,
+            cfg.rms_norm_eps,
+            self.k_cache,
+            self.v_cache,
+            self.cos_PR,
+            self.sin_PR,
+            self.pos,
+            cfg.sliding_window or 0,
+            h_H,
+        )
 
     def _provider_masks(self, provider: MaskProvider, li: int, h_H: np.ndarray) -> np.ndarray:
         idx_K = np.ascontiguousarray(provider(li, h_H), dtype=np.int64)
         if idx_K.ndim != 1 or (len(idx_K) and (idx_K.min() < 0 or idx_K.max() >= self.config.intermediate_size)):
-            raise IndexError(f"mask provider returned indices outside [0, {self.config.intermediate_size}) "
-                             f"or not 1-D (layer {li})")  # fmt: skip
+            raise IndexError(
+                f"mask provider returned indices outside [0, {self.config.intermediate_size}) or not 1-D (layer {li})"
+            )
         return idx_K
 
     def _step_layers(self, token_id: int, provider: MaskProvider, times: dict, rows_read: np.ndarray):
@@ -358,8 +429,21 @@ class Engine:
             idx_K = self._provider_masks(provider, li, x_H if _reads_residual(provider) else h_H)
             active += len(idx_K)
             t3 = perf_counter()
-            step_kernels.ffn_half(li, x_H, h_H, w.ffn.data, w.ffn.down_scale, code, idx_K, len(idx_K), True, True,
-                                  *cfg.act, numba.get_num_threads(), rows_read)  # fmt: skip
+            step_kernels.ffn_half(
+                li,
+                x_H,
+                h_H,
+                w.ffn.data,
+                w.ffn.down_scale,
+                code,
+                idx_K,
+                len(idx_K),
+                True,
+                True,
+                *cfg.act,
+                numba.get_num_threads(),
+                rows_read,
+            )
             t4 = perf_counter()
             times["attention"] += t2 - t1
             times["mask"] += t3 - t2
@@ -369,8 +453,9 @@ class Engine:
         times["lm_head"] += perf_counter() - t1
         return logits_V, active
 
-    def _step_unfused(self, token_id: int, sparse: bool, provider: MaskProvider | None, times: dict,
-                      rows_read: np.ndarray):
+    def _step_unfused(
+        self, token_id: int, sparse: bool, provider: MaskProvider | None, times: dict, rows_read: np.ndarray
+    ):
         """The unfused engine: one kernel call per op (norms, GEMVs, attention, FFN), Python between them."""
         cfg, w = self.config, self.weights
         H, eps, code = cfg.hidden_size, cfg.rms_norm_eps, w.qkv.code
@@ -385,8 +470,16 @@ class Engine:
             qkv_Q = quant.gemv(w.qkv[li], h_H)
             if w.b_qkv_LQ is not None:
                 qkv_Q += w.b_qkv_LQ[li]
-            out_D = decode_attention(qkv_Q, self.k_cache[li], self.v_cache[li], self.cos_PR[self.pos],
-                                     self.sin_PR[self.pos], self.pos, cfg.num_heads, self._window_start(self.pos))  # fmt: skip
+            out_D = decode_attention(
+                qkv_Q,
+                self.k_cache[li],
+                self.v_cache[li],
+                self.cos_PR[self.pos],
+                self.sin_PR[self.pos],
+                self.pos,
+                cfg.num_heads,
+                self._window_start(self.pos),
+            )
             y_H = quant.gemv(w.o[li], out_D)
             x_H += y_H if w.b_o_LH is None else y_H + w.b_o_LH[li]
             step_kernels.rms_norm_into(x_H, w.ffn_norm_LH[li], eps, h_H)
@@ -406,9 +499,17 @@ class Engine:
         times["lm_head"] += perf_counter() - t1
         return logits_V, active
 
-    def generate(self, prompt_ids, max_new_tokens: int, sparse: bool = False, mask_provider: MaskProvider | None = None,
-                 profile: dict | None = None, eos_token_id: int | None = None, return_logits: bool = False,
-                 fused: bool = True):
+    def generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        sparse: bool = False,
+        mask_provider: MaskProvider | None = None,
+        profile: dict | None = None,
+        eos_token_id: int | None = None,
+        return_logits: bool = False,
+        fused: bool = True,
+    ):
         """Greedy decoding from a fresh cache; the new token ids (int64), prompt excluded.
 
         The prompt is prefilled densely and not profiled; each new token after the first is one
@@ -422,11 +523,15 @@ class Engine:
             raise ValueError(f"prompt_ids must be integer token ids; got dtype {prompt.dtype}")
         prompt_T = prompt.astype(np.int64).reshape(-1)
         if prompt_T.size and (prompt_T.min() < 0 or prompt_T.max() >= self.config.vocab_size):
-            raise ValueError(f"prompt_ids must lie in [0, {self.config.vocab_size}); got {prompt_T.min()}..{prompt_T.max()}")
+            raise ValueError(
+                f"prompt_ids must lie in [0, {self.config.vocab_size}); got {prompt_T.min()}..{prompt_T.max()}"
+            )
         limit = self.config.max_positions
         if limit is not None and prompt_T.shape[0] + max_new_tokens > limit:
-            raise ValueError(f"prompt ({prompt_T.shape[0]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"{limit} positions")
+            raise ValueError(
+                f"prompt ({prompt_T.shape[0]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"{limit} positions"
+            )
         self.reset(prompt_T.shape[0] + max_new_tokens)
         if sparse and mask_provider is None:
             mask_provider = ExactZeroOracle(self)

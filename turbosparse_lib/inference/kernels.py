@@ -105,8 +105,9 @@ def assert_close(name: str, got: np.ndarray, want: np.ndarray, rtol: float = 2e-
     return err / scale
 
 
-def validate_kernels(seed: int = 0, shapes=((1, 1), (7, 33), (257, 96), (64, 1000)),
-                     formats=("f32", "q8_0", "q4_0")) -> dict[str, float]:
+def validate_kernels(
+    seed: int = 0, shapes=((1, 1), (7, 33), (257, 96), (64, 1000)), formats=("f32", "q8_0", "q4_0")
+) -> dict[str, float]:
     """Run every kernel against its NumPy reference on random (N neurons / rows, H hidden / columns) shapes.
 
     For each format: the dense GEMV, the gather GEMV and the row axpy; the FFN dense, sparse over
@@ -148,5 +149,7 @@ def validate_kernels(seed: int = 0, shapes=((1, 1), (7, 33), (257, 96), (64, 100
                 check(f"ffn_dense[{fmt}]", bundles.ffn(ffn, x, None, variant), dense)
                 check(f"ffn_exact_in_line[{fmt}]", bundles.ffn(ffn, x, None, variant, skip_zeros=True), dense)
                 for idx in idx_sets.values():
-                    check(f"ffn_sparse[{fmt}]", bundles.ffn(ffn, x, idx, variant), bundles.ffn_ref(ffn, x, idx, variant))
+                    check(
+                        f"ffn_sparse[{fmt}]", bundles.ffn(ffn, x, idx, variant), bundles.ffn_ref(ffn, x, idx, variant)
+                    )
     return worst

@@ -20,7 +20,8 @@ token (or whose masks do not depend on the token) can offer ``token_masks`` too.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class ExactZeroOracle:
     instead, in one pass over the bundles, so its cost is then part of ``ffn``.
     """
 
-    def __init__(self, engine: "Engine"):
+    def __init__(self, engine: Engine):
         self.engine = engine
         self.spec = get_variant(engine.config.mlp_variant)
 
@@ -62,7 +63,7 @@ class TopKOracle:
     The count is ``sparsity.masks.kept_count``'s, the same as the torch top-k mask.
     """
 
-    def __init__(self, engine: "Engine", sparsity: float):
+    def __init__(self, engine: Engine, sparsity: float):
         from ..sparsity.masks import kept_count
 
         self.engine, self.sparsity = engine, sparsity
@@ -106,8 +107,9 @@ class RecordedMasks:
 
     def _next(self, layer_idx: int) -> np.ndarray:
         if self.cursor >= len(self.masks):
-            raise IndexError(f"replay ran past the {len(self.masks)} recorded masks: "
-                             "decode no more tokens than were recorded")
+            raise IndexError(
+                f"replay ran past the {len(self.masks)} recorded masks: decode no more tokens than were recorded"
+            )
         li, idx = self.masks[self.cursor]
         if li != layer_idx:
             raise RuntimeError(f"replayed mask {self.cursor} belongs to layer {li}, but layer {layer_idx} asked")

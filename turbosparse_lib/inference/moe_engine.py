@@ -16,7 +16,8 @@ routed expert only the neurons that fire need to be read. This engine decodes an
 
 What it shares with the dense engine (``inference.engine``) is only public kernels: ``bundles.ffn`` /
 ``bundles.combined``, ``kernels.variant_code`` and ``attention.decode_attention``; its other GEMVs are NumPy's. Its
-KV cache, RoPE tables and decoding loop are its own, so either engine can change without the other. Prefill runs the prompt one token at a time through ``step`` with dense experts
+KV cache, RoPE tables and decoding loop are its own, so either engine can change without the other. Prefill runs
+the prompt one token at a time through ``step`` with dense experts
 (prefill is never timed here, and one code path makes the prompt's cache exactly what decoding computes).
 
 Mask providers take ``(layer_idx, expert_idx, x_normed_H)`` and return the active neuron indices (int64,
@@ -28,9 +29,9 @@ provider's masks at no cost (the timing of an ideal predictor).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Callable
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class FFNWeights:
     bundles: bundles.FFNBundles
 
     @classmethod
-    def of(cls, gate_NH, up_NH, down_HN) -> "FFNWeights":
+    def of(cls, gate_NH, up_NH, down_HN) -> FFNWeights:
         gate, up, down = (_f32(t) for t in (gate_NH, up_NH, down_HN))
         return cls(gate, up, bundles.FFNBundles.from_weights(gate, up, down, "f32"))
 
@@ -122,32 +123,41 @@ class MoEEngineConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if not 1 <= self.experts_per_token <= self.num_experts:
-            raise ValueError(f"need 1 <= experts_per_token ({self.experts_per_token}) <= num_experts ({self.num_experts})")
+            raise ValueError(
+                f"need 1 <= experts_per_token ({self.experts_per_token}) <= num_experts ({self.num_experts})"
+            )
 
     @classmethod
-    def from_hf_config(cls, config) -> "MoEEngineConfig":
+    def from_hf_config(cls, config) -> MoEEngineConfig:
         from ..models.moe import moe_settings
 
         model_type = getattr(config, "model_type", None)
         if model_type not in MOE_ENGINE_TYPES:
-            raise TypeError(f"MoEEngine supports model types {', '.join(MOE_ENGINE_TYPES)}; got {model_type!r} "
-                            "(dense Llama / Mistral models decode with inference.engine.Engine)")
+            raise TypeError(
+                f"MoEEngine supports model types {', '.join(MOE_ENGINE_TYPES)}; got {model_type!r} "
+                "(dense Llama / Mistral models decode with inference.engine.Engine)"
+            )
         if getattr(config, "mlp_bias", False):
             raise NotImplementedError("mlp_bias=True is not supported by the MoE engine")
         moe = moe_settings(config)
         variant = getattr(config, "mlp_variant", None)
         return cls(
-            hidden_size=config.hidden_size, intermediate_size=moe.expert_intermediate_size,
-            num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+            intermediate_size=moe.expert_intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            vocab_size=config.vocab_size, num_experts=moe.num_experts, experts_per_token=moe.experts_per_token,
+            vocab_size=config.vocab_size,
+            num_experts=moe.num_experts,
+            experts_per_token=moe.experts_per_token,
             norm_topk_prob=model_type == "mixtral" or bool(getattr(config, "norm_topk_prob", False)),
-            rms_norm_eps=config.rms_norm_eps, rope_theta=_rope_theta(config),
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=_rope_theta(config),
             mlp_variant=get_variant(variant).name if variant is not None else variant_of_hf_act(config.hidden_act),
             mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
             sliding_window=_sliding_window(config),
-        )  # fmt: skip
+        )
 
 
 def _rope_theta(config) -> float:
@@ -155,7 +165,9 @@ def _rope_theta(config) -> float:
     params = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", "default")
     if rope_type != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise NotImplementedError(f"rope type {rope_type!r} / partial rotary factor: only the default RoPE is supported")
+        raise NotImplementedError(
+            f"rope type {rope_type!r} / partial rotary factor: only the default RoPE is supported"
+        )
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
@@ -176,7 +188,7 @@ class ExpertExactZeroOracle:
     the gate fired, for dReLU); a gate with no exact zeros (SwiGLU) computes the dense combined values.
     """
 
-    def __init__(self, engine: "MoEEngine"):
+    def __init__(self, engine: MoEEngine):
         self.engine = engine
         self.spec = get_variant(engine.config.mlp_variant)
 
@@ -184,8 +196,9 @@ class ExpertExactZeroOracle:
         w, act = self.engine.ffn_weights(layer_idx, expert_idx), self.engine.config.act
         if not self.spec.exact_zeros:
             return np.flatnonzero(bundles.combined(w.bundles, x_H, act))
-        fired_K = np.flatnonzero(kernels.combine_ref(w.w_gate_NH @ x_H, np.ones(w.neurons, np.float32),
-                                                     (act[0] & ~1, act[1])))  # the gate activation alone
+        fired_K = np.flatnonzero(
+            kernels.combine_ref(w.w_gate_NH @ x_H, np.ones(w.neurons, np.float32), (act[0] & ~1, act[1]))
+        )  # the gate activation alone
         if not self.spec.relu_up:
             return fired_K
         return fired_K[w.w_up_NH[fired_K] @ x_H > 0]
@@ -211,8 +224,10 @@ class RecordedExpertMasks:
             raise IndexError(f"replay ran past the {len(self.masks)} recorded masks")
         li, e, idx = self.masks[self.cursor]
         if (li, e) != (layer_idx, expert_idx):
-            raise RuntimeError(f"replayed mask {self.cursor} belongs to layer {li} expert {e}, but layer {layer_idx} "
-                               f"expert {expert_idx} asked: the routing differs from the recorded run")
+            raise RuntimeError(
+                f"replayed mask {self.cursor} belongs to layer {li} expert {e}, but layer {layer_idx} "
+                f"expert {expert_idx} asked: the routing differs from the recorded run"
+            )
         self.cursor += 1
         return idx
 
@@ -230,7 +245,7 @@ class MoEEngine:
         self.reset(256)
 
     @classmethod
-    def from_transformers(cls, model) -> "MoEEngine":
+    def from_transformers(cls, model) -> MoEEngine:
         """Copy the weights of a transformers Mixtral / Qwen2-MoE / Qwen3-MoE causal LM (native or swapped experts)."""
         from ..models.moe import is_moe_block
 
@@ -242,12 +257,13 @@ class MoEEngine:
             layer = MoELayer(
                 attn_norm_H=_f32(block.input_layernorm.weight),
                 w_qkv_QH=np.concatenate([_f32(getattr(att, n).weight) for n in ("q_proj", "k_proj", "v_proj")]),
-                w_o_HD=_f32(att.o_proj.weight), ffn_norm_H=_f32(block.post_attention_layernorm.weight),
+                w_o_HD=_f32(att.o_proj.weight),
+                ffn_norm_H=_f32(block.post_attention_layernorm.weight),
                 b_qkv_Q=None if biases[0] is None else np.concatenate([_f32(b) for b in biases]),
                 b_o_H=None if att.o_proj.bias is None else _f32(att.o_proj.bias),
                 q_norm_E=_f32(att.q_norm.weight) if hasattr(att, "q_norm") else None,
                 k_norm_E=_f32(att.k_norm.weight) if hasattr(att, "k_norm") else None,
-            )  # fmt: skip
+            )
             if is_moe_block(mlp):
                 F_ = cfg.intermediate_size
                 gu, down = mlp.experts.gate_up_proj, mlp.experts.down_proj  # (E, 2F, H), (E, H, F)
@@ -276,7 +292,10 @@ class MoEEngine:
             shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
             self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
             # transformers' default RoPE: float32 inv_freq and angles (rotate-half layout, applied by the kernel)
-            inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)))
+            inv_freq = 1.0 / (
+                np.float32(cfg.rope_theta)
+                ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim))
+            )
             angles_PR = np.arange(capacity, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
             self.cos_PR, self.sin_PR = np.cos(angles_PR), np.sin(angles_PR)
             self.capacity = capacity
@@ -290,10 +309,20 @@ class MoEEngine:
         if layer.q_norm_E is not None:  # Qwen3: per-head RMSNorm of q and k (before RoPE, which the kernel applies)
             E, nq, nk = cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
             qkv_Q[:nq] = _rms_norm(qkv_Q[:nq].reshape(-1, E), layer.q_norm_E, cfg.rms_norm_eps).reshape(-1)
-            qkv_Q[nq:nq + nk] = _rms_norm(qkv_Q[nq:nq + nk].reshape(-1, E), layer.k_norm_E, cfg.rms_norm_eps).reshape(-1)
+            qkv_Q[nq : nq + nk] = _rms_norm(
+                qkv_Q[nq : nq + nk].reshape(-1, E), layer.k_norm_E, cfg.rms_norm_eps
+            ).reshape(-1)
         lo = 0 if cfg.sliding_window is None else max(0, self.pos - cfg.sliding_window + 1)
-        out_D = decode_attention(qkv_Q, self.k_cache[li], self.v_cache[li], self.cos_PR[self.pos], self.sin_PR[self.pos],
-                                 self.pos, cfg.num_heads, lo)
+        out_D = decode_attention(
+            qkv_Q,
+            self.k_cache[li],
+            self.v_cache[li],
+            self.cos_PR[self.pos],
+            self.sin_PR[self.pos],
+            self.pos,
+            cfg.num_heads,
+            lo,
+        )
         y_H = _gemv(layer.w_o_HD, out_D)
         return y_H if layer.b_o_H is None else y_H + layer.b_o_H
 
@@ -315,8 +344,13 @@ class MoEEngine:
         it read to ``rows_read``."""
         return bundles.ffn(w.bundles, h_H, idx_K, self.config.act, rows_read=rows_read)
 
-    def step(self, token_id: int, sparse: bool = False, mask_provider: ExpertMaskProvider | None = None,
-             profile: dict | None = None) -> np.ndarray:
+    def step(
+        self,
+        token_id: int,
+        sparse: bool = False,
+        mask_provider: ExpertMaskProvider | None = None,
+        profile: dict | None = None,
+    ) -> np.ndarray:
         """Decode one token at the next position; logits (V,).
 
         ``sparse=True`` runs every expert (and shared expert / dense MLP) over the neurons ``mask_provider``
@@ -372,8 +406,14 @@ class MoEEngine:
         if profile is not None:
             for key, seconds in t.items():
                 profile[key] = profile.get(key, 0.0) + seconds
-            for key, n in (("tokens", 1), ("ffn_calls", calls), ("active_neurons", active), ("rows_gate", int(rows[0])),
-                           ("rows_up", int(rows[1])), ("rows_down", int(rows[2]))):
+            for key, n in (
+                ("tokens", 1),
+                ("ffn_calls", calls),
+                ("active_neurons", active),
+                ("rows_gate", int(rows[0])),
+                ("rows_up", int(rows[1])),
+                ("rows_down", int(rows[2])),
+            ):
                 profile[key] = profile.get(key, 0) + n
         return logits_V
 
@@ -388,9 +428,16 @@ class MoEEngine:
             logits_V = self.step(int(tok))
         return logits_V
 
-    def generate(self, prompt_ids, max_new_tokens: int, sparse: bool = False,
-                 mask_provider: ExpertMaskProvider | None = None, profile: dict | None = None,
-                 eos_token_id: int | None = None, return_logits: bool = False):
+    def generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        sparse: bool = False,
+        mask_provider: ExpertMaskProvider | None = None,
+        profile: dict | None = None,
+        eos_token_id: int | None = None,
+        return_logits: bool = False,
+    ):
         """Greedy decoding from a fresh cache; the new token ids (int64), prompt excluded (as ``Engine.generate``)."""
         prompt_T = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         self.reset(prompt_T.shape[0] + max_new_tokens)

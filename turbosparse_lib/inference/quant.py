@@ -75,11 +75,15 @@ class QMatrix:
     def __post_init__(self):
         self.code = format_code(self.fmt)
         if self.data.dtype != np.uint8 or not self.data.flags.c_contiguous or self.data.ndim < 2:
-            raise ValueError(f"QMatrix data must be C-contiguous uint8 (..., rows, row_bytes); got "
-                             f"{self.data.dtype}{self.data.shape}")  # fmt: skip
+            raise ValueError(
+                f"QMatrix data must be C-contiguous uint8 (..., rows, row_bytes); got "
+                f"{self.data.dtype}{self.data.shape}"
+            )
         if self.data.shape[-1] != row_bytes(self.cols, self.fmt):
-            raise ValueError(f"{self.fmt} rows of {self.cols} weights take {row_bytes(self.cols, self.fmt)} bytes; "
-                             f"data has {self.data.shape[-1]}")  # fmt: skip
+            raise ValueError(
+                f"{self.fmt} rows of {self.cols} weights take {row_bytes(self.cols, self.fmt)} bytes; "
+                f"data has {self.data.shape[-1]}"
+            )
 
     @property
     def rows(self) -> int:
@@ -89,7 +93,7 @@ class QMatrix:
     def nbytes(self) -> int:
         return self.data.nbytes
 
-    def __getitem__(self, i) -> "QMatrix":
+    def __getitem__(self, i) -> QMatrix:
         """One matrix of a stack (``stack[layer]``), a view."""
         return QMatrix(self.data[i], self.fmt, self.cols)
 
@@ -342,7 +346,9 @@ def gather_gemv(W: QMatrix, x_H: np.ndarray, idx_K: np.ndarray) -> np.ndarray:
 
 
 def gather_gemv_ref(W: QMatrix, x_H: np.ndarray, idx_K: np.ndarray) -> np.ndarray:
-    return (dequantize(W)[np.asarray(idx_K, np.int64)].astype(np.float64) @ _activation_ref(x_H, W.code)).astype(np.float32)
+    return (dequantize(W)[np.asarray(idx_K, np.int64)].astype(np.float64) @ _activation_ref(x_H, W.code)).astype(
+        np.float32
+    )
 
 
 def axpy_rows(W: QMatrix, coef_K: np.ndarray, idx_K: np.ndarray) -> np.ndarray:

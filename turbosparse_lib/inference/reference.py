@@ -25,7 +25,7 @@ def rms_norm(x_TH: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
     return w_H * (x_TH / np.sqrt(var_T1 + np.float32(eps)))
 
 
-def _rope(engine: "Engine", x_TnE: np.ndarray, positions_T: np.ndarray) -> np.ndarray:
+def _rope(engine: Engine, x_TnE: np.ndarray, positions_T: np.ndarray) -> np.ndarray:
     """Rotate-half RoPE on (T, heads, head_dim) at the given positions."""
     R = engine.config.head_dim // 2
     cos, sin = engine.cos_PR[positions_T][:, None, :], engine.sin_PR[positions_T][:, None, :]
@@ -33,7 +33,7 @@ def _rope(engine: "Engine", x_TnE: np.ndarray, positions_T: np.ndarray) -> np.nd
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _attention(engine: "Engine", li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, act) -> np.ndarray:
+def _attention(engine: Engine, li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, act) -> np.ndarray:
     """T prompt tokens at positions pos..pos+T-1 with NumPy matmuls; writes their k, v to the cache."""
     cfg, w = engine.config, engine.weights
     T, E, G, rep = h_TH.shape[0], cfg.head_dim, cfg.num_kv_heads, cfg.n_rep
@@ -64,13 +64,17 @@ def _attention(engine: "Engine", li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, ac
     return y_TH if w.b_o_LH is None else y_TH + w.b_o_LH[li]
 
 
-def forward_numpy(engine: "Engine", ids_T: np.ndarray, all_logits: bool) -> np.ndarray:
+def forward_numpy(engine: Engine, ids_T: np.ndarray, all_logits: bool) -> np.ndarray:
     """Run ``ids_T`` after the engine's cached positions (writing their k, v); the last logits (V,), or (T, V)."""
     cfg, w = engine.config, engine.weights
     code, H = w.qkv.code, cfg.hidden_size
 
     def act(x_TC):  # what a kernel of this format multiplies the weights with
-        return x_TC if code == quant.F32 else np.stack([quant._activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
+        return (
+            x_TC
+            if code == quant.F32
+            else np.stack([quant._activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
+        )
 
     x_TH = quant.dequantize(quant.QMatrix(w.embed.data[ids_T], w.embed.fmt, H))
     for li in range(cfg.num_layers):
@@ -84,4 +88,3 @@ def forward_numpy(engine: "Engine", ids_T: np.ndarray, all_logits: bool) -> np.n
     h_TH = act(rms_norm(x_TH if all_logits else x_TH[-1:], w.final_norm_H, cfg.rms_norm_eps))
     logits_TV = np.ascontiguousarray(h_TH, dtype=np.float32) @ quant.dequantize(w.lm_head).T
     return logits_TV if all_logits else logits_TV[0]
-

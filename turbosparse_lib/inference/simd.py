@@ -144,8 +144,11 @@ def _hsum8(builder, v):
     """Horizontal sum of an <8 x float>."""
     s4 = builder.fadd(_lanes(builder, v, range(4)), _lanes(builder, v, range(4, 8)), flags=_FAST)
     s2 = builder.fadd(_lanes(builder, s4, range(2)), _lanes(builder, s4, range(2, 4)), flags=_FAST)
-    return builder.fadd(builder.extract_element(s2, ir.Constant(_I32, 0)),
-                        builder.extract_element(s2, ir.Constant(_I32, 1)), flags=_FAST)  # fmt: skip
+    return builder.fadd(
+        builder.extract_element(s2, ir.Constant(_I32, 0)),
+        builder.extract_element(s2, ir.Constant(_I32, 1)),
+        flags=_FAST,
+    )
 
 
 def _counted_loop(builder, n, body, acc_init=None):
@@ -211,12 +214,20 @@ def _make_block_dot(block_bytes: int):
 
             def body(b, acc):
                 blk = builder.gep(row, [builder.mul(b, ir.Constant(_I64, block_bytes))])
-                x_ptr = builder.bitcast(_elem_ptr(context, builder, x16_ty, x16_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _I16),
-                                        _I8.as_pointer())  # fmt: skip
+                x_ptr = builder.bitcast(
+                    _elem_ptr(context, builder, x16_ty, x16_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _I16),
+                    _I8.as_pointer(),
+                )
                 w_lo, w_hi = weights(builder, blk)
-                isum = builder.add(_int_dot16(builder, w_lo, _load_vec(builder, x_ptr, _I16, 16)),
-                                   _int_dot16(builder, w_hi, _load_vec(builder, builder.gep(x_ptr, [ir.Constant(_I64, 32)]), _I16, 16)))
-                scale = builder.fmul(_block_scale(builder, blk), builder.load(_elem_ptr(context, builder, xd_ty, xd_arr, b, _F32)))
+                isum = builder.add(
+                    _int_dot16(builder, w_lo, _load_vec(builder, x_ptr, _I16, 16)),
+                    _int_dot16(
+                        builder, w_hi, _load_vec(builder, builder.gep(x_ptr, [ir.Constant(_I64, 32)]), _I16, 16)
+                    ),
+                )
+                scale = builder.fmul(
+                    _block_scale(builder, blk), builder.load(_elem_ptr(context, builder, xd_ty, xd_arr, b, _F32))
+                )
                 part = builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), _splat(builder, scale, 8), flags=_FAST)
                 return builder.fadd(acc, part, flags=_FAST)
 
@@ -243,9 +254,13 @@ def _make_block_axpy(block_bytes: int):
                 blk = builder.gep(row, [builder.mul(b, ir.Constant(_I64, block_bytes))])
                 a = _splat(builder, builder.fmul(c, _block_scale(builder, blk)), 32)
                 w_lo, w_hi = weights(builder, blk)
-                w_f = builder.sitofp(builder.shuffle_vector(w_lo, w_hi, ir.Constant(_vec(_I32, 32), list(range(32)))), _vec(_F32, 32))
-                y_ptr = builder.bitcast(_elem_ptr(context, builder, y_ty, y_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _F32),
-                                        _vec(_F32, 32).as_pointer())  # fmt: skip
+                w_f = builder.sitofp(
+                    builder.shuffle_vector(w_lo, w_hi, ir.Constant(_vec(_I32, 32), list(range(32)))), _vec(_F32, 32)
+                )
+                y_ptr = builder.bitcast(
+                    _elem_ptr(context, builder, y_ty, y_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _F32),
+                    _vec(_F32, 32).as_pointer(),
+                )
                 y_new = builder.fadd(builder.load(y_ptr, align=4), builder.fmul(a, w_f, flags=_FAST), flags=_FAST)
                 builder.store(y_new, y_ptr, align=4)
                 return None

@@ -59,14 +59,38 @@ class ModelWeights:
     b_o_LH: np.ndarray | None = None
 
     @classmethod
-    def quantize(cls, fmt: str, attn_norm_LH, ffn_norm_LH, w_qkv_LQH, w_o_LHD, w_gate_LNH, w_up_LNH, w_down_LHN,
-                 final_norm_H, lm_head_VH, embed_VH=None, b_qkv_LQ=None, b_o_LH=None) -> "ModelWeights":
+    def quantize(
+        cls,
+        fmt: str,
+        attn_norm_LH,
+        ffn_norm_LH,
+        w_qkv_LQH,
+        w_o_LHD,
+        w_gate_LNH,
+        w_up_LNH,
+        w_down_LHN,
+        final_norm_H,
+        lm_head_VH,
+        embed_VH=None,
+        b_qkv_LQ=None,
+        b_o_LH=None,
+    ) -> ModelWeights:
         """From float weights in ``nn.Linear`` layout, stacked over layers; ``embed_VH=None``: tied to lm_head."""
         lm_head = quant.quantize(lm_head_VH, fmt)
-        f32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-        return cls(fmt, f32(attn_norm_LH), f32(ffn_norm_LH), quant.quantize(w_qkv_LQH, fmt), quant.quantize(w_o_LHD, fmt),
-                   FFNBundles.from_weights(w_gate_LNH, w_up_LNH, w_down_LHN, fmt), f32(final_norm_H), lm_head,
-                   lm_head if embed_VH is None else quant.quantize(embed_VH, fmt), f32(b_qkv_LQ), f32(b_o_LH))  # fmt: skip
+        f32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+        return cls(
+            fmt,
+            f32(attn_norm_LH),
+            f32(ffn_norm_LH),
+            quant.quantize(w_qkv_LQH, fmt),
+            quant.quantize(w_o_LHD, fmt),
+            FFNBundles.from_weights(w_gate_LNH, w_up_LNH, w_down_LHN, fmt),
+            f32(final_norm_H),
+            lm_head,
+            lm_head if embed_VH is None else quant.quantize(embed_VH, fmt),
+            f32(b_qkv_LQ),
+            f32(b_o_LH),
+        )
 
     @property
     def tied(self) -> bool:
@@ -76,15 +100,27 @@ class ModelWeights:
     def nbytes(self) -> int:
         """Bytes held (a tied embedding once)."""
         mats = [self.qkv, self.o, self.ffn, self.lm_head] + ([] if self.tied else [self.embed])
-        return sum(m.nbytes for m in mats) + sum(a.nbytes for a in (self.attn_norm_LH, self.ffn_norm_LH, self.final_norm_H))
+        return sum(m.nbytes for m in mats) + sum(
+            a.nbytes for a in (self.attn_norm_LH, self.ffn_norm_LH, self.final_norm_H)
+        )
 
     def kernel_args(self) -> tuple:
         """The arrays ``decode_token`` and the layer halves take, in their order (biases as zeros when absent)."""
         L, Q, H = self.qkv.data.shape[0], self.qkv.rows, self.o.rows
         b_qkv = np.zeros((L, Q), np.float32) if self.b_qkv_LQ is None else self.b_qkv_LQ
         b_o = np.zeros((L, H), np.float32) if self.b_o_LH is None else self.b_o_LH
-        return (self.attn_norm_LH, self.qkv.data, b_qkv, self.b_qkv_LQ is not None, self.o.data, b_o,
-                self.b_o_LH is not None, self.ffn_norm_LH, self.ffn.data, self.ffn.down_scale)  # fmt: skip
+        return (
+            self.attn_norm_LH,
+            self.qkv.data,
+            b_qkv,
+            self.b_qkv_LQ is not None,
+            self.o.data,
+            b_o,
+            self.b_o_LH is not None,
+            self.ffn_norm_LH,
+            self.ffn.data,
+            self.ffn.down_scale,
+        )
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -117,8 +153,29 @@ def matvec(data, code, cols, x, y):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, code, n_heads, head_dim,
-                   eps, k_cache, v_cache, cos, sin, pos, window, h_out):
+def attention_half(
+    li,
+    x,
+    attn_norm,
+    qkv,
+    b_qkv,
+    has_b_qkv,
+    o,
+    b_o,
+    has_b_o,
+    ffn_norm,
+    code,
+    n_heads,
+    head_dim,
+    eps,
+    k_cache,
+    v_cache,
+    cos,
+    sin,
+    pos,
+    window,
+    h_out,
+):
     """Layer ``li``'s attention block on the residual stream ``x`` (updated in place); ``h_out`` gets
     the FFN's input, RMSNorm(x). Writes this position's k and v into the layer's cache."""
     H = x.shape[0]
@@ -145,8 +202,25 @@ def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, s
     if code != quant.F32:
         quant._quantize_activation(h, x16, xd)
     y = np.empty(H, np.float32)
-    ffn_into(ffn[li], ffn_scale[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read,
-             prefetch_bytes_for(ffn.shape[2]))  # fmt: skip
+    ffn_into(
+        ffn[li],
+        ffn_scale[li],
+        code,
+        H,
+        h,
+        x16,
+        xd,
+        idx,
+        n,
+        use_idx,
+        skip_zeros,
+        act,
+        shift,
+        n_threads,
+        y,
+        rows_read,
+        prefetch_bytes_for(ffn.shape[2]),
+    )
     x += y
 
 
@@ -169,9 +243,40 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, ffn, ffn_scale, final_norm,
-                 lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin, window, act, shift, masks_mode,
-                 mask_offsets, mask_idx, n_threads, ticks, rows_read):
+def decode_token(
+    token,
+    pos,
+    attn_norm,
+    qkv,
+    b_qkv,
+    has_b_qkv,
+    o,
+    b_o,
+    has_b_o,
+    ffn_norm,
+    ffn,
+    ffn_scale,
+    final_norm,
+    lm_head,
+    embed,
+    code,
+    n_heads,
+    head_dim,
+    eps,
+    k_cache,
+    v_cache,
+    cos,
+    sin,
+    window,
+    act,
+    shift,
+    masks_mode,
+    mask_offsets,
+    mask_idx,
+    n_threads,
+    ticks,
+    rows_read,
+):
     """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
 
     ``masks_mode``: ``MASKS_DENSE``, ``MASKS_PACKED`` (layer l reads neurons
@@ -187,14 +292,36 @@ def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, 
     t1 = simd.cycle_counter()
     ticks[0] += t1 - t0
     for li in range(attn_norm.shape[0]):
-        attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, code, n_heads, head_dim,
-                       eps, k_cache, v_cache, cos, sin, pos, window, h)  # fmt: skip
+        attention_half(
+            li,
+            x,
+            attn_norm,
+            qkv,
+            b_qkv,
+            has_b_qkv,
+            o,
+            b_o,
+            has_b_o,
+            ffn_norm,
+            code,
+            n_heads,
+            head_dim,
+            eps,
+            k_cache,
+            v_cache,
+            cos,
+            sin,
+            pos,
+            window,
+            h,
+        )
         t2 = simd.cycle_counter()
         ticks[1] += t2 - t1
         if masks_mode == MASKS_PACKED:
             lo, hi = mask_offsets[li], mask_offsets[li + 1]
-            ffn_half(li, x, h, ffn, ffn_scale, code, mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads,
-                     rows_read)  # fmt: skip
+            ffn_half(
+                li, x, h, ffn, ffn_scale, code, mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads, rows_read
+            )
             active += hi - lo
         else:
             before = rows_read[2]

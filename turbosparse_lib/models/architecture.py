@@ -46,7 +46,7 @@ class ModelConfig:
                 f"and num_heads by num_kv_heads ({self.num_kv_heads})"
             )
 
-    def to_hf(self, moe: "MoEConfig | None" = None):
+    def to_hf(self, moe: MoEConfig | None = None):
         """The equivalent ``transformers.LlamaConfig``, or with ``moe`` a ``MixtralConfig``."""
         from transformers import LlamaConfig
 
@@ -82,8 +82,10 @@ class MoEConfig:
 
     def __post_init__(self):
         if not 1 <= self.experts_per_token <= self.num_experts or self.expert_intermediate_size < 1:
-            raise ValueError(f"need 1 <= experts_per_token ({self.experts_per_token}) <= num_experts "
-                             f"({self.num_experts}) and expert_intermediate_size >= 1")
+            raise ValueError(
+                f"need 1 <= experts_per_token ({self.experts_per_token}) <= num_experts "
+                f"({self.num_experts}) and expert_intermediate_size >= 1"
+            )
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0; got {self.router_aux_loss_coef}")
 

@@ -62,14 +62,16 @@ def moe_settings(config) -> MoESettings:
     """Routing settings of a Mixtral / Qwen2-MoE / Qwen3-MoE config; other model types raise."""
     model_type = getattr(config, "model_type", None)
     if model_type not in MOE_MODEL_TYPES:
-        raise NotImplementedError(f"model_type {model_type!r} is not a supported MoE; supported: {', '.join(MOE_MODEL_TYPES)}")
+        raise NotImplementedError(
+            f"model_type {model_type!r} is not a supported MoE; supported: {', '.join(MOE_MODEL_TYPES)}"
+        )
     n_attr, f_attr = MOE_MODEL_TYPES[model_type]
     return MoESettings(getattr(config, n_attr), config.num_experts_per_tok, getattr(config, f_attr))
 
 
 def is_moe_block(mlp: nn.Module) -> bool:
     """Whether a decoder layer's ``mlp`` is a routed block (a router ``gate`` and fused ``experts``)."""
-    return isinstance(getattr(mlp, "experts", None), nn.Module) and hasattr(getattr(mlp, "experts"), "gate_up_proj")
+    return isinstance(getattr(mlp, "experts", None), nn.Module) and hasattr(mlp.experts, "gate_up_proj")
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -96,7 +98,7 @@ class ExpertProjection(nn.Module):
 
     bias = None  # transformers' fused experts of these families have no biases
 
-    def __init__(self, owner: "GatedExperts", expert: int, which: Literal["gate", "up", "down"]):
+    def __init__(self, owner: GatedExperts, expert: int, which: Literal["gate", "up", "down"]):
         super().__init__()
         if which not in ("gate", "up", "down"):
             raise ValueError(f"which must be 'gate', 'up' or 'down'; got {which!r}")
@@ -130,9 +132,10 @@ class ExpertProjection(nn.Module):
 
 
 class ExpertMLP(nn.Module):
-    """Expert ``e`` of a ``GatedExperts`` as a gated MLP: ``down_proj(act_fn(gate_proj(x)) * up_act_fn(up_proj(x)))``."""
+    """Expert ``e`` of a ``GatedExperts`` as a gated MLP:
+    ``down_proj(act_fn(gate_proj(x)) * up_act_fn(up_proj(x)))``."""
 
-    def __init__(self, owner: "GatedExperts", expert: int):
+    def __init__(self, owner: GatedExperts, expert: int):
         super().__init__()
         self.expert = expert
         self.gate_proj = ExpertProjection(owner, expert, "gate")
@@ -161,15 +164,17 @@ def _hooked(module: nn.Module) -> bool:
     """Whether a forward hook or pre-hook (the module's own or a global one) would see this module's call."""
     from torch.nn.modules import module as _m
 
-    return bool(module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
-                or _m._global_forward_pre_hooks)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
+    )
 
 
 class GatedExperts(nn.Module):
     """The routed experts of one MoE layer, fused as in transformers, with any gated-MLP variant."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, variant: str = "swiglu",
-                 **variant_kwargs):
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, variant: str = "swiglu", **variant_kwargs
+    ):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -178,16 +183,25 @@ class GatedExperts(nn.Module):
         self.set_variant(variant, **variant_kwargs)
 
     @classmethod
-    def from_native(cls, native: nn.Module, variant: str = "swiglu", **variant_kwargs) -> "GatedExperts":
+    def from_native(cls, native: nn.Module, variant: str = "swiglu", **variant_kwargs) -> GatedExperts:
         """A ``GatedExperts`` that *shares* the parameters of transformers' fused experts module (no copy)."""
-        for flag, want in (("has_gate", True), ("has_bias", False), ("is_transposed", False), ("is_concatenated", True)):
+        for flag, want in (
+            ("has_gate", True),
+            ("has_bias", False),
+            ("is_transposed", False),
+            ("is_concatenated", True),
+        ):
             if getattr(native, flag, want) != want:
-                raise NotImplementedError(f"{type(native).__name__} has {flag}={not want}; only gated, bias-free experts "
-                                          "with [gate; up] rows in (experts, out, in) layout are supported")
+                raise NotImplementedError(
+                    f"{type(native).__name__} has {flag}={not want}; only gated, bias-free experts "
+                    "with [gate; up] rows in (experts, out, in) layout are supported"
+                )
         E, twoF, H = native.gate_up_proj.shape
         if native.down_proj.shape != (E, H, twoF // 2):
-            raise NotImplementedError(f"{type(native).__name__}: down_proj {tuple(native.down_proj.shape)} does not "
-                                      f"match gate_up_proj {tuple(native.gate_up_proj.shape)}")
+            raise NotImplementedError(
+                f"{type(native).__name__}: down_proj {tuple(native.down_proj.shape)} does not "
+                f"match gate_up_proj {tuple(native.gate_up_proj.shape)}"
+            )
         experts = cls.__new__(cls)
         nn.Module.__init__(experts)
         experts.num_experts, experts.hidden_dim, experts.intermediate_size = E, H, twoF // 2
@@ -206,7 +220,9 @@ class GatedExperts(nn.Module):
         for mlp in self.mlps:  # one activation module shared by all experts (activations hold no parameters)
             mlp.act_fn, mlp.up_act_fn = self.act_fn, self.up_act_fn
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """hidden_states (T, H); top_k_index, top_k_weights (T, k) from the router -> (T, H).
 
         The (token, slot) pairs are sorted by expert, then slot, then token (the order in which the eager loop
@@ -233,7 +249,7 @@ class GatedExperts(nn.Module):
             if n == 0:
                 continue
             mlp = self.mlps[e]
-            mlp.token_index = tokens[start:start + n]
+            mlp.token_index = tokens[start : start + n]
             try:
                 outs.append(mlp(x_e, (gate_ups[e], downs[e])))
             finally:
@@ -245,5 +261,7 @@ class GatedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         kw = "".join(f", {k}={v}" for k, v in self.variant_kwargs.items())
-        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_size}, "
-                f"variant={self.variant!r}{kw}")
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_size}, "
+            f"variant={self.variant!r}{kw}"
+        )

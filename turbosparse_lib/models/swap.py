@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import nn
 
 from .moe import MOE_MODEL_TYPES, ExpertProjection, GatedExperts, is_moe_block
@@ -84,14 +83,18 @@ class MLPUnit:
 
 
 _PROJECTIONS = (nn.Linear, ExpertProjection)
-_NATIVE_EXPERTS_HINT = ("its routed experts are transformers' fused experts, which have no per-expert module to hook: "
-                        "call models.swap.apply_variant(model, native_variant(model.config)) first (the same weights, "
-                        "shared, and the same function)")
+_NATIVE_EXPERTS_HINT = (
+    "its routed experts are transformers' fused experts, which have no per-expert module to hook: "
+    "call models.swap.apply_variant(model, native_variant(model.config)) first (the same weights, "
+    "shared, and the same function)"
+)
 
 
 def _check_gated(i: int, mlp: nn.Module, what: str) -> None:
     if not all(isinstance(getattr(mlp, n, None), _PROJECTIONS) for n in ("gate_proj", "up_proj", "down_proj")):
-        raise NotImplementedError(f"layer {i}: {what} {type(mlp).__name__} is not a gated MLP with gate_proj/up_proj/down_proj")
+        raise NotImplementedError(
+            f"layer {i}: {what} {type(mlp).__name__} is not a gated MLP with gate_proj/up_proj/down_proj"
+        )
 
 
 def mlp_units(model) -> list[MLPUnit]:

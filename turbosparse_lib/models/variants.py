@@ -72,8 +72,10 @@ class GatedVariant:
 
     def __post_init__(self):
         if self.gate_act not in GATE_ACTIVATIONS or self.up_act not in UP_ACTIVATIONS:
-            raise ValueError(f"variant {self.name!r}: gate_act must be one of {sorted(GATE_ACTIVATIONS)} and up_act "
-                             f"one of {sorted(UP_ACTIVATIONS)}; got {self.gate_act!r}, {self.up_act!r}")
+            raise ValueError(
+                f"variant {self.name!r}: gate_act must be one of {sorted(GATE_ACTIVATIONS)} and up_act "
+                f"one of {sorted(UP_ACTIVATIONS)}; got {self.gate_act!r}, {self.up_act!r}"
+            )
 
     @property
     def relu_up(self) -> bool:
@@ -180,7 +182,7 @@ class GatedMLP(nn.Module):
     @classmethod
     def from_linears(
         cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, variant: str = "swiglu", **variant_kwargs
-    ) -> "GatedMLP":
+    ) -> GatedMLP:
         """A GatedMLP that *shares* the given projections (no copy: same weights, device and dtype)."""
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)

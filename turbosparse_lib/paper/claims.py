@@ -17,9 +17,9 @@ between ``README_START`` and ``README_END`` (``update_readme``; a test fails whe
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -67,21 +67,29 @@ def _trains_as_well(read: Read) -> Finding:
 
     ppl, per_seed, summ = read("02_perplexity.csv"), read("02_perplexity_contrast.csv"), read("02_training_summary.csv")
     v = variant_verdict(per_seed, {k: g.ppl.to_numpy() for k, g in ppl.groupby("variant")}, "swiglu", "drelu")
-    ours = (f"ppl ratio dReLU/SwiGLU {v['mean_ratio']:.3f} (per seed "
-            + ", ".join(f"{r.ratio:.3f} [{r.ratio_lo:.3f}, {r.ratio_hi:.3f}]" for r in per_seed.itertuples()) + ")")
+    ours = (
+        f"ppl ratio dReLU/SwiGLU {v['mean_ratio']:.3f} (per seed "
+        + ", ".join(f"{r.ratio:.3f} [{r.ratio_lo:.3f}, {r.ratio_hi:.3f}]" for r in per_seed.itertuples())
+        + ")"
+    )
     if v["verdict"] == "drelu worse":
         verdict = QUALITATIVE if v["mean_ratio"] <= 1.05 else FAILS
         why = f"dReLU's perplexity is higher at every seed beyond the seed spread ({v['mean_ratio'] - 1:+.1%})"
     else:
         verdict = HOLDS
-        why = ("dReLU better than SwiGLU beyond intervals and seeds" if v["verdict"] == "drelu better"
-               else "no difference the windows' intervals and the seed spread can tell")
+        why = (
+            "dReLU better than SwiGLU beyond intervals and seeds"
+            if v["verdict"] == "drelu better"
+            else "no difference the windows' intervals and the seed spread can tell"
+        )
     return Finding(ours, _scratch_setting(summ), verdict, why)
 
 
 def _scratch_setting(summ: pd.DataFrame) -> str:
-    return (f"from scratch, {summ.parameters.iloc[0] / 1e6:.1f}M params, {summ.tokens_seen.iloc[0] / 1e6:.1f}M tokens, "
-            f"{summ.seed.nunique()} seeds")
+    return (
+        f"from scratch, {summ.parameters.iloc[0] / 1e6:.1f}M params, {summ.tokens_seen.iloc[0] / 1e6:.1f}M tokens, "
+        f"{summ.seed.nunique()} seeds"
+    )
 
 
 def _zeroshot_as_well(read: Read) -> Finding:
@@ -96,14 +104,25 @@ def _zeroshot_as_well(read: Read) -> Finding:
     margin = np.maximum(2 * se_task, 3 / n)  # rule of three: at chance 0 a hit or two in n is no signal
     diff = (per["drelu"] - per["swiglu"]).mean()
     se = float(np.sqrt((se_task**2 * 2).sum()) / len(per))  # of the mean difference over tasks
-    ours = "; ".join(f"{t}: dReLU {per.loc[t, 'drelu']:.3f}, SwiGLU {per.loc[t, 'swiglu']:.3f} (chance {chance[t]:g})"
-                     for t in per.index) + f"; mean difference {diff:+.3f} (s.e. ~{se:.3f})"
+    ours = (
+        "; ".join(
+            f"{t}: dReLU {per.loc[t, 'drelu']:.3f}, SwiGLU {per.loc[t, 'swiglu']:.3f} (chance {chance[t]:g})"
+            for t in per.index
+        )
+        + f"; mean difference {diff:+.3f} (s.e. ~{se:.3f})"
+    )
     above = [t for t in per.index if per.loc[t].max() > chance[t] + margin[t]]
     if not above:
-        return Finding(ours, _scratch_setting(summ), NOT_DISTINGUISHABLE,
-                       "on every task both are within two standard errors of that task's chance: too hard at this size")
+        return Finding(
+            ours,
+            _scratch_setting(summ),
+            NOT_DISTINGUISHABLE,
+            "on every task both are within two standard errors of that task's chance: too hard at this size",
+        )
     if diff >= -2 * se:
-        return Finding(ours, _scratch_setting(summ), HOLDS, "dReLU's accuracy is not below SwiGLU's beyond two standard errors")
+        return Finding(
+            ours, _scratch_setting(summ), HOLDS, "dReLU's accuracy is not below SwiGLU's beyond two standard errors"
+        )
     return Finding(ours, _scratch_setting(summ), FAILS, "dReLU's accuracy is lower by more than two standard errors")
 
 
@@ -116,8 +135,12 @@ def _level_band(value: float, holds: float, qualitative: float, higher_is_better
 def _scratch_sparsity(read: Read) -> Finding:
     nat, summ = read("02_natural_sparsity.csv"), read("02_training_summary.csv")
     z = nat[(nat.variant == "drelu") & (nat.kind == "combined")].zero_frac.mean()
-    return Finding(f"{z:.1%} of combined activations exactly zero", _scratch_setting(summ), _level_band(z, 0.85, 0.6),
-                   "exact zeros of the trained from-scratch dReLU models, mean over layers and seeds")
+    return Finding(
+        f"{z:.1%} of combined activations exactly zero",
+        _scratch_setting(summ),
+        _level_band(z, 0.85, 0.6),
+        "exact zeros of the trained from-scratch dReLU models, mean over layers and seeds",
+    )
 
 
 def _topk(read: Read, file: str, a: str, b: str, setting: str) -> Finding:
@@ -128,11 +151,15 @@ def _topk(read: Read, file: str, a: str, b: str, setting: str) -> Finding:
         sweeps = sweeps.assign(seed=0)
     r = compare.topk_robustness(sweeps, 0.9, a, b)
     ps = r["per_seed"]
-    ours = (f"ppl x{ps[f'{a}_ratio'].mean():.3f} ({a}) vs x{ps[f'{b}_ratio'].mean():.3f} ({b}) at 90% top-k")
+    ours = f"ppl x{ps[f'{a}_ratio'].mean():.3f} ({a}) vs x{ps[f'{b}_ratio'].mean():.3f} ({b}) at 90% top-k"
     verdict = {f"{b} more robust": HOLDS, compare.NOT_DISTINGUISHABLE: NOT_DISTINGUISHABLE}.get(r["verdict"], FAILS)
-    why = {HOLDS: f"{b}'s interval lies below {a}'s at every seed",
-           NOT_DISTINGUISHABLE: "the paired intervals overlap"}.get(
-        verdict, f"rule: {r['verdict']}" + (" (SwiGLU does not break at our scale)" if "both robust" in r["verdict"] else ""))
+    why = {
+        HOLDS: f"{b}'s interval lies below {a}'s at every seed",
+        NOT_DISTINGUISHABLE: "the paired intervals overlap",
+    }.get(
+        verdict,
+        f"rule: {r['verdict']}" + (" (SwiGLU does not break at our scale)" if "both robust" in r["verdict"] else ""),
+    )
     if verdict == HOLDS and ps[f"{a}_ratio"].mean() < 1.5:
         verdict, why = QUALITATIVE, f"{why}, but {a} degrades far less than the paper's x3.9"
     return Finding(ours, setting, verdict, why)
@@ -168,15 +195,22 @@ def _relufication_order(read: Read) -> Finding:
     m = t.topk_at_matched
     never = [v for v in order if not m[v] == m[v]]
     ours += "; top-k sparsity at dReLU's quality: " + ", ".join(
-        f"{v} {m[v]:.0%}" if v not in never else f"{v} never as good" for v in order)
+        f"{v} {m[v]:.0%}" if v not in never else f"{v} never as good" for v in order
+    )
     reach = [v for v in order if v not in never]
     sparsest_matched = max(reach, key=lambda v: m[v]) == "drelu"
     note = f" ({', '.join(never)} never as good as dReLU: left out)" if never else ""
     if by_zeros and sparsest_matched:
-        return Finding(ours, _relufied_setting(read), HOLDS, "ReGLU < shifted ReLU < dReLU, also at equal quality" + note)
+        return Finding(
+            ours, _relufied_setting(read), HOLDS, "ReGLU < shifted ReLU < dReLU, also at equal quality" + note
+        )
     if sparsest_matched:
-        return Finding(ours, _relufied_setting(read), QUALITATIVE,
-                       "dReLU is the sparsest at equal quality; not in every raw count" + note)
+        return Finding(
+            ours,
+            _relufied_setting(read),
+            QUALITATIVE,
+            "dReLU is the sparsest at equal quality; not in every raw count" + note,
+        )
     return Finding(ours, _relufied_setting(read), FAILS, "dReLU is not the sparsest at equal quality" + note)
 
 
@@ -187,15 +221,23 @@ def _relufication_recovers(read: Read) -> Finding:
     if d.ratio_hi <= 1.02:
         return Finding(ours, _relufied_setting(read), HOLDS, "the ReLUfied model matches the original")
     verdict = QUALITATIVE if d.ratio <= 1.5 else FAILS
-    return Finding(ours, _relufied_setting(read), verdict,
-                   f"recovery is under way but incomplete after {tokens:,} tokens "
-                   f"(the paper: {get('section5/tokens') / 1e9:.0f}B)")
+    return Finding(
+        ours,
+        _relufied_setting(read),
+        verdict,
+        f"recovery is under way but incomplete after {tokens:,} tokens "
+        f"(the paper: {get('section5/tokens') / 1e9:.0f}B)",
+    )
 
 
 def _relufied_sparsity(read: Read) -> Finding:
     z = read("05_table1_analogue.csv").set_index("model").loc["drelu", "zero_frac"]
-    return Finding(f"{z:.1%} exactly zero", _relufied_setting(read), _level_band(z, 0.85, 0.6),
-                   "combined activations of the ReLUfied dReLU SmolLM2 on held-out text")
+    return Finding(
+        f"{z:.1%} exactly zero",
+        _relufied_setting(read),
+        _level_band(z, 0.85, 0.6),
+        "combined activations of the ReLUfied dReLU SmolLM2 on held-out text",
+    )
 
 
 def _per_layer(read: Read) -> Finding:
@@ -203,8 +245,16 @@ def _per_layer(read: Read) -> Finding:
     z = pl[pl.kind == "combined"].zero_frac
     ours = f"per layer {z.min():.0%} to {z.max():.0%} (mean {z.mean():.0%})"
     verdict = HOLDS if z.min() >= 0.8 else QUALITATIVE if z.mean() >= 0.6 else FAILS
-    return Finding(ours, _relufied_setting(read), verdict, "every layer sparse" if verdict == HOLDS else
-                   "sparse on average, some layers below 80%" if verdict == QUALITATIVE else "most layers are not sparse")
+    return Finding(
+        ours,
+        _relufied_setting(read),
+        verdict,
+        "every layer sparse"
+        if verdict == HOLDS
+        else "sparse on average, some layers below 80%"
+        if verdict == QUALITATIVE
+        else "most layers are not sparse",
+    )
 
 
 def _moe_setting(read: Read) -> str:
@@ -217,24 +267,34 @@ def _expert_sparsity(read: Read) -> Finding:
     e = read("04_expert_sparsity.csv")
     d = e[e.model.str.contains("drelu") & (e.load > 0)]
     z = float(np.average(d.zero_frac, weights=d.load))
-    return Finding(f"{z:.1%} of expert neurons exactly zero (load-weighted)", _moe_setting(read),
-                   _level_band(z, 0.8, 0.5), "dReLU experts, every layer and expert")
+    return Finding(
+        f"{z:.1%} of expert neurons exactly zero (load-weighted)",
+        _moe_setting(read),
+        _level_band(z, 0.8, 0.5),
+        "dReLU experts, every layer and expert",
+    )
 
 
 def _active_params(read: Read) -> Finding:
     a = read("04_active_parameters.csv").set_index("model")
     f = float(a.loc["moe drelu", "routed_active_fraction"])
-    return Finding(f"{f:.1%} of expert parameters active per token (routing {a.loc['moe drelu', 'routing_fraction']:.0%})",
-                   _moe_setting(read), HOLDS if f <= 0.05 else QUALITATIVE if f <= 0.10 else FAILS,
-                   "routing times the non-zero fraction of the routed experts' neurons")
+    return Finding(
+        f"{f:.1%} of expert parameters active per token (routing {a.loc['moe drelu', 'routing_fraction']:.0%})",
+        _moe_setting(read),
+        HOLDS if f <= 0.05 else QUALITATIVE if f <= 0.10 else FAILS,
+        "routing times the non-zero fraction of the routed experts' neurons",
+    )
 
 
 def _within_expert_topk(read: Read) -> Finding:
     v = read("04_topk_verdicts.csv")
     r = v[(v.variant == "swiglu") & (v.level == 0.5)].iloc[0]
-    return Finding(f"SwiGLU MoE ppl x{r.moe_ratio:.3f} at 50% within-expert top-k", _moe_setting(read),
-                   HOLDS if r.moe_ratio <= 1.02 else QUALITATIVE if r.moe_ratio <= 1.05 else FAILS,
-                   "negligible loss at 50% within-expert sparsity" if r.moe_ratio <= 1.02 else "a visible loss at 50%")
+    return Finding(
+        f"SwiGLU MoE ppl x{r.moe_ratio:.3f} at 50% within-expert top-k",
+        _moe_setting(read),
+        HOLDS if r.moe_ratio <= 1.02 else QUALITATIVE if r.moe_ratio <= 1.05 else FAILS,
+        "negligible loss at 50% within-expert sparsity" if r.moe_ratio <= 1.02 else "a visible loss at 50%",
+    )
 
 
 def _predictor_recall(read: Read) -> Finding:
@@ -245,10 +305,16 @@ def _predictor_recall(read: Read) -> Finding:
     pick = choose_threshold(a.groupby("threshold")[["recall", "predicted_sparsity", "true_sparsity"]].mean())
     setting = "predictors of the ReLUfied dReLU SmolLM2, held-out captured tokens"
     if pick is None:
-        return Finding("no threshold within 5 points of the true sparsity", setting, FAILS,
-                       "the predictors cannot match the true sparsity at any threshold swept")
-    ours = (f"recall {pick['recall']:.3f} at predicted sparsity {pick['predicted_sparsity']:.2f} "
-            f"(true {pick['true_sparsity']:.2f}, threshold {pick['threshold']:g})")
+        return Finding(
+            "no threshold within 5 points of the true sparsity",
+            setting,
+            FAILS,
+            "the predictors cannot match the true sparsity at any threshold swept",
+        )
+    ours = (
+        f"recall {pick['recall']:.3f} at predicted sparsity {pick['predicted_sparsity']:.2f} "
+        f"(true {pick['true_sparsity']:.2f}, threshold {pick['threshold']:g})"
+    )
     return Finding(ours, setting, _level_band(pick["recall"], 0.95, 0.9), "mean recall over layers at that threshold")
 
 
@@ -259,73 +325,158 @@ def _speedup(read: Read) -> Finding:
     if ok.empty:
         ex = t[t.mask_source.str.startswith("exact") & t.over_llama_cpp.notna()]
         best = ex.loc[ex.over_llama_cpp.idxmax()] if len(ex) else None
-        ideal = (f"; with exact masks replayed (an ideal predictor) x{best.over_llama_cpp:.2f} llama.cpp at "
-                 f"{best.precision}" if best is not None else "")
-        return Finding(f"no predicted run within 2% of the exact-mask perplexity{ideal}",
-                       "ReLUfied dReLU SmolLM2, predicted masks in line, 2 threads", FAILS,
-                       "the predictors lose too much quality at every threshold, so there is no speed at equal quality")
+        ideal = (
+            f"; with exact masks replayed (an ideal predictor) x{best.over_llama_cpp:.2f} llama.cpp at {best.precision}"
+            if best is not None
+            else ""
+        )
+        return Finding(
+            f"no predicted run within 2% of the exact-mask perplexity{ideal}",
+            "ReLUfied dReLU SmolLM2, predicted masks in line, 2 threads",
+            FAILS,
+            "the predictors lose too much quality at every threshold, so there is no speed at equal quality",
+        )
     best = ok.loc[ok.over_llama_cpp.idxmax()]
     llama = t[t.run.str.startswith("llama.cpp") & t.precision.str.startswith(best.precision)].iloc[0]
     quality = best.heldout_ppl / llama.heldout_ppl
-    ours = (f"x{best.over_llama_cpp:.2f} llama.cpp at {best.precision} (threshold {best.threshold:g}, "
-            f"x{best.speedup:.2f} our dense), at ppl x{quality:.2f} of llama.cpp's model")
+    ours = (
+        f"x{best.over_llama_cpp:.2f} llama.cpp at {best.precision} (threshold {best.threshold:g}, "
+        f"x{best.speedup:.2f} our dense), at ppl x{quality:.2f} of llama.cpp's model"
+    )
     verdict = HOLDS if best.over_llama_cpp >= 2 else QUALITATIVE if best.over_llama_cpp > 1.2 else FAILS
-    why = {HOLDS: "within the paper's range on a CPU",
-           QUALITATIVE: "faster than llama.cpp, below the paper's 2x",
-           FAILS: "not faster than llama.cpp at the same precision"}[verdict]
+    why = {
+        HOLDS: "within the paper's range on a CPU",
+        QUALITATIVE: "faster than llama.cpp, below the paper's 2x",
+        FAILS: "not faster than llama.cpp at the same precision",
+    }[verdict]
     if quality > 1.05 and verdict != FAILS:  # faster, but not at equal quality: the paper's claim is both
         verdict, why = QUALITATIVE, f"{why}; not at equal quality (the ReLUfied model is not recovered)"
     return Finding(ours, "ReLUfied dReLU SmolLM2, predicted masks in line, 2 threads", verdict, why)
 
 
 # table 3 at 90% top-k, each variant's perplexity over its own at 0%
-_TABLE3_AT_90 = f"x{get('table3/dReLU/0.9') / get('table3/dReLU/0.0'):.2f} vs x{get('table3/SwiGLU/0.9') / get('table3/SwiGLU/0.0'):.2f}"
+_TABLE3_AT_90 = (
+    f"x{get('table3/dReLU/0.9') / get('table3/dReLU/0.0'):.2f} vs "
+    f"x{get('table3/SwiGLU/0.9') / get('table3/SwiGLU/0.0'):.2f}"
+)
 
 CLAIMS = (
-    Claim("dReLU trains as well as SwiGLU (perplexity)", "table 2, figure 4",
-          f"ppl {get('table2/dReLU/wikitext2_ppl'):g} vs {get('table2/SwiGLU/wikitext2_ppl'):g}", "02",
-          ("02_perplexity.csv", "02_perplexity_contrast.csv", "02_training_summary.csv"), _trains_as_well),
-    Claim("dReLU matches SwiGLU on zero-shot tasks", "table 10",
-          f"mean {get('table10/dReLU/Average'):g}% vs {get('table10/SwiGLU/Average'):g}%", "02",
-          ("02_zeroshot.csv", "02_training_summary.csv"), _zeroshot_as_well),
-    Claim("a trained dReLU model is about 90% sparse", "section 6.2",
-          _pct("section6.2/TurboSparse-Mistral-7B/sparsity"), "02",
-          ("02_natural_sparsity.csv", "02_training_summary.csv"), _scratch_sparsity),
-    Claim("dReLU keeps perplexity to 90% top-k, SwiGLU breaks (from scratch)", "table 3",
-          _TABLE3_AT_90,
-          "03", ("03_topk_scratch_pair.csv", "02_training_summary.csv"), _topk_scratch),
-    Claim("the same on a ReLUfied pretrained model", "table 3 (on SmolLM2)",
-          _TABLE3_AT_90,
-          "05", ("05_topk_relufied.csv", "05_relufication_runs.csv"), _topk_relufied),
-    Claim("ReLUfication sparsity: SwiGLU < ReGLU < shifted ReLU < dReLU", "table 1",
-          f"{_pct('table1/Llama-2-7B/sparsity')} < {_pct('table1/ReLULlama-7B/sparsity')} < "
-          f"{_pct('table1/ShiftedReLULlama-7B/sparsity')} < ~{_pct('section6.2/TurboSparse-Mistral-7B/sparsity')}", "05",
-          ("05_table1_analogue.csv", "05_relufication_runs.csv"), _relufication_order),
-    Claim("ReLUfication recovers the original's quality", "tables 5, 6, 13",
-          f"OpenLLM avg {get('table6/TurboSparse-Mistral-7B/OpenLLM Leaderboard Avg.'):g}% vs "
-          f"{get('table6/Mistral-7B/OpenLLM Leaderboard Avg.'):g}% (Mistral-7B)", "05",
-          ("05_table1_analogue.csv", "05_relufication_runs.csv"), _relufication_recovers),
-    Claim("a ReLUfied dReLU model is about 90% sparse", "section 6.2",
-          _pct("section6.2/TurboSparse-Mistral-7B/sparsity"), "05",
-          ("05_table1_analogue.csv", "05_relufication_runs.csv"), _relufied_sparsity),
-    Claim("every layer is sparse", "figure 6 (left)", "about 90% in every layer", "05",
-          ("05_drelu_per_layer.csv", "05_relufication_runs.csv"), _per_layer),
-    Claim("neurons inside MoE experts are sparse", "figure 6 (right), section 6.2",
-          _pct("section6.2/TurboSparse-Mixtral-47B/expert_sparsity"), "04",
-          ("04_expert_sparsity.csv", "04_training_summary.csv"), _expert_sparsity),
-    Claim("within-expert top-k to 50% costs little", "figure 5a",
-          f"{get('figure5a/drop_at_0.5_min'):g}-{get('figure5a/drop_at_0.5'):g}% drop at 50%", "04",
-          ("04_topk_verdicts.csv", "04_training_summary.csv"), _within_expert_topk),
-    Claim("about 3% of MoE parameters active per token", "section 6.2",
-          _pct("section6.2/TurboSparse-Mixtral-47B/active_moe_params"), "04",
-          ("04_active_parameters.csv", "04_training_summary.csv"), _active_params),
-    Claim("predictors find the active neurons", "section 7", "no number given (issue target: recall 0.95)", "07",
-          ("07_predictor_accuracy.csv",), _predictor_recall),
-    Claim("2-5x faster decoding than llama.cpp", "tables 7-9, abstract",
-          f"x{get('abstract/speedup_min'):g}-{get('abstract/speedup_max'):g} "
-          f"(CPU: x{get('section7.2/cpu_speedup_min'):g}-{get('section7.2/cpu_speedup_max'):g})", "07",
-          ("07_speed_at_equal_quality.csv",), _speedup),
-)  # fmt: skip
+    Claim(
+        "dReLU trains as well as SwiGLU (perplexity)",
+        "table 2, figure 4",
+        f"ppl {get('table2/dReLU/wikitext2_ppl'):g} vs {get('table2/SwiGLU/wikitext2_ppl'):g}",
+        "02",
+        ("02_perplexity.csv", "02_perplexity_contrast.csv", "02_training_summary.csv"),
+        _trains_as_well,
+    ),
+    Claim(
+        "dReLU matches SwiGLU on zero-shot tasks",
+        "table 10",
+        f"mean {get('table10/dReLU/Average'):g}% vs {get('table10/SwiGLU/Average'):g}%",
+        "02",
+        ("02_zeroshot.csv", "02_training_summary.csv"),
+        _zeroshot_as_well,
+    ),
+    Claim(
+        "a trained dReLU model is about 90% sparse",
+        "section 6.2",
+        _pct("section6.2/TurboSparse-Mistral-7B/sparsity"),
+        "02",
+        ("02_natural_sparsity.csv", "02_training_summary.csv"),
+        _scratch_sparsity,
+    ),
+    Claim(
+        "dReLU keeps perplexity to 90% top-k, SwiGLU breaks (from scratch)",
+        "table 3",
+        _TABLE3_AT_90,
+        "03",
+        ("03_topk_scratch_pair.csv", "02_training_summary.csv"),
+        _topk_scratch,
+    ),
+    Claim(
+        "the same on a ReLUfied pretrained model",
+        "table 3 (on SmolLM2)",
+        _TABLE3_AT_90,
+        "05",
+        ("05_topk_relufied.csv", "05_relufication_runs.csv"),
+        _topk_relufied,
+    ),
+    Claim(
+        "ReLUfication sparsity: SwiGLU < ReGLU < shifted ReLU < dReLU",
+        "table 1",
+        f"{_pct('table1/Llama-2-7B/sparsity')} < {_pct('table1/ReLULlama-7B/sparsity')} < "
+        f"{_pct('table1/ShiftedReLULlama-7B/sparsity')} < ~{_pct('section6.2/TurboSparse-Mistral-7B/sparsity')}",
+        "05",
+        ("05_table1_analogue.csv", "05_relufication_runs.csv"),
+        _relufication_order,
+    ),
+    Claim(
+        "ReLUfication recovers the original's quality",
+        "tables 5, 6, 13",
+        f"OpenLLM avg {get('table6/TurboSparse-Mistral-7B/OpenLLM Leaderboard Avg.'):g}% vs "
+        f"{get('table6/Mistral-7B/OpenLLM Leaderboard Avg.'):g}% (Mistral-7B)",
+        "05",
+        ("05_table1_analogue.csv", "05_relufication_runs.csv"),
+        _relufication_recovers,
+    ),
+    Claim(
+        "a ReLUfied dReLU model is about 90% sparse",
+        "section 6.2",
+        _pct("section6.2/TurboSparse-Mistral-7B/sparsity"),
+        "05",
+        ("05_table1_analogue.csv", "05_relufication_runs.csv"),
+        _relufied_sparsity,
+    ),
+    Claim(
+        "every layer is sparse",
+        "figure 6 (left)",
+        "about 90% in every layer",
+        "05",
+        ("05_drelu_per_layer.csv", "05_relufication_runs.csv"),
+        _per_layer,
+    ),
+    Claim(
+        "neurons inside MoE experts are sparse",
+        "figure 6 (right), section 6.2",
+        _pct("section6.2/TurboSparse-Mixtral-47B/expert_sparsity"),
+        "04",
+        ("04_expert_sparsity.csv", "04_training_summary.csv"),
+        _expert_sparsity,
+    ),
+    Claim(
+        "within-expert top-k to 50% costs little",
+        "figure 5a",
+        f"{get('figure5a/drop_at_0.5_min'):g}-{get('figure5a/drop_at_0.5'):g}% drop at 50%",
+        "04",
+        ("04_topk_verdicts.csv", "04_training_summary.csv"),
+        _within_expert_topk,
+    ),
+    Claim(
+        "about 3% of MoE parameters active per token",
+        "section 6.2",
+        _pct("section6.2/TurboSparse-Mixtral-47B/active_moe_params"),
+        "04",
+        ("04_active_parameters.csv", "04_training_summary.csv"),
+        _active_params,
+    ),
+    Claim(
+        "predictors find the active neurons",
+        "section 7",
+        "no number given (issue target: recall 0.95)",
+        "07",
+        ("07_predictor_accuracy.csv",),
+        _predictor_recall,
+    ),
+    Claim(
+        "2-5x faster decoding than llama.cpp",
+        "tables 7-9, abstract",
+        f"x{get('abstract/speedup_min'):g}-{get('abstract/speedup_max'):g} "
+        f"(CPU: x{get('section7.2/cpu_speedup_min'):g}-{get('section7.2/cpu_speedup_max'):g})",
+        "07",
+        ("07_speed_at_equal_quality.csv",),
+        _speedup,
+    ),
+)
 
 
 def claims_table(preset: str = "cpu", results_dir: Path | None = None) -> pd.DataFrame:
@@ -341,17 +492,33 @@ def claims_table(preset: str = "cpu", results_dir: Path | None = None) -> pd.Dat
             try:
                 f = c.rule(lambda name: pd.read_csv(folder / name))
             except FileNotFoundError as e:
-                f = Finding("-", "-", NOT_HERE, f"no committed result ({Path(e.filename).name}): run notebook "
-                                                f"{c.notebook} at the {preset} preset")
+                f = Finding(
+                    "-",
+                    "-",
+                    NOT_HERE,
+                    f"no committed result ({Path(e.filename).name}): run notebook {c.notebook} at the {preset} preset",
+                )
                 missing = [Path(e.filename).name]
             except (KeyError, AttributeError, IndexError) as e:  # a file written by an older notebook
-                raise ValueError(f"claim {c.claim!r}: {', '.join(c.files)} in {folder} lack what the rule reads "
-                                 f"({type(e).__name__}: {e}); rerun notebook {c.notebook} at the {preset} preset") from e
+                raise ValueError(
+                    f"claim {c.claim!r}: {', '.join(c.files)} in {folder} lack what the rule reads "
+                    f"({type(e).__name__}: {e}); rerun notebook {c.notebook} at the {preset} preset"
+                ) from e
         if f.verdict not in VERDICTS:
             raise ValueError(f"claim {c.claim!r}: unknown verdict {f.verdict!r}")
-        rows.append({"claim": c.claim, "where": c.where, "paper": c.paper, "ours": f.ours, "setting": f.setting,
-                     "verdict": f.verdict, "why": f.why, "notebook": c.notebook,
-                     "evidence": " ".join(c.files) if not missing else ""})
+        rows.append(
+            {
+                "claim": c.claim,
+                "where": c.where,
+                "paper": c.paper,
+                "ours": f.ours,
+                "setting": f.setting,
+                "verdict": f.verdict,
+                "why": f.why,
+                "notebook": c.notebook,
+                "evidence": " ".join(c.files) if not missing else "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -372,8 +539,11 @@ def stage_times(preset: str = "cpu") -> pd.DataFrame:
     from ..runner.notebooks import list_notebooks
 
     folder, rows = paths.results_dir(preset), []
-    train_files = {"02": ("02_training_summary.csv", "train_minutes"), "04": ("04_training_summary.csv", "train_minutes"),
-                   "05": ("05_relufication_runs.csv", "total_min")}  # fmt: skip
+    train_files = {
+        "02": ("02_training_summary.csv", "train_minutes"),
+        "04": ("04_training_summary.csv", "train_minutes"),
+        "05": ("05_relufication_runs.csv", "total_min"),
+    }
     for nb_path in list_notebooks():
         meta = nbformat.read(nb_path, as_version=4).metadata.get("papermill", {})
         if meta.get("parameters", {}).get("preset") != preset:
@@ -381,19 +551,29 @@ def stage_times(preset: str = "cpu") -> pd.DataFrame:
         num = nb_path.name[:2]
         f, col = train_files.get(num, (None, None))
         train = float(pd.read_csv(folder / f)[col].sum()) if f and (folder / f).exists() else 0.0
-        rows.append({"notebook": nb_path.stem, "notebook_min": float(meta.get("duration") or 0) / 60,
-                     "training_min": train})
+        rows.append(
+            {"notebook": nb_path.stem, "notebook_min": float(meta.get("duration") or 0) / 60, "training_min": train}
+        )
     return pd.DataFrame(rows, columns=["notebook", "notebook_min", "training_min"])
 
 
 def readme_block(preset: str = "cpu") -> str:
     t, times = claims_table(preset), stage_times(preset)
-    lines = [f"{README_START}", f"<!-- generated by turbosparse-report from data/results/{preset}/ and the "
-             f"notebooks' {preset} runs; do not edit -->", readme_table(t), ""]
+    lines = [
+        f"{README_START}",
+        f"<!-- generated by turbosparse-report from data/results/{preset}/ and the "
+        f"notebooks' {preset} runs; do not edit -->",
+        readme_table(t),
+        "",
+    ]
     if len(times):
-        lines += [f"Time of each stage at the {preset} preset on 2 cores, from the committed runs (minutes; training "
-                  "counts every model a notebook reads, also when an earlier run trained it):", "",
-                  "| notebook | notebook run | training |", "|---|---|---|"]
+        lines += [
+            f"Time of each stage at the {preset} preset on 2 cores, from the committed runs (minutes; training "
+            "counts every model a notebook reads, also when an earlier run trained it):",
+            "",
+            "| notebook | notebook run | training |",
+            "|---|---|---|",
+        ]
         lines += [f"| `{r.notebook}` | {r.notebook_min:.1f} | {r.training_min:.1f} |" for r in times.itertuples()]
     return "\n".join(lines + [README_END])
 
@@ -417,16 +597,23 @@ def main(argv=None) -> int:
 
     from ..presets import PRESETS
 
-    ap = argparse.ArgumentParser(prog="turbosparse-report",
-                                 description="Write the claims report into the README (from committed results)")
-    ap.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                    help="the README carries the cpu preset's results; notebook 99 shows any preset's")
+    ap = argparse.ArgumentParser(
+        prog="turbosparse-report", description="Write the claims report into the README (from committed results)"
+    )
+    ap.add_argument(
+        "--preset",
+        default="cpu",
+        choices=list(PRESETS),
+        help="the README carries the cpu preset's results; notebook 99 shows any preset's",
+    )
     ap.add_argument("--check", action="store_true", help="only check that the README's table is current")
     a = ap.parse_args(argv)
     if a.preset != README_PRESET and not a.check:
-        print(f"turbosparse-report: the README carries the {README_PRESET} preset's claims; --preset {a.preset} would "
-              f"replace them with another preset's numbers. Run notebook 99 at --preset {a.preset} to see those",
-              file=sys.stderr)
+        print(
+            f"turbosparse-report: the README carries the {README_PRESET} preset's claims; --preset {a.preset} would "
+            f"replace them with another preset's numbers. Run notebook 99 at --preset {a.preset} to see those",
+            file=sys.stderr,
+        )
         return 2
     if a.check:
         readme = (paths.repo_root() / "README.md").read_text()

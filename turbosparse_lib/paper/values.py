@@ -45,8 +45,10 @@ _add("table2/SwiGLU/wikitext2_ppl", 28.48, "perplexity", "table 2 / table 3 (0%)
 
 # --- table 10: zero-shot accuracy of the 300M models ----------------------------------------
 _TABLE10_TASKS = ("ARC:E", "ARC:C", "PIQA", "Winogrande", "BoolQ", "HellaSwag", "LAMBADA", "Average")
-_TABLE10 = {"SwiGLU": (40.03, 22.95, 62.68, 52.72, 60.92, 31.63, 24.34, 42.18),
-            "dReLU": (40.07, 22.44, 63.82, 52.33, 61.50, 31.08, 24.35, 42.23)}
+_TABLE10 = {
+    "SwiGLU": (40.03, 22.95, 62.68, 52.72, 60.92, 31.63, 24.34, 42.18),
+    "dReLU": (40.07, 22.44, 63.82, 52.33, 61.50, 31.08, 24.35, 42.23),
+}
 for variant, accs in _TABLE10.items():
     for task, a in zip(_TABLE10_TASKS, accs):
         _add(f"table10/{variant}/{task}", a, "%", "table 10", "accuracy, 300M model")
@@ -57,8 +59,13 @@ _TABLE4 = {
     "web": {"Wanjuan-CC": 73.55, "RedPajama-Wiki": 0.65, "Pile-OpenWebtext2": 0.44},
     "books": {"RedPajama-books": 6.54, "Pile-PG19": 0.37},
     "math": {"Open-web-math": 1.46, "Proof-pile-2": 0.76, "algebraic-stack": 0.54},
-    "code": {"Starcode-Java": 0.77, "Starcode-C#": 0.74, "Starcode-Typescript": 0.52, "Starcode-remaining": 1.73,
-             "GitHub-Code": 1.41},
+    "code": {
+        "Starcode-Java": 0.77,
+        "Starcode-C#": 0.74,
+        "Starcode-Typescript": 0.52,
+        "Starcode-remaining": 1.73,
+        "GitHub-Code": 1.41,
+    },
 }
 for cat, d in _TABLE4.items():
     for ds, pct in d.items():
@@ -73,11 +80,20 @@ _add("table5/warmup_steps", 1000, "steps", "table 5")
 _add("section5/tokens", 150e9, "tokens", "section 5", "continued pretraining of Mistral-7B and Mixtral-47B")
 
 # --- tables 11, 12: the 300M architecture and its training ------------------------------------
-for k, v, u in (("hidden", 1024, "units"), ("context", 2048, "tokens"), ("heads", 16, "heads"), ("layers", 24, "layers"),
-                ("vocab", 32000, "tokens")):
+for k, v, u in (
+    ("hidden", 1024, "units"),
+    ("context", 2048, "tokens"),
+    ("heads", 16, "heads"),
+    ("layers", 24, "layers"),
+    ("vocab", 32000, "tokens"),
+):
     _add(f"table11/{k}", v, u, "table 11")
-for k, v, u in (("sequence_length", 2048, "tokens"), ("batch_size", 128, "sequences"), ("lr", 1e-4, "learning rate"),
-                ("warmup_steps", 2000, "steps")):
+for k, v, u in (
+    ("sequence_length", 2048, "tokens"),
+    ("batch_size", 128, "sequences"),
+    ("lr", 1e-4, "learning rate"),
+    ("warmup_steps", 2000, "steps"),
+):
     _add(f"table12/{k}", v, u, "table 12")
 _add("section3.2/tokens", 5e9, "tokens", "section 3.2", "300M models pretrained on fineweb")
 
@@ -106,33 +122,78 @@ _TABLE13 = {
 for task, accs in _TABLE13.items():
     for model, a in zip(_MODELS_6, accs):
         _add(f"table13/{model}/{task}", a, "%", "table 13")
-for model, total, active in (("Gemma-2B", 2e9, 2e9), ("Mistral-7B", 7e9, 7e9), ("TurboSparse-Mistral-7B", 7e9, 2.5e9),
-                             ("Mixtral-47B", 47e9, 13e9), ("TurboSparse-Mixtral-47B", 47e9, 4.3e9)):
+for model, total, active in (
+    ("Gemma-2B", 2e9, 2e9),
+    ("Mistral-7B", 7e9, 7e9),
+    ("TurboSparse-Mistral-7B", 7e9, 2.5e9),
+    ("Mixtral-47B", 47e9, 13e9),
+    ("TurboSparse-Mixtral-47B", 47e9, 4.3e9),
+):
     _add(f"table6/{model}/total_params", total, "parameters", "table 6")
     _add(f"table6/{model}/activated_params", active, "parameters", "table 6")
 
 # --- section 4, figure 5: sparsity inside MoE experts ---------------------------------------------
-_add("figure5a/drop_at_0.5", 2.0, "%", "section 4 / figure 5a",
-     "performance drops by about 1-2% at within-expert sparsity 0.5 (upper end of the range)")
+_add(
+    "figure5a/drop_at_0.5",
+    2.0,
+    "%",
+    "section 4 / figure 5a",
+    "performance drops by about 1-2% at within-expert sparsity 0.5 (upper end of the range)",
+)
 _add("figure5a/drop_at_0.5_min", 1.0, "%", "section 4 / figure 5a", "lower end of the 1-2% range")
-_add("figure5a/negligible_until", 0.5, "fraction", "figure 5 caption",
-     "the impact of activation sparsity is negligible until the sparsity ratio exceeds 0.5 (Deepseek-MoE, "
-     "Qwen1.5-MoE, Mixtral; downstream tasks, not perplexity)")
+_add(
+    "figure5a/negligible_until",
+    0.5,
+    "fraction",
+    "figure 5 caption",
+    "the impact of activation sparsity is negligible until the sparsity ratio exceeds 0.5 (Deepseek-MoE, "
+    "Qwen1.5-MoE, Mixtral; downstream tasks, not perplexity)",
+)
 
 # --- section 6.2, figure 6: sparsity of the ReLUfied models --------------------------------------
-_add("section6.2/TurboSparse-Mistral-7B/sparsity", 90, "%", "section 6.2 / figure 6",
-     "neurons inactive per layer on average (zero-valued activations, fineweb)")
-_add("section6.2/TurboSparse-Mixtral-47B/expert_sparsity", 85, "%", "section 6.2 / figure 6",
-     "neurons inactive per expert FFN on average")
+_add(
+    "section6.2/TurboSparse-Mistral-7B/sparsity",
+    90,
+    "%",
+    "section 6.2 / figure 6",
+    "neurons inactive per layer on average (zero-valued activations, fineweb)",
+)
+_add(
+    "section6.2/TurboSparse-Mixtral-47B/expert_sparsity",
+    85,
+    "%",
+    "section 6.2 / figure 6",
+    "neurons inactive per expert FFN on average",
+)
 _add("section6.2/Mixtral-47B/routing_sparsity", 75, "%", "section 6.2", "top-2 of 8 experts")
-_add("section6.2/Mixtral-47B/active_moe_params", 25, "%", "section 6.2",
-     "only 25% of the FLOPs of each MoE layer computed per token (2 of 8 experts)")
-_add("section6.2/TurboSparse-Mixtral-47B/active_neurons", 15, "%", "section 6.2",
-     "each routed expert activates about 15% of its neurons after ReLUfication")
-_add("section1/TurboSparse-Mixtral-47B/moe_sparsity", 97, "%", "section 1",
-     "sparsity of the MoE layers raised from 75% (routing) to 97% by ReLUfication")
-_add("section6.2/TurboSparse-Mixtral-47B/active_moe_params", 3, "%", "section 6.2",
-     "parameters of each MoE layer activated per token (25% routed x 15% of neurons)")
+_add(
+    "section6.2/Mixtral-47B/active_moe_params",
+    25,
+    "%",
+    "section 6.2",
+    "only 25% of the FLOPs of each MoE layer computed per token (2 of 8 experts)",
+)
+_add(
+    "section6.2/TurboSparse-Mixtral-47B/active_neurons",
+    15,
+    "%",
+    "section 6.2",
+    "each routed expert activates about 15% of its neurons after ReLUfication",
+)
+_add(
+    "section1/TurboSparse-Mixtral-47B/moe_sparsity",
+    97,
+    "%",
+    "section 1",
+    "sparsity of the MoE layers raised from 75% (routing) to 97% by ReLUfication",
+)
+_add(
+    "section6.2/TurboSparse-Mixtral-47B/active_moe_params",
+    3,
+    "%",
+    "section 6.2",
+    "parameters of each MoE layer activated per token (25% routed x 15% of neurons)",
+)
 
 # --- section 7, tables 7-9: decoding speed (tokens/s) ---------------------------------------------
 _SPEED = (
@@ -146,10 +207,20 @@ _SPEED = (
     ("table9", "OnePlus-12", "Mixtral-47B-INT4", 11.1, 0.5),
 )
 for tab, setting, model, sparse, dense in _SPEED:
-    _add(f"{tab}/{setting}/{model}/sparse", sparse, "tokens/s", tab.replace("table", "table "),
-         "PowerInfer (table 9: PowerInfer-2) on the TurboSparse model")
-    _add(f"{tab}/{setting}/{model}/dense", dense, "tokens/s", tab.replace("table", "table "),
-         "llama.cpp on the original model")
+    _add(
+        f"{tab}/{setting}/{model}/sparse",
+        sparse,
+        "tokens/s",
+        tab.replace("table", "table "),
+        "PowerInfer (table 9: PowerInfer-2) on the TurboSparse model",
+    )
+    _add(
+        f"{tab}/{setting}/{model}/dense",
+        dense,
+        "tokens/s",
+        tab.replace("table", "table "),
+        "llama.cpp on the original model",
+    )
 _add("section7.1/PC-2080Ti/host_bandwidth", 38.4, "GB/s", "section 7.1")
 _add("section7.1/PC-Laptop/host_bandwidth", 67.2, "GB/s", "section 7.1")
 _add("abstract/speedup_min", 2.0, "x", "abstract / section 8", "2-5x decoding speed-up")
@@ -178,25 +249,39 @@ def table(name: str) -> pd.DataFrame:
     and dense tokens/s, speed-up).
     """
     if name == "table1":
-        return pd.DataFrame([(m, get(f"table1/{m}/sparsity")) for m in ("Llama-2-7B", "ReLULlama-7B", "ShiftedReLULlama-7B")],
-                            columns=["model", "sparsity % (paper, table 1)"])
+        return pd.DataFrame(
+            [(m, get(f"table1/{m}/sparsity")) for m in ("Llama-2-7B", "ReLULlama-7B", "ShiftedReLULlama-7B")],
+            columns=["model", "sparsity % (paper, table 1)"],
+        )
     if name == "table3":
-        return pd.DataFrame({f"{v} 300M (paper)": [get(f"table3/{v}/{s}") for s in TOPK_LEVELS] for v in _TABLE3},
-                            index=pd.Index(TOPK_LEVELS, name="sparsity"))
+        return pd.DataFrame(
+            {f"{v} 300M (paper)": [get(f"table3/{v}/{s}") for s in TOPK_LEVELS] for v in _TABLE3},
+            index=pd.Index(TOPK_LEVELS, name="sparsity"),
+        )
     if name == "table4":
-        return pd.DataFrame([(c, ds, pct) for c, d in _TABLE4.items() for ds, pct in d.items()],
-                            columns=["category", "dataset", "percent (paper, table 4)"])
+        return pd.DataFrame(
+            [(c, ds, pct) for c, d in _TABLE4.items() for ds, pct in d.items()],
+            columns=["category", "dataset", "percent (paper, table 4)"],
+        )
     if name in ("table6", "table13"):
         rows = _TABLE6 if name == "table6" else _TABLE13
-        return pd.DataFrame({m: [get(f"{name}/{m}/{t}") for t in rows] for m in _MODELS_6},
-                            index=pd.Index(list(rows), name=f"task ({name.replace('table', 'paper, table ')})"))
+        return pd.DataFrame(
+            {m: [get(f"{name}/{m}/{t}") for t in rows] for m in _MODELS_6},
+            index=pd.Index(list(rows), name=f"task ({name.replace('table', 'paper, table ')})"),
+        )
     if name == "table10":
-        return pd.DataFrame({f"{v} (paper)": [get(f"table10/{v}/{t}") for t in _TABLE10_TASKS] for v in _TABLE10},
-                            index=pd.Index(_TABLE10_TASKS, name="task"))
+        return pd.DataFrame(
+            {f"{v} (paper)": [get(f"table10/{v}/{t}") for t in _TABLE10_TASKS] for v in _TABLE10},
+            index=pd.Index(_TABLE10_TASKS, name="task"),
+        )
     if name == "speed":
-        df = pd.DataFrame([(t.replace("table", "table "), s, m, get(f"{t}/{s}/{m}/sparse"), get(f"{t}/{s}/{m}/dense"))
-                           for t, s, m, _, _ in _SPEED],
-                          columns=["table", "setting", "model", "sparse tok/s (paper)", "dense tok/s (paper)"])
+        df = pd.DataFrame(
+            [
+                (t.replace("table", "table "), s, m, get(f"{t}/{s}/{m}/sparse"), get(f"{t}/{s}/{m}/dense"))
+                for t, s, m, _, _ in _SPEED
+            ],
+            columns=["table", "setting", "model", "sparse tok/s (paper)", "dense tok/s (paper)"],
+        )
         df["speed-up (paper)"] = df["sparse tok/s (paper)"] / df["dense tok/s (paper)"]
         return df
     raise KeyError(f"unknown paper table {name!r}; valid: table1, table3, table4, table6, table10, table13, speed")

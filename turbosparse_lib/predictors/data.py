@@ -46,8 +46,10 @@ class CaptureConfig:
             raise ValueError(f"unknown label {self.label!r}; choose 'nonzero' (exact zeros) or 'topk'")
         kept_count(self.topk_sparsity, 1)  # validates the sparsity
         if self.tokens_per_shard % self.context_length:
-            raise ValueError(f"tokens_per_shard ({self.tokens_per_shard}) must be a multiple of context_length "
-                             f"({self.context_length})")
+            raise ValueError(
+                f"tokens_per_shard ({self.tokens_per_shard}) must be a multiple of context_length "
+                f"({self.context_length})"
+            )
 
 
 def labels_of(combined: torch.Tensor, cfg: CaptureConfig) -> torch.Tensor:
@@ -74,11 +76,13 @@ class _Capture:
     def _keep_x(self, i):
         def hook(mod, args):
             self.x[i] = args[0].detach().reshape(-1, args[0].shape[-1])
+
         return hook
 
     def _keep_y(self, i):
         def hook(mod, args):
             self.y[i] = labels_of(args[0].detach(), self.cfg).reshape(-1, args[0].shape[-1])
+
         return hook
 
     def remove(self):
@@ -93,13 +97,20 @@ def _check_folder(out_dir: Path, cfg: CaptureConfig, n_tokens: int) -> None:
         ours = {**asdict(cfg), "tokens": n_tokens}
         diff = {k: (stored.get(k), v) for k, v in ours.items() if stored.get(k) != v}
         if diff:
-            raise ValueError(f"{out_dir} holds a capture with another configuration ({diff}); use another folder "
-                             "or delete this one")
+            raise ValueError(
+                f"{out_dir} holds a capture with another configuration ({diff}); use another folder or delete this one"
+            )
 
 
 @torch.inference_mode()
-def capture(model: nn.Module, token_ids, out_dir: str | Path, cfg: CaptureConfig = CaptureConfig(),
-            batch_size: int = 4, progress: bool | None = None) -> dict:
+def capture(
+    model: nn.Module,
+    token_ids,
+    out_dir: str | Path,
+    cfg: CaptureConfig = CaptureConfig(),
+    batch_size: int = 4,
+    progress: bool | None = None,
+) -> dict:
     """Capture inputs and labels of every FFN of ``model`` over ``token_ids`` (1-D) into ``out_dir``; resumable.
 
     The stream is cut into windows of ``cfg.context_length`` (the tail that does not fill a shard is dropped).
@@ -126,11 +137,11 @@ def capture(model: nn.Module, token_ids, out_dir: str | Path, cfg: CaptureConfig
             path = out_dir / f"shard-{s:05d}.safetensors"
             if path.exists():
                 continue
-            rows = ids[s * S:(s + 1) * S].view(-1, cfg.context_length)
+            rows = ids[s * S : (s + 1) * S].view(-1, cfg.context_length)
             xs: dict[int, list] = {i: [] for i in range(len(mlps))}
             ys: dict[int, list] = {i: [] for i in range(len(mlps))}
             for b in range(0, len(rows), batch_size):
-                model(input_ids=rows[b:b + batch_size], use_cache=False)
+                model(input_ids=rows[b : b + batch_size], use_cache=False)
                 for i in range(len(mlps)):
                     xs[i].append(hooks.x[i].to(torch.float16))
                     ys[i].append(hooks.y[i])
@@ -145,8 +156,14 @@ def capture(model: nn.Module, token_ids, out_dir: str | Path, cfg: CaptureConfig
     finally:
         hooks.remove()
         model.train(was)
-    info = {**asdict(cfg), "tokens": n_shards * S, "shards": n_shards, "layers": len(mlps),
-            "hidden": int(model.config.hidden_size), "intermediate": int(mlps[0].down_proj.in_features)}
+    info = {
+        **asdict(cfg),
+        "tokens": n_shards * S,
+        "shards": n_shards,
+        "layers": len(mlps),
+        "hidden": int(model.config.hidden_size),
+        "intermediate": int(mlps[0].down_proj.in_features),
+    }
     write_json(out_dir / CAPTURE_FILE, info)
     return info
 

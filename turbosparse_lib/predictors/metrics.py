@@ -39,10 +39,18 @@ def layer_metrics(ps: PredictorSet, capture_dir, thresholds=(0.5,), val_fraction
         for t in thresholds:
             pred = logits >= ps.logit_threshold(t)
             tp = (pred & y).sum().item()
-            rows.append({"layer": i, "threshold": t, "recall": tp / max(1, y.sum().item()),
-                         "precision": tp / max(1, pred.sum().item()),
-                         "predicted_sparsity": 1 - pred.float().mean().item(), "true_sparsity": 1 - y.float().mean().item(),
-                         "tokens_all_kept": ((y & ~pred).sum(1) == 0).float().mean().item(), "tokens": len(x)})
+            rows.append(
+                {
+                    "layer": i,
+                    "threshold": t,
+                    "recall": tp / max(1, y.sum().item()),
+                    "precision": tp / max(1, pred.sum().item()),
+                    "predicted_sparsity": 1 - pred.float().mean().item(),
+                    "true_sparsity": 1 - y.float().mean().item(),
+                    "tokens_all_kept": ((y & ~pred).sum(1) == 0).float().mean().item(),
+                    "tokens": len(x),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -85,8 +93,11 @@ class PredictedMask(MLPInstrument):
     def summary(self) -> dict:
         """Over all layers and tokens: the predicted sparsity, the true (exact-zero) sparsity, and recall."""
         n = sum(self.entries) or 1
-        return {"predicted_sparsity": 1 - sum(self.kept) / n, "true_sparsity": 1 - sum(self.live) / n,
-                "recall": sum(self.live_kept) / max(1, sum(self.live))}
+        return {
+            "predicted_sparsity": 1 - sum(self.kept) / n,
+            "true_sparsity": 1 - sum(self.live) / n,
+            "recall": sum(self.live_kept) / max(1, sum(self.live)),
+        }
 
 
 def cost_per_token(ps: PredictorSet, ffn_active: float, bytes_per_weight: float = 4.0) -> dict:
@@ -94,8 +105,13 @@ def cost_per_token(ps: PredictorSet, ffn_active: float, bytes_per_weight: float 
     (gate, up and down rows of the inactive neurons: ``3 H N (1 - active)`` weights per layer)."""
     params = ps.n_params()
     ffn_saved = len(ps.layers) * 3 * ps.hidden * ps.intermediate * (1 - ffn_active) * bytes_per_weight
-    return {"predictor_params": params, "predictor_bytes": params * bytes_per_weight, "predictor_flops": 2 * params,
-            "ffn_bytes_saved": ffn_saved, "predictor_over_saved": params * bytes_per_weight / max(1.0, ffn_saved)}
+    return {
+        "predictor_params": params,
+        "predictor_bytes": params * bytes_per_weight,
+        "predictor_flops": 2 * params,
+        "ffn_bytes_saved": ffn_saved,
+        "predictor_over_saved": params * bytes_per_weight / max(1.0, ffn_saved),
+    }
 
 
 def choose_threshold(by_threshold: pd.DataFrame, max_sparsity_gap: float = 0.05) -> dict | None:

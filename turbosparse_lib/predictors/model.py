@@ -42,8 +42,16 @@ class LowRankPredictor(nn.Module):
 class PredictorSet(nn.Module):
     """One ``LowRankPredictor`` per layer, with what they were trained for."""
 
-    def __init__(self, hidden: int, intermediate: int, ranks: list[int], source: str = "residual",
-                 label: str = "nonzero", threshold: float = 0.5, meta: dict | None = None):
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        ranks: list[int],
+        source: str = "residual",
+        label: str = "nonzero",
+        threshold: float = 0.5,
+        meta: dict | None = None,
+    ):
         super().__init__()
         self.hidden, self.intermediate, self.ranks = hidden, intermediate, list(ranks)
         self.source, self.label, self.threshold = source, label, float(threshold)
@@ -65,8 +73,15 @@ class PredictorSet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def config(self) -> dict:
-        return {"hidden": self.hidden, "intermediate": self.intermediate, "ranks": self.ranks, "source": self.source,
-                "label": self.label, "threshold": self.threshold, "meta": self.meta}
+        return {
+            "hidden": self.hidden,
+            "intermediate": self.intermediate,
+            "ranks": self.ranks,
+            "source": self.source,
+            "label": self.label,
+            "threshold": self.threshold,
+            "meta": self.meta,
+        }
 
     def save(self, model_dir: str | Path) -> Path:
         """Write the predictors into ``model_dir`` beside the model (weights first, then the JSON)."""
@@ -79,13 +94,15 @@ class PredictorSet(nn.Module):
         return model_dir
 
     @classmethod
-    def load(cls, model_dir: str | Path, model=None) -> "PredictorSet":
+    def load(cls, model_dir: str | Path, model=None) -> PredictorSet:
         """The predictors saved in ``model_dir``; with ``model`` given, its sizes must match theirs."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
         if not (model_dir / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"no predictors in {model_dir}: train them first (predictors.train.train_predictors)")
+            raise FileNotFoundError(
+                f"no predictors in {model_dir}: train them first (predictors.train.train_predictors)"
+            )
         cfg = json.loads((model_dir / CONFIG_FILE).read_text())
         if model is not None:
             from ..models.swap import mlp_modules
@@ -94,9 +111,17 @@ class PredictorSet(nn.Module):
             want = (model.config.hidden_size, mlps[0].down_proj.in_features, len(mlps))
             got = (cfg["hidden"], cfg["intermediate"], len(cfg["ranks"]))
             if want != got:
-                raise ValueError(f"predictors in {model_dir} are for (hidden, intermediate, layers) = {got}; "
-                                 f"this model is {want}")
-        ps = cls(cfg["hidden"], cfg["intermediate"], cfg["ranks"], cfg["source"], cfg["label"], cfg["threshold"],
-                 cfg.get("meta"))
+                raise ValueError(
+                    f"predictors in {model_dir} are for (hidden, intermediate, layers) = {got}; this model is {want}"
+                )
+        ps = cls(
+            cfg["hidden"],
+            cfg["intermediate"],
+            cfg["ranks"],
+            cfg["source"],
+            cfg["label"],
+            cfg["threshold"],
+            cfg.get("meta"),
+        )
         ps.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
         return ps.eval()

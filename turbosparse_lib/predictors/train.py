@@ -64,19 +64,28 @@ def train_layer(x: torch.Tensor, y: torch.Tensor, rank: int, cfg: PredictorTrain
     for _ in range(cfg.epochs):
         order = torch.randperm(n_train, generator=g)
         for b in range(0, max(1, n_train - cfg.batch_size + 1), cfg.batch_size):
-            idx = order[b:b + cfg.batch_size]
+            idx = order[b : b + cfg.batch_size]
             loss = loss_fn(net(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             last = float(loss.detach())
-    return net.eval(), {"train_tokens": n_train, "pos_fraction": float(pos), "pos_weight": float(pos_weight),
-                        "final_loss": last, "seconds": time.perf_counter() - t0}
+    return net.eval(), {
+        "train_tokens": n_train,
+        "pos_fraction": float(pos),
+        "pos_weight": float(pos_weight),
+        "final_loss": last,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def train_predictors(capture_dir: str | Path, work_dir: str | Path, cfg: PredictorTraining = PredictorTraining(),
-                     progress: bool | None = None) -> PredictorSet:
+def train_predictors(
+    capture_dir: str | Path,
+    work_dir: str | Path,
+    cfg: PredictorTraining = PredictorTraining(),
+    progress: bool | None = None,
+) -> PredictorSet:
     """A ``PredictorSet`` for the captured model, trained layer by layer (resuming at the first missing layer)."""
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
@@ -92,8 +101,14 @@ def train_predictors(capture_dir: str | Path, work_dir: str | Path, cfg: Predict
     if guard.exists() and json.loads(guard.read_text()) != json.loads(json.dumps(ours)):
         raise ValueError(f"{work_dir} holds predictors trained with another configuration; use another folder")
     write_json(guard, ours)
-    ps = PredictorSet(info["hidden"], info["intermediate"], ranks, info["source"], info["label"],
-                      meta={"training": asdict(cfg), "capture_tokens": info["tokens"], "layers": {}})
+    ps = PredictorSet(
+        info["hidden"],
+        info["intermediate"],
+        ranks,
+        info["source"],
+        info["label"],
+        meta={"training": asdict(cfg), "capture_tokens": info["tokens"], "layers": {}},
+    )
     for i in tqdm(range(info["layers"]), desc="predictors", disable=not progress_enabled(progress)):
         path = work_dir / f"layer-{i:02d}.safetensors"
         if path.exists():

@@ -115,7 +115,8 @@ def run_notebooks(
         print(f"[turbosparse-notebooks] {nb.name} (preset {p.name}) ...", file=sys.stderr, flush=True)
         try:
             pm.execute_notebook(
-                str(nb), str(tmp),
+                str(nb),
+                str(tmp),
                 parameters={"preset": p.name, **(parameters or {})},
                 cwd=str(paths.notebooks_dir()),
                 kernel_name=kernel,
@@ -133,7 +134,9 @@ def run_notebooks(
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         failed.unlink(missing_ok=True)
-        print(f"[turbosparse-notebooks] {nb.name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"[turbosparse-notebooks] {nb.name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
+        )
         done.append(final)
     return done
 
@@ -145,8 +148,12 @@ def clear_leftovers(preset: str) -> list[Path]:
     import shutil
 
     gone = list(paths.executed_dir(preset).glob(".*.running.ipynb"))
-    gone += [d for root in (paths.results_dir(preset), paths.figures_dir(preset)) if root.exists()
-             for d in root.glob(".staging-*")]
+    gone += [
+        d
+        for root in (paths.results_dir(preset), paths.figures_dir(preset))
+        if root.exists()
+        for d in root.glob(".staging-*")
+    ]
     for g in gone:
         shutil.rmtree(g, ignore_errors=True) if g.is_dir() else g.unlink(missing_ok=True)
     return gone
@@ -179,15 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Execute the notebooks headless with papermill at a named preset.")
     ap.add_argument("--preset", default="cpu", help="smoke (CI), cpu (default reproduction), gpu or paper")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (prefix such as 00, or full stem)")
-    ap.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
-                    help="an extra papermill parameter")
+    ap.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "VALUE"),
+        default=[],
+        help="an extra papermill parameter",
+    )
     ap.add_argument("--timeout", type=int, help="per-cell timeout in seconds (default: the preset's)")
     args = ap.parse_args(argv)
     try:
         get_preset(args.preset)
         if any(name == "preset" for name, _ in args.parameter):  # the copy is saved under --preset's name
-            raise ValueError("set the preset with --preset, not -p preset: the executed copy is saved under "
-                             "--preset's name")
+            raise ValueError(
+                "set the preset with --preset, not -p preset: the executed copy is saved under --preset's name"
+            )
         list_notebooks(args.only)  # every argument is checked before anything runs
         out = run_notebooks(args.preset, args.only, {k: _parse_value(v) for k, v in args.parameter}, args.timeout)
     except (ValueError, RuntimeError) as e:

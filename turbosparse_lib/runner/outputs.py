@@ -68,8 +68,10 @@ def require(preset: str, notebook: str, what: str, *needed: Path) -> None:
     notebook that makes them and the command to run it."""
     missing = [p for p in needed if not Path(p).exists()]
     if missing:
-        shown = ", ".join(str(Path(p).relative_to(paths.repo_root())) if Path(p).is_relative_to(paths.repo_root())
-                          else str(p) for p in missing[:4])
+        shown = ", ".join(
+            str(Path(p).relative_to(paths.repo_root())) if Path(p).is_relative_to(paths.repo_root()) else str(p)
+            for p in missing[:4]
+        )
         raise MissingPrerequisite(
             f"this notebook needs {what}, made by notebook {notebook} at the {preset} preset, and {shown} "
             f"{'is' if len(missing) == 1 else 'are'} missing. Run it first: "

@@ -71,9 +71,17 @@ class ActivityCounter(MLPInstrument):
         zero_frac (exact zeros of combined over its tokens; NaN if it saw none)."""
         rows = []
         for u, tok, cnt in zip(self.units, self.tokens, self.neuron_counts):
-            rows.append({"layer": u.layer, "expert": -1 if u.expert is None else u.expert, "role": u.role,
-                         "tokens": int(tok), "neurons": len(cnt), "active_per_token": cnt.sum() / tok if tok else np.nan,
-                         "zero_frac": 1 - cnt.sum() / (tok * len(cnt)) if tok else np.nan})
+            rows.append(
+                {
+                    "layer": u.layer,
+                    "expert": -1 if u.expert is None else u.expert,
+                    "role": u.role,
+                    "tokens": int(tok),
+                    "neurons": len(cnt),
+                    "active_per_token": cnt.sum() / tok if tok else np.nan,
+                    "zero_frac": 1 - cnt.sum() / (tok * len(cnt)) if tok else np.nan,
+                }
+            )
         df = pd.DataFrame(rows)
         routed = df.role == "routed"
         slots = df[routed].groupby("layer").tokens.transform("sum")
@@ -105,7 +113,7 @@ class ParameterBudget:
     always: int  # everything outside the gated MLPs: counted as active for every token
 
     @classmethod
-    def of(cls, model: nn.Module, units) -> "ParameterBudget":
+    def of(cls, model: nn.Module, units) -> ParameterBudget:
         total = count_parameters(model)
         ffn = sum(_unit_params(u.mlp) for u in units)
         routed = sum(_unit_params(u.mlp) for u in units if u.role == "routed")
@@ -132,15 +140,23 @@ def active_parameters(counter: ActivityCounter, n_tokens: int, budget: Parameter
             routed_reached += int(tok) * _unit_params(u.mlp)
     active = budget.always + ffn_active / n_tokens
     nan = float("nan")
-    return {"tokens": n_tokens, "total_params": budget.total, "always_active_params": budget.always,
-            "ffn_params": budget.ffn, "routed_params": budget.routed, "active_params": active,
-            "active_fraction": active / budget.total, "ffn_active_fraction": ffn_active / n_tokens / budget.ffn,
-            "routed_active_fraction": routed_active / n_tokens / budget.routed if budget.routed else nan,
-            "routing_fraction": routed_reached / n_tokens / budget.routed if budget.routed else nan}
+    return {
+        "tokens": n_tokens,
+        "total_params": budget.total,
+        "always_active_params": budget.always,
+        "ffn_params": budget.ffn,
+        "routed_params": budget.routed,
+        "active_params": active,
+        "active_fraction": active / budget.total,
+        "ffn_active_fraction": ffn_active / n_tokens / budget.ffn,
+        "routed_active_fraction": routed_active / n_tokens / budget.routed if budget.routed else nan,
+        "routing_fraction": routed_reached / n_tokens / budget.routed if budget.routed else nan,
+    }
 
 
-def expert_activity(model: nn.Module, token_ids, context_length: int = 512, batch_size: int = 4,
-                    mask=None) -> tuple[pd.DataFrame, dict, ActivityCounter]:
+def expert_activity(
+    model: nn.Module, token_ids, context_length: int = 512, batch_size: int = 4, mask=None
+) -> tuple[pd.DataFrame, dict, ActivityCounter]:
     """Run ``model`` over ``token_ids`` (non-overlapping windows) and count, per unit and in total, what fires.
 
     ``mask``: an optional ``sparsity.masks.ActivationMask`` of the same model, entered around the run, so that the

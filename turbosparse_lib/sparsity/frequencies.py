@@ -44,8 +44,10 @@ def neuron_frequencies(model, token_ids, context_length: int = 256, batch_size: 
     counter = _NeuronCounter(model)
     widths = [m.gate_proj.out_features for m in counter.mlps]
     if len(set(widths)) > 1:
-        raise ValueError(f"the model's gated MLPs have different widths {sorted(set(widths))} (a shared expert or "
-                         "dense layers beside experts): use sparsity.experts.ActivityCounter.neuron_frequencies")
+        raise ValueError(
+            f"the model's gated MLPs have different widths {sorted(set(widths))} (a shared expert or "
+            "dense layers beside experts): use sparsity.experts.ActivityCounter.neuron_frequencies"
+        )
     run_over_stream(counter, token_ids, context_length, batch_size)
     return np.stack([c / t if t else np.full(w, np.nan) for c, t, w in zip(counter.counts, counter.tokens, widths)])
 

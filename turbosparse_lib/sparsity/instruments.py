@@ -61,12 +61,12 @@ class Histogram:
     below: int = 0  # values < edges[0]
     above: int = 0  # values > edges[-1]
 
-    def __add__(self, other: "Histogram") -> "Histogram":
+    def __add__(self, other: Histogram) -> Histogram:
         if not np.array_equal(self.edges, other.edges):
             raise ValueError("histograms with different bin edges cannot be added")
         return Histogram(self.counts + other.counts, self.edges, self.below + other.below, self.above + other.above)
 
-    def total_variation(self, other: "Histogram") -> float:
+    def total_variation(self, other: Histogram) -> float:
         """Total-variation distance between the two distributions as binned (below / above the range count as two
         more bins): half the L1 distance of the probability masses; 0 for the same shape, 1 for disjoint ones."""
         if not np.array_equal(self.edges, other.edges):
@@ -143,7 +143,7 @@ class _Accumulator:
                 keys, vals = keys[keep], vals[keep]
             self._keys, self._sample = keys, vals
 
-    def merge_moments(self, other: "_Accumulator") -> None:
+    def merge_moments(self, other: _Accumulator) -> None:
         """Add ``other``'s counts and moments into this one (for totals over layers)."""
         n = self.count + other.count
         if n:
@@ -206,7 +206,8 @@ class MLPInstrument:
         self._handles.clear()
 
     def _tokens(self, x: torch.Tensor, mlp: nn.Module | None = None) -> torch.Tensor:
-        """(B, T, F), or a routed expert's (n, F), -> (N, F): the rows of real tokens (all without an attention mask)."""
+        """(B, T, F), or a routed expert's (n, F), -> (N, F): the rows of real tokens (all of them without an
+        attention mask)."""
         if self.attention_mask is None:
             return x.reshape(-1, x.shape[-1])
         mask = self.attention_mask.to(device=x.device, dtype=torch.bool)
@@ -222,8 +223,11 @@ class MLPInstrument:
     def labels(self, i: int) -> dict:
         """Column values that name unit ``i``: its layer, and for an MoE model its expert and role."""
         u = self.units[i]
-        return {"layer": u.layer, "expert": -1 if u.expert is None else u.expert, "role": u.role} if self.is_moe \
+        return (
+            {"layer": u.layer, "expert": -1 if u.expert is None else u.expert, "role": u.role}
+            if self.is_moe
             else {"layer": u.layer}
+        )
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -318,8 +322,13 @@ class ActivationRecorder(MLPInstrument):
         return pd.DataFrame(rows, columns=["kind", "zero_frac", "near_zero_frac", "neg_frac", "mean", "std", "count"])
 
     def _keys(self, layer: int | None, kind: str, expert: int | None) -> list[tuple[int, str]]:
-        keys = [k for k in self._order() if k[1] == kind and (layer is None or self.units[k[0]].layer == layer)
-                and (expert is None or self.units[k[0]].expert == expert)]
+        keys = [
+            k
+            for k in self._order()
+            if k[1] == kind
+            and (layer is None or self.units[k[0]].layer == layer)
+            and (expert is None or self.units[k[0]].expert == expert)
+        ]
         if not keys:
             raise KeyError(f"nothing recorded for layer={layer}, expert={expert}, kind={kind!r}")
         return keys
@@ -380,7 +389,8 @@ def run_over_stream(instrument: MLPInstrument, token_ids, context_length: int = 
     return instrument
 
 
-def activation_stats(model: nn.Module, token_ids, context_length: int = 512, batch_size: int = 4,
-                     **recorder_kwargs) -> ActivationRecorder:
+def activation_stats(
+    model: nn.Module, token_ids, context_length: int = 512, batch_size: int = 4, **recorder_kwargs
+) -> ActivationRecorder:
     """Run ``model`` over ``token_ids`` in windows of ``context_length`` and return the filled recorder."""
     return run_over_stream(ActivationRecorder(model, **recorder_kwargs), token_ids, context_length, batch_size)

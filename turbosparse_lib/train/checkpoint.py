@@ -49,8 +49,15 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, tokens_seen: int,
-                    precision: str, train_seconds: float = 0.0) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    tokens_seen: int,
+    precision: str,
+    train_seconds: float = 0.0,
+) -> None:
     """Everything a resume needs, written atomically to ``run_dir/checkpoint``."""
     from safetensors.torch import save_file, save_model
 
@@ -59,8 +66,16 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
         opt_tensors, opt_meta = _optimizer_tensors(opt)
         opt_tensors["rng.torch"] = torch.get_rng_state()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "state.json", {"step": step, "tokens_seen": tokens_seen, "precision": precision,
-                                        "train_seconds": train_seconds, "optimizer": opt_meta})
+        write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "precision": precision,
+                "train_seconds": train_seconds,
+                "optimizer": opt_meta,
+            },
+        )
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
@@ -73,8 +88,9 @@ def load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer)
         load_model(model, str(ck / "model.safetensors"))
         tensors = load_file(str(ck / "optimizer.safetensors"))
     except Exception as e:  # truncated or foreign files
-        raise RuntimeError(f"the checkpoint in {ck} cannot be read ({e}); delete that folder to restart the run "
-                           "from scratch") from e
+        raise RuntimeError(
+            f"the checkpoint in {ck} cannot be read ({e}); delete that folder to restart the run from scratch"
+        ) from e
     check_finite(model, f"the checkpoint in {ck} (delete that folder to restart the run from scratch)")
     torch.set_rng_state(tensors.pop("rng.torch"))
     opt.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
@@ -95,8 +111,10 @@ def check_config(run_dir: Path, cfg: TrainConfig) -> None:
     diff = {k: (stored[k], ours[k]) for k in ours if stored[k] != ours[k]}
     if diff:
         detail = ", ".join(f"{k}: stored {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{run_dir} holds a run with another config ({detail}); use another output folder "
-                         "or delete this one to start over")
+        raise ValueError(
+            f"{run_dir} holds a run with another config ({detail}); use another output folder "
+            "or delete this one to start over"
+        )
 
 
 def _metric_rows(path: Path) -> list[dict]:
@@ -110,8 +128,10 @@ def _metric_rows(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}, line {i + 1}, is not JSON ({e}): the metrics file is corrupt; delete the run "
-                             "folder to start the run over") from None
+            raise ValueError(
+                f"{path}, line {i + 1}, is not JSON ({e}): the metrics file is corrupt; delete the run "
+                "folder to start the run over"
+            ) from None
     return rows
 
 
@@ -156,7 +176,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -167,8 +187,10 @@ class RunLock:
                 except (OSError, ValueError):
                     pid = 0
                 if pid and pid != os.getpid() and _alive(pid):
-                    raise RuntimeError(f"{self.path.parent} is in use by another process (PID {pid}); wait for it "
-                                       f"to finish, or stop it, before starting this run") from None
+                    raise RuntimeError(
+                        f"{self.path.parent} is in use by another process (PID {pid}); wait for it "
+                        f"to finish, or stop it, before starting this run"
+                    ) from None
                 self.path.unlink(missing_ok=True)  # its owner is gone: take over
                 continue
             with os.fdopen(fd, "w") as f:
@@ -194,11 +216,10 @@ def check_finite(model: nn.Module, where: str) -> None:
     """Refuse weights that are not finite (a corrupted checkpoint, or training that diverged)."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise FloatingPointError(f"{where}: non-finite weights in {len(bad)} tensors ({', '.join(bad[:3])}"
-                                 f"{', ...' if len(bad) > 3 else ''})")
+        raise FloatingPointError(
+            f"{where}: non-finite weights in {len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        )
 
 
 def is_complete(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / SUMMARY_FILE).exists() and (Path(run_dir) / "config.json").exists()
-
-

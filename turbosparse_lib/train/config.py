@@ -77,12 +77,18 @@ class TrainConfig:
         if self.trainable not in TRAINABLE:
             raise ValueError(f"unknown trainable {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
         if self.steps < 1:
-            raise ValueError(f"total_tokens ({self.total_tokens}) is less than one batch ({self.tokens_per_step} tokens)")
+            raise ValueError(
+                f"total_tokens ({self.total_tokens}) is less than one batch ({self.tokens_per_step} tokens)"
+            )
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
-            raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0; got {self.lr}, "
-                             f"{self.min_lr_ratio}, {self.warmup_steps}")
+            raise ValueError(
+                f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0; got {self.lr}, "
+                f"{self.min_lr_ratio}, {self.warmup_steps}"
+            )
 
     @property
     def tokens_per_step(self) -> int:

@@ -15,7 +15,9 @@ def make_sequences(tokens: np.ndarray, context_length: int, n_sequences: int, se
     n_avail = len(tokens) // context_length
     if n_avail < n_sequences:
         raise ValueError(f"{len(tokens)} tokens make {n_avail} sequences of {context_length}; {n_sequences} needed")
-    seqs = torch.from_numpy(np.asarray(tokens[: n_avail * context_length], dtype=np.int64)).view(n_avail, context_length)
+    seqs = torch.from_numpy(np.asarray(tokens[: n_avail * context_length], dtype=np.int64)).view(
+        n_avail, context_length
+    )
     order = np.random.default_rng(seed).permutation(n_avail)[:n_sequences]
     return seqs[torch.from_numpy(order)]
 
@@ -26,8 +28,12 @@ def training_sequences(cfg: TrainConfig) -> torch.Tensor:
 
     needed = cfg.steps * cfg.batch_size
     # a little headroom: the sampler draws whole documents, so it lands near, not on, the target
-    sample = training_stream(int(needed * cfg.context_length * 1.02) + cfg.context_length, cfg.mixture, seed=cfg.seed,
-                             tokenizer=cfg.tokenizer)
+    sample = training_stream(
+        int(needed * cfg.context_length * 1.02) + cfg.context_length,
+        cfg.mixture,
+        seed=cfg.seed,
+        tokenizer=cfg.tokenizer,
+    )
     return make_sequences(sample.tokens, cfg.context_length, needed, cfg.seed)
 
 

@@ -47,5 +47,3 @@ def barrier(d: Dist) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-

@@ -46,10 +46,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +60,37 @@ from ..atomic import atomic_path, write_json
 from ..eval.perplexity import progress_enabled
 from ..models.architecture import build_model
 from ..models.swap import load_model
-from .checkpoint import (CHECKPOINT, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunLock, check_config, check_finite,
-                         is_complete, load_checkpoint, read_metrics, remove_stale_temporaries, rewrite_metrics,
-                         save_checkpoint)
+from .checkpoint import (
+    CHECKPOINT,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunLock,
+    check_config,
+    check_finite,
+    is_complete,
+    load_checkpoint,
+    read_metrics,
+    remove_stale_temporaries,
+    rewrite_metrics,
+    save_checkpoint,
+)
 from .config import PRECISIONS, TrainConfig, l1_at, lr_at, train_config
 from .data import training_sequences, validation_sequences
 from .distributed import all_mean, barrier, init_distributed
 from .precision import autocast, measure_precision
 
-__all__ = ["train", "evaluate_loss", "hidden_state_loss", "select_trainable", "train_scratch", "load_trained", "read_metrics", "is_complete", "main"]
+__all__ = [
+    "train",
+    "evaluate_loss",
+    "hidden_state_loss",
+    "select_trainable",
+    "train_scratch",
+    "load_trained",
+    "read_metrics",
+    "is_complete",
+    "main",
+]
 
 # called every eval_every steps on the main process: (model, step, tokens_seen) -> extra metrics
 EvalHook = Callable[[nn.Module, int, int], dict]
@@ -86,7 +108,7 @@ def evaluate_loss(model: nn.Module, seqs: torch.Tensor, micro_batch_size: int, p
     device = next(model.parameters()).device
     lm_only = {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
     for i in range(0, len(seqs), micro_batch_size):
-        x = seqs[i: i + micro_batch_size].to(device)
+        x = seqs[i : i + micro_batch_size].to(device)
         with autocast(precision):
             losses.append(float(model(input_ids=x, labels=x, **lm_only).loss) * len(x))
     model.train(was_training)
@@ -129,17 +151,25 @@ def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
     """Mean over layers of ||h_student - h_teacher||^2 / ||h_teacher||^2 after every decoder layer (the
     embeddings, shared by both, are skipped): a dense signal at every depth, so a layer whose new MLP drifts is
     corrected where it drifts instead of only through the last layer's logits."""
-    terms = [((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
-             for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
+    terms = [
+        ((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
+        for s, t in zip(student_hidden[1:], teacher_hidden[1:])
+    ]
     return torch.stack(terms).mean()
 
 
-def _loss(model, teacher, x: torch.Tensor, cfg: TrainConfig, precision: str, l1: "_CombinedL1 | None" = None,
-          l1_coef: float = 0.0) -> torch.Tensor:
+def _loss(
+    model,
+    teacher,
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    precision: str,
+    l1: _CombinedL1 | None = None,
+    l1_coef: float = 0.0,
+) -> torch.Tensor:
     objective, hidden = cfg.objective, cfg.hidden_coef > 0
     with autocast(precision):
-        out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False,
-                    output_hidden_states=hidden)
+        out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False, output_hidden_states=hidden)
     penalty = l1_coef * l1.take() if l1 is not None else 0.0
     if objective == "lm":
         return out.loss + penalty
@@ -158,8 +188,12 @@ def select_trainable(model: nn.Module, trainable: str) -> None:
     not change what a token means); ``mlp`` trains only the MLPs' projections."""
     if trainable == "all":
         return
-    frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-              for p in m.parameters()}
+    frozen = {
+        id(p)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+        for p in m.parameters()
+    }
     if trainable == "mlp":
         from ..models.swap import mlp_modules
 
@@ -186,9 +220,12 @@ def _optimizer(trainable: list, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, with no weight decay on norms (as nanoGPT)."""
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        foreach=True,
+    )
 
 
 def _resume_or_start(run_dir: Path, cfg: TrainConfig, model: nn.Module, opt, d) -> tuple:
@@ -222,14 +259,25 @@ def _save_final(run_dir: Path, model: nn.Module, summary: dict) -> None:
     shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the final weights supersede it
 
 
-def _accumulate_step(ddp, teacher, mine: torch.Tensor, cfg: TrainConfig, precision: str, l1, step: int,
-                     trainable: list, d, device, run_dir: Path) -> tuple[float, float]:
+def _accumulate_step(
+    ddp,
+    teacher,
+    mine: torch.Tensor,
+    cfg: TrainConfig,
+    precision: str,
+    l1,
+    step: int,
+    trainable: list,
+    d,
+    device,
+    run_dir: Path,
+) -> tuple[float, float]:
     """Forward and backward over this rank's micro batches, then the clipped gradient norm; returns (sum of the
     micro-batch losses, gradient norm). A non-finite loss or gradient raises before the optimiser changes anything."""
     accum = len(mine) // cfg.micro_batch_size
     loss_sum = 0.0
     for m in range(accum):
-        x = mine[m * cfg.micro_batch_size: (m + 1) * cfg.micro_batch_size].to(device)
+        x = mine[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size].to(device)
         sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
         with sync:
             loss = _loss(ddp, teacher, x, cfg, precision, l1, l1_at(step, cfg))
@@ -237,9 +285,11 @@ def _accumulate_step(ddp, teacher, mine: torch.Tensor, cfg: TrainConfig, precisi
         loss_sum += float(loss.detach())
     grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"training {run_dir}: the loss ({loss_sum / accum}) or the gradient norm "
-                                 f"({grad_norm}) is not finite at step {step + 1}; the run is not marked "
-                                 "complete. Lower the learning rate, or check the model and data")
+        raise FloatingPointError(
+            f"training {run_dir}: the loss ({loss_sum / accum}) or the gradient norm "
+            f"({grad_norm}) is not finite at step {step + 1}; the run is not marked "
+            "complete. Lower the learning rate, or check the model and data"
+        )
     return loss_sum, grad_norm
 
 
@@ -253,12 +303,16 @@ def _check_arguments(cfg: TrainConfig, model, teacher) -> None:
 def _inputs(cfg: TrainConfig, sequences, d) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(gradient-accumulation steps, training sequences, validation sequences), checked against the config."""
     if cfg.batch_size % (cfg.micro_batch_size * d.world):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must divide by micro_batch_size x processes "
-                         f"({cfg.micro_batch_size} x {d.world})")
+        raise ValueError(
+            f"batch_size ({cfg.batch_size}) must divide by micro_batch_size x processes "
+            f"({cfg.micro_batch_size} x {d.world})"
+        )
     data = sequences if sequences is not None else training_sequences(cfg)
     if data.shape != (cfg.steps * cfg.batch_size, cfg.context_length):
-        raise ValueError(f"sequences have shape {tuple(data.shape)}; this config needs "
-                         f"{(cfg.steps * cfg.batch_size, cfg.context_length)}")
+        raise ValueError(
+            f"sequences have shape {tuple(data.shape)}; this config needs "
+            f"{(cfg.steps * cfg.batch_size, cfg.context_length)}"
+        )
     return cfg.batch_size // (cfg.micro_batch_size * d.world), data, validation_sequences(cfg)
 
 
@@ -272,11 +326,26 @@ def _claim_run_dir(run_dir: Path, cfg: TrainConfig, stack: ExitStack) -> None:
     write_json(run_dir / CONFIG_FILE, asdict(cfg))
 
 
-def _evaluate_row(row: dict | None, model, val, cfg: TrainConfig, precision: str, eval_hook, done: int,
-                  tokens_seen: int, lr: float, train_seconds: float) -> dict:
+def _evaluate_row(
+    row: dict | None,
+    model,
+    val,
+    cfg: TrainConfig,
+    precision: str,
+    eval_hook,
+    done: int,
+    tokens_seen: int,
+    lr: float,
+    train_seconds: float,
+) -> dict:
     """The metrics row of an evaluation step: the validation loss, and the hook's metrics (main process only)."""
-    row = row or {"step": done, "tokens_seen": tokens_seen, "lr": lr, "precision": precision,
-                  "train_seconds": train_seconds}
+    row = row or {
+        "step": done,
+        "tokens_seen": tokens_seen,
+        "lr": lr,
+        "precision": precision,
+        "train_seconds": train_seconds,
+    }
     row["val_loss"] = evaluate_loss(model, val, cfg.micro_batch_size, precision)
     if eval_hook is not None:
         row.update(eval_hook(model, done, tokens_seen))
@@ -297,8 +366,12 @@ def _open_progress(run_dir: Path, cfg: TrainConfig, d, start_step: int, progress
     from tqdm.auto import tqdm
 
     metrics_f = open(run_dir / METRICS_FILE, "a") if d.main else None
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.variant} seed {cfg.seed}",
-               disable=not (d.main and progress_enabled(progress)))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        desc=f"train {cfg.variant} seed {cfg.seed}",
+        disable=not (d.main and progress_enabled(progress)),
+    )
     return metrics_f, bar
 
 
@@ -316,8 +389,10 @@ def _close(bar, l1, metrics_f) -> None:
 
 
 def _parameter_counts(model: nn.Module, trainable: list) -> dict:
-    return {"parameters": sum(p.numel() for p in model.parameters()),
-            "trainable_parameters": sum(p.numel() for _, p in trainable)}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for _, p in trainable),
+    }
 
 
 @dataclass
@@ -328,8 +403,9 @@ class _Clock:
     tok_last: int
 
 
-def _record_step(stats: dict, cfg: TrainConfig, d, clock: _Clock, model, opt, val, eval_hook, metrics_f, bar,
-                 run_dir: Path) -> dict | None:
+def _record_step(
+    stats: dict, cfg: TrainConfig, d, clock: _Clock, model, opt, val, eval_hook, metrics_f, bar, run_dir: Path
+) -> dict | None:
     """After optimiser step ``stats["step"]``: the metrics row (logged every ``log_every`` steps, with the
     throughput since the last one; evaluated every ``eval_every``), written on the main process, and the checkpoint
     every ``checkpoint_every`` steps. Returns the row, or None on a step that logs nothing."""
@@ -341,8 +417,18 @@ def _record_step(stats: dict, cfg: TrainConfig, d, clock: _Clock, model, opt, va
         clock.t_last, clock.tok_last = now, tokens_seen
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
     if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-        row = _evaluate_row(row, model, val, cfg, stats["precision"], eval_hook if d.main else None, done,
-                            tokens_seen, stats["lr"], stats["train_seconds"])
+        row = _evaluate_row(
+            row,
+            model,
+            val,
+            cfg,
+            stats["precision"],
+            eval_hook if d.main else None,
+            done,
+            tokens_seen,
+            stats["lr"],
+            stats["train_seconds"],
+        )
         clock.t_last = time.perf_counter()  # evaluation time is not training throughput
     if row is not None and metrics_f is not None:
         _write_row(metrics_f, row)
@@ -353,9 +439,16 @@ def _record_step(stats: dict, cfg: TrainConfig, d, clock: _Clock, model, opt, va
     return row
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None = None,
-          sequences: torch.Tensor | None = None, progress: bool | None = None, threads: int | None = None,
-          teacher: nn.Module | None = None, eval_hook: EvalHook | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    model: nn.Module | None = None,
+    sequences: torch.Tensor | None = None,
+    progress: bool | None = None,
+    threads: int | None = None,
+    teacher: nn.Module | None = None,
+    eval_hook: EvalHook | None = None,
+) -> dict:
     """Train (or resume training) ``cfg`` into ``run_dir``; returns the summary (a finished run's, untrained).
 
     ``model``: start from it, not a fresh ``build_model`` (continued pretraining); frozen parameters stay frozen.
@@ -379,7 +472,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
 
         model, trainable, opt = _model_and_optimizer(cfg, model)
         start_step, tokens_seen, precision, seconds_before, precision_measurement = _resume_or_start(
-            run_dir, cfg, model, opt, d)
+            run_dir, cfg, model, opt, d
+        )
         barrier(d)
 
         device = next(model.parameters()).device  # the caller places the model (and the teacher) on a device
@@ -398,28 +492,44 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
                 lr = lr_at(step, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                batch = data[step * cfg.batch_size: (step + 1) * cfg.batch_size]
-                mine = batch[d.rank * accum * cfg.micro_batch_size: (d.rank + 1) * accum * cfg.micro_batch_size]
-                loss_sum, grad_norm = _accumulate_step(ddp, teacher, mine, cfg, precision, l1, step, trainable, d,
-                                                       device, run_dir)
+                batch = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                mine = batch[d.rank * accum * cfg.micro_batch_size : (d.rank + 1) * accum * cfg.micro_batch_size]
+                loss_sum, grad_norm = _accumulate_step(
+                    ddp, teacher, mine, cfg, precision, l1, step, trainable, d, device, run_dir
+                )
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 tokens_seen += cfg.tokens_per_step
                 train_seconds += time.perf_counter() - t_step
                 train_loss = all_mean(loss_sum / accum, d)
                 bar.update(1)
-                stats = {"step": step + 1, "tokens_seen": tokens_seen, "loss": train_loss, "lr": lr,
-                         "grad_norm": grad_norm, "precision": precision, "train_seconds": train_seconds}
+                stats = {
+                    "step": step + 1,
+                    "tokens_seen": tokens_seen,
+                    "loss": train_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "precision": precision,
+                    "train_seconds": train_seconds,
+                }
                 row = _record_step(stats, cfg, d, clock, model, opt, val, eval_hook, metrics_f, bar, run_dir)
         finally:
             _close(bar, l1, metrics_f)
 
-        summary = {"steps": cfg.steps, "tokens_seen": tokens_seen, "final_train_loss": train_loss,
-                   "final_val_loss": row["val_loss"] if row else None, "precision": precision,
-                   "processes": d.world, "threads": torch.get_num_threads(),
-                   "seconds_this_session": time.perf_counter() - t_start, "train_seconds": train_seconds,
-                   "resumed_from_step": start_step, **_parameter_counts(model, trainable),
-                   **({"precision_measurement": precision_measurement} if precision_measurement else {})}
+        summary = {
+            "steps": cfg.steps,
+            "tokens_seen": tokens_seen,
+            "final_train_loss": train_loss,
+            "final_val_loss": row["val_loss"] if row else None,
+            "precision": precision,
+            "processes": d.world,
+            "threads": torch.get_num_threads(),
+            "seconds_this_session": time.perf_counter() - t_start,
+            "train_seconds": train_seconds,
+            "resumed_from_step": start_step,
+            **_parameter_counts(model, trainable),
+            **({"precision_measurement": precision_measurement} if precision_measurement else {}),
+        }
         if d.main:
             _save_final(run_dir, model, summary)
         barrier(d)
@@ -432,8 +542,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, model: nn.Module | None 
             dist.destroy_process_group()
 
 
-def train_scratch(preset: str, variant: str, seed: int = 0, progress: bool | None = None, moe: bool = False,
-                  **overrides) -> tuple[Path, dict]:
+def train_scratch(
+    preset: str, variant: str, seed: int = 0, progress: bool | None = None, moe: bool = False, **overrides
+) -> tuple[Path, dict]:
     """Train (or load the finished run of) the from-scratch model of ``preset``/``variant``/``seed`` into
     ``paths.scratch_model_dir`` (``moe=True``: the preset's mixture of experts, into ``paths.scratch_moe_dir``);
     returns the folder and the run's summary."""
@@ -456,12 +567,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="turbosparse-train",
         description="Train a gated-MLP Llama-style model from scratch (resumable; runs under torchrun for DDP).",
         epilog="Example, 8 GPUs at the paper's sizes: torchrun --nproc_per_node 8 -m turbosparse_lib.train.loop "
-               "--preset paper --variant drelu --seed 0",
+        "--preset paper --variant drelu --seed 0",
     )
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
     p.add_argument("--variant", default="drelu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run folder (default: data/models/<preset>/scratch-<variant>-seed<seed>)")
+    p.add_argument(
+        "--out", default=None, help="run folder (default: data/models/<preset>/scratch-<variant>-seed<seed>)"
+    )
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
@@ -479,8 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"turbosparse-train: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(a.out) if a.out else (paths.scratch_moe_dir if a.moe else paths.scratch_model_dir)(
-        a.preset, a.variant, a.seed)
+    run_dir = (
+        Path(a.out)
+        if a.out
+        else (paths.scratch_moe_dir if a.moe else paths.scratch_model_dir)(a.preset, a.variant, a.seed)
+    )
     try:
         summary = train(cfg, run_dir, threads=a.threads)
     except (ValueError, FileNotFoundError) as e:

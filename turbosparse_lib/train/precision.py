@@ -23,8 +23,14 @@ def autocast(precision: str):
     return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
 
 
-def measure_precision(model: nn.Module, micro_batch_size: int, context_length: int, steps: int = 2,
-                      vocab_size: int | None = None, give_up_ratio: float = 3.0) -> dict:
+def measure_precision(
+    model: nn.Module,
+    micro_batch_size: int,
+    context_length: int,
+    steps: int = 2,
+    vocab_size: int | None = None,
+    give_up_ratio: float = 3.0,
+) -> dict:
     """Seconds per training step (forward, backward, AdamW) in fp32 and in bf16 autocast, each the median of
     ``steps`` after one warm-up step, on a deep copy of ``model`` (the original is untouched) at the run's
     micro batch. Returns both times, the speed-up of bf16 and the faster one (``chosen``).
@@ -52,7 +58,13 @@ def measure_precision(model: nn.Module, micro_batch_size: int, context_length: i
                 break
         times[precision] = float(np.median(ts[1:])) if len(ts) > 1 and not gave_up else float(max(ts))
         del trial, opt
-    return {"fp32_s_per_step": times["fp32"], "bf16_s_per_step": times["bf16"],
-            "bf16_speedup": times["fp32"] / times["bf16"], "chosen": min(times, key=times.get),
-            "bf16_gave_up": gave_up, "threads": torch.get_num_threads(), "micro_batch": micro_batch_size,
-            "context": context_length}
+    return {
+        "fp32_s_per_step": times["fp32"],
+        "bf16_s_per_step": times["bf16"],
+        "bf16_speedup": times["fp32"] / times["bf16"],
+        "chosen": min(times, key=times.get),
+        "bf16_gave_up": gave_up,
+        "threads": torch.get_num_threads(),
+        "micro_batch": micro_batch_size,
+        "context": context_length,
+    }

@@ -41,10 +41,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a training run never needs it
+    import pandas as pd
 
 from .. import paths
 from ..atomic import write_json
@@ -57,7 +61,9 @@ class Recipe:
     warm: str  # "lstsq": the layer-wise warm start below; "none": train the swapped model as it is
     objective: str  # lm (the paper's next-token loss), kd (distillation), kd+lm
     l1_coef: float = 0.0  # L1 penalty on combined (mean |combined| over layers), for more exact zeros
-    l1_warmup_fraction: float = 0.0  # ... reached linearly over this share of the steps (ProSparse's progressive schedule)
+    l1_warmup_fraction: float = (
+        0.0  # ... reached linearly over this share of the steps (ProSparse's progressive schedule)
+    )
     hidden_coef: float = 0.0  # weight of the teacher's hidden states after every layer (normalised MSE)
     trainable: str = "all"  # all, no-embeddings or mlp (train.config.TRAINABLE)
     about: str = ""
@@ -71,13 +77,25 @@ RECIPES: dict[str, Recipe] = {
     "lstsq+kd+l1": Recipe("lstsq", "kd", l1_coef=0.02, about="... and a constant L1 penalty on combined"),
     # the default: many small steps of distillation that also match the original's residual stream after every
     # layer, on the MLPs alone (the swap changed only them; frozen attention and embeddings make a step ~20% cheaper)
-    "lstsq+hidden": Recipe("lstsq", "kd", hidden_coef=1.0, trainable="mlp",
-                           about="warm start, then logits and hidden states of every layer distilled, MLPs trained"),
+    "lstsq+hidden": Recipe(
+        "lstsq",
+        "kd",
+        hidden_coef=1.0,
+        trainable="mlp",
+        about="warm start, then logits and hidden states of every layer distilled, MLPs trained",
+    ),
     # ProSparse-style: the same, with an L1 penalty on combined raised linearly over the first half of the run. At
     # l1_coef 2 (the penalty ~15% of the loss at the start) 123k tokens on SmolLM2 moved exact zeros by half a point
     # (78.2% -> 78.7% at 61k tokens) for ~1% of perplexity, so the weight is 10x that
-    "lstsq+hidden+l1": Recipe("lstsq", "kd", l1_coef=20.0, l1_warmup_fraction=0.5, hidden_coef=1.0, trainable="mlp",
-                              about="... and a progressive L1 penalty on combined, for more exact zeros"),
+    "lstsq+hidden+l1": Recipe(
+        "lstsq",
+        "kd",
+        l1_coef=20.0,
+        l1_warmup_fraction=0.5,
+        hidden_coef=1.0,
+        trainable="mlp",
+        about="... and a progressive L1 penalty on combined, for more exact zeros",
+    ),
 }
 DEFAULT_RECIPE = "lstsq+hidden"
 BASE_MODELS = ("smollm2-135m", "scratch-swiglu")  # or the folder of any supported Hugging Face model
@@ -97,12 +115,14 @@ class WarmStart:
 
 
 def _gram_solve(C: torch.Tensor, Y: torch.Tensor, ridge: float, chunk: int = 4096) -> torch.Tensor:
-    """argmin_W ||C W^T - Y||^2 + lam ||W||^2 for C (N, F), Y (N, H): W (H, F). Gram in float32 chunks, solve in float64."""
+    """argmin_W ||C W^T - Y||^2 + lam ||W||^2 for C (N, F), Y (N, H): W (H, F).
+
+    The Gram matrix is accumulated in float32 chunks and solved in float64."""
     F_, H = C.shape[1], Y.shape[1]
     A = torch.zeros(F_, F_, dtype=torch.float64)
     B = torch.zeros(F_, H, dtype=torch.float64)
     for i in range(0, C.shape[0], chunk):
-        c, y = C[i:i + chunk].float(), Y[i:i + chunk].float()
+        c, y = C[i : i + chunk].float(), Y[i : i + chunk].float()
         A += (c.T @ c).double()
         B += (c.T @ y).double()
     lam = ridge * float(A.diagonal().mean()) + 1e-12
@@ -127,8 +147,10 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
     from ..models.swap import _decoder_layers, is_moe, mlp_modules
 
     if is_moe(student) or is_moe(teacher):
-        raise NotImplementedError("the warm start fits one dense MLP per layer; it is not implemented for "
-                                  "mixture-of-experts models: use a recipe without the lstsq warm start")
+        raise NotImplementedError(
+            "the warm start fits one dense MLP per layer; it is not implemented for "
+            "mixture-of-experts models: use a recipe without the lstsq warm start"
+        )
     if cfg.target not in ("function", "residual"):
         raise ValueError(f"unknown warm-start target {cfg.target!r}; choose 'function' or 'residual'")
     t0 = time.perf_counter()
@@ -138,8 +160,10 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
         raise ValueError(f"student has {len(s_mlps)} layers, teacher {len(t_mlps)}")
     teacher_out: list[torch.Tensor] = []
     if cfg.target == "residual":  # the original residual stream after every layer
-        hooks = [layer.register_forward_hook(lambda m, a, o: teacher_out.append(o[0] if isinstance(o, tuple) else o))
-                 for layer in t_layers]
+        hooks = [
+            layer.register_forward_hook(lambda m, a, o: teacher_out.append(o[0] if isinstance(o, tuple) else o))
+            for layer in t_layers
+        ]
         try:
             teacher(input_ids=sequences, use_cache=False)
         finally:
@@ -155,7 +179,11 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
         def on_mlp(mod, args, out):
             x = args[0]
             xf = x.reshape(-1, x.shape[-1])
-            if cfg.sign_flip and getattr(mod, "up_act_fn", None) is not None and not isinstance(mod.up_act_fn, nn.Identity):
+            if (
+                cfg.sign_flip
+                and getattr(mod, "up_act_fn", None) is not None
+                and not isinstance(mod.up_act_fn, nn.Identity)
+            ):
                 s = _choose_up_signs(mod, xf)
                 mod.up_proj.weight.mul_(s[:, None])
                 if mod.up_proj.bias is not None:
@@ -166,8 +194,9 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
                 y = (teacher_out[i] - residual[i]).reshape(-1, x.shape[-1])
             c = mod.act_fn(mod.gate_proj(xf)) * mod.up_act_fn(mod.up_proj(xf))
             before = float(((out.reshape(-1, out.shape[-1]) - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
-            mod.down_proj.weight.copy_(_gram_solve(c, y - (mod.down_proj.bias if mod.down_proj.bias is not None else 0),
-                                                   cfg.ridge))
+            mod.down_proj.weight.copy_(
+                _gram_solve(c, y - (mod.down_proj.bias if mod.down_proj.bias is not None else 0), cfg.ridge)
+            )
             new = mod.down_proj(c)
             after = float(((new - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
             report.append({"layer": i, "rel_err_before": before, "rel_err_after": after})
@@ -188,8 +217,14 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
     finally:
         for h in hooks:
             h.remove()
-    return {"layers": report, "seconds": time.perf_counter() - t0, "tokens": int(sequences.numel()),
-            "target": cfg.target, "ridge": cfg.ridge, "sign_flip": cfg.sign_flip}
+    return {
+        "layers": report,
+        "seconds": time.perf_counter() - t0,
+        "tokens": int(sequences.numel()),
+        "target": cfg.target,
+        "ridge": cfg.ridge,
+        "sign_flip": cfg.sign_flip,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,17 +256,22 @@ def resolve_base(preset: str, base: str | None = None) -> Base:
 
         model_type = json.loads((Path(base) / "config.json").read_text()).get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{base} holds a {model_type!r} model, which is not supported: ReLUfication swaps a gated "
-                             f"gate/up/down MLP ({', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise ValueError(
+                f"{base} holds a {model_type!r} model, which is not supported: ReLUfication swaps a gated "
+                f"gate/up/down MLP ({', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
         if not any(next(Path(base).glob(pat), None) for pat in ("*.safetensors", "pytorch_model*.bin")):
             raise ValueError(f"{base} has a config.json but no weights (*.safetensors or pytorch_model*.bin)")
         return Base(Path(base).name, str(base), str(base))
-    raise ValueError(f"unknown base model {base!r}; give {', '.join(BASE_MODELS)} or the folder of a Hugging Face "
-                     "model (Llama, Mistral, Qwen2/3, Gemma families)")
+    raise ValueError(
+        f"unknown base model {base!r}; give {', '.join(BASE_MODELS)} or the folder of a Hugging Face "
+        "model (Llama, Mistral, Qwen2/3, Gemma families)"
+    )
 
 
-def relufied_dir(preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base: str | None = None,
-                 tag: str = "") -> Path:
+def relufied_dir(
+    preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base: str | None = None, tag: str = ""
+) -> Path:
     """Where ``relufy`` writes a run (and, once complete, the ``save_pretrained`` model); ``tag`` tells apart
     runs of the same recipe with other settings (the recipe comparison's shorter budget)."""
     name = resolve_base(preset, base).name
@@ -250,13 +290,30 @@ def relufy_config(preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base:
     get_variant(variant)
     R = get_preset(preset).relufy
     r = RECIPES[recipe]
-    fields = dict(model_preset=None, base_model=b.source, variant=variant, seed=0, total_tokens=R.total_tokens,
-                  batch_size=R.batch_size, micro_batch_size=R.micro_batch_size, context_length=R.context_length,
-                  lr=R.lr, min_lr_ratio=R.min_lr_ratio, warmup_steps=R.warmup_steps, precision=R.precision,
-                  tokenizer=b.tokenizer, objective=r.objective, l1_coef=r.l1_coef, l1_warmup_fraction=r.l1_warmup_fraction,
-                  hidden_coef=r.hidden_coef, trainable=r.trainable, eval_every=R.eval_every,
-                  eval_sequences=max(1, R.curve_eval_tokens // R.context_length), checkpoint_every=R.checkpoint_every,
-                  log_every=max(1, R.eval_every // 4))
+    fields = dict(
+        model_preset=None,
+        base_model=b.source,
+        variant=variant,
+        seed=0,
+        total_tokens=R.total_tokens,
+        batch_size=R.batch_size,
+        micro_batch_size=R.micro_batch_size,
+        context_length=R.context_length,
+        lr=R.lr,
+        min_lr_ratio=R.min_lr_ratio,
+        warmup_steps=R.warmup_steps,
+        precision=R.precision,
+        tokenizer=b.tokenizer,
+        objective=r.objective,
+        l1_coef=r.l1_coef,
+        l1_warmup_fraction=r.l1_warmup_fraction,
+        hidden_coef=r.hidden_coef,
+        trainable=r.trainable,
+        eval_every=R.eval_every,
+        eval_sequences=max(1, R.curve_eval_tokens // R.context_length),
+        checkpoint_every=R.checkpoint_every,
+        log_every=max(1, R.eval_every // 4),
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -316,15 +373,32 @@ def run_summary(run_dir: str | Path) -> dict:
     loop = s["seconds_this_session"]
     tokens = s["tokens_seen"] - s["resumed_from_step"] * cfg["batch_size"] * cfg["context_length"]
     resumed = s["resumed_from_step"]
-    return {"tokens": s["tokens_seen"], "steps": s["steps"], "precision": s["precision"],
-            "trainable": cfg.get("trainable", "all"), "warm_start_min": warm / 60, "train_min": s["train_seconds"] / 60,
-            "loop_min": loop / 60, "total_min": (warm + loop) / 60, "resumed_from_step": resumed,
-            "loop_tokens_per_s": tokens / loop, "all_in_tokens_per_s": tokens / (warm + loop) if not resumed else float("nan")}
+    return {
+        "tokens": s["tokens_seen"],
+        "steps": s["steps"],
+        "precision": s["precision"],
+        "trainable": cfg.get("trainable", "all"),
+        "warm_start_min": warm / 60,
+        "train_min": s["train_seconds"] / 60,
+        "loop_min": loop / 60,
+        "total_min": (warm + loop) / 60,
+        "resumed_from_step": resumed,
+        "loop_tokens_per_s": tokens / loop,
+        "all_in_tokens_per_s": tokens / (warm + loop) if not resumed else float("nan"),
+    }
 
 
-def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RECIPE, base: str | None = None,
-           run_dir: str | Path | None = None, warm: WarmStart = WarmStart(), progress: bool | None = None,
-           threads: int | None = None, **overrides) -> tuple[Path, dict]:
+def relufy(
+    preset: str = "cpu",
+    variant: str = "drelu",
+    recipe: str = DEFAULT_RECIPE,
+    base: str | None = None,
+    run_dir: str | Path | None = None,
+    warm: WarmStart = WarmStart(),
+    progress: bool | None = None,
+    threads: int | None = None,
+    **overrides,
+) -> tuple[Path, dict]:
     """Swap ``base``'s MLPs to ``variant`` and continue training it with ``recipe``; returns (run folder, summary).
 
     A finished run is loaded, not retrained; a killed one resumes from its last checkpoint (the warm start is
@@ -349,8 +423,9 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
     if is_complete(run_dir):
         summary = json.loads((run_dir / "train_summary.json").read_text())
         if not (run_dir / RECORD_FILE).exists():
-            write_record(run_dir, variant, recipe, resolve_base(preset, base),
-                         get_preset(preset).relufy.curve_eval_tokens)
+            write_record(
+                run_dir, variant, recipe, resolve_base(preset, base), get_preset(preset).relufy.curve_eval_tokens
+            )
         return run_dir, {**summary, "warm_start": json.loads(warm_path.read_text()) if warm_path.exists() else None}
     teacher, tok = load_base(preset, base)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the gpu and paper presets are meant for a GPU
@@ -374,8 +449,15 @@ def relufy(preset: str = "cpu", variant: str = "drelu", recipe: str = DEFAULT_RE
     E = get_preset(preset).eval
     context = min(E.context_length, getattr(teacher.config, "max_position_embeddings", None) or E.context_length)
     hook = curve_hook(heldout_ids(tok, max_tokens=get_preset(preset).relufy.curve_eval_tokens), context)
-    summary = train(cfg, run_dir, model=student, sequences=sequences, progress=progress,
-                    teacher=teacher if cfg.objective != "lm" else None, eval_hook=hook)
+    summary = train(
+        cfg,
+        run_dir,
+        model=student,
+        sequences=sequences,
+        progress=progress,
+        teacher=teacher if cfg.objective != "lm" else None,
+        eval_hook=hook,
+    )
     if warm_report is not None:
         summary = {**summary, "warm_start": warm_report}
     tok.save_pretrained(run_dir)  # the folder loads as a complete model (weights, config, tokenizer)
@@ -391,19 +473,29 @@ def write_record(run_dir: Path, variant: str, recipe: str, base: Base, heldout_t
 
     curve = recovery_curve(run_dir)
     last = curve.iloc[-1] if len(curve) else None
-    record = {"base": base.source, "variant": variant, "recipe": recipe, "recipe_terms": asdict(RECIPES[recipe]),
-              "budget": run_summary(run_dir),
-              "quality": None if last is None else {"tokens_seen": int(last.tokens_seen),
-                                                     "heldout_ppl": float(last.heldout_ppl),
-                                                     "zero_frac": float(last.zero_frac),
-                                                     "heldout_tokens": heldout_tokens},
-              "load_with": "turbosparse_lib.models.swap.load_model(folder)"}
+    record = {
+        "base": base.source,
+        "variant": variant,
+        "recipe": recipe,
+        "recipe_terms": asdict(RECIPES[recipe]),
+        "budget": run_summary(run_dir),
+        "quality": None
+        if last is None
+        else {
+            "tokens_seen": int(last.tokens_seen),
+            "heldout_ppl": float(last.heldout_ppl),
+            "zero_frac": float(last.zero_frac),
+            "heldout_tokens": heldout_tokens,
+        },
+        "load_with": "turbosparse_lib.models.swap.load_model(folder)",
+    }
     write_json(run_dir / RECORD_FILE, record)
     return record
 
 
-def recovery_curve(run_dir: str | Path) -> "pd.DataFrame":
-    """The evaluations of a run: tokens, wall-clock seconds (warm start + training), held-out ppl and exact-zero fraction."""
+def recovery_curve(run_dir: str | Path) -> pd.DataFrame:
+    """The evaluations of a run: tokens, wall-clock seconds (warm start + training), held-out perplexity and
+    exact-zero fraction."""
     import pandas as pd
 
     from .checkpoint import read_metrics
@@ -417,7 +509,7 @@ def recovery_curve(run_dir: str | Path) -> "pd.DataFrame":
     return m[["step", "tokens_seen", "wall_seconds", "val_loss", "heldout_ppl", "zero_frac"]].reset_index(drop=True)
 
 
-def recovery_at_equal_time(curves: "pd.DataFrame", by: str = "recipe") -> tuple[float, "pd.DataFrame"]:
+def recovery_at_equal_time(curves: pd.DataFrame, by: str = "recipe") -> tuple[float, pd.DataFrame]:
     """Held-out perplexity of each run at the same time: the end of the shortest run.
 
     ``curves``: ``recovery_curve`` rows with a ``by`` column naming the run. Interpolates log-perplexity
@@ -435,25 +527,40 @@ def recovery_at_equal_time(curves: "pd.DataFrame", by: str = "recipe") -> tuple[
         s, p = g.wall_seconds.to_numpy(float), np.log(g.heldout_ppl.to_numpy(float))
         at = float(np.exp(np.interp(t, s, p))) if s[0] <= t <= s[-1] else float("nan")
         b = int(np.argmin(p))
-        rows.append({by: name, "ppl_at_t": at, "first_s": s[0], "last_s": s[-1], "best_ppl": float(np.exp(p[b])),
-                     "best_s": s[b]})
+        rows.append(
+            {
+                by: name,
+                "ppl_at_t": at,
+                "first_s": s[0],
+                "last_s": s[-1],
+                "best_ppl": float(np.exp(p[b])),
+                "best_s": s[b],
+            }
+        )
     return t, pd.DataFrame(rows).set_index(by)
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..presets import PRESETS
 
-    p = argparse.ArgumentParser(prog="turbosparse-relufy",
-                                description="ReLUfy a pretrained model: swap its MLP activation, then continue "
-                                            "training it (resumable). Section 5 of the paper.")
+    p = argparse.ArgumentParser(
+        prog="turbosparse-relufy",
+        description="ReLUfy a pretrained model: swap its MLP activation, then continue "
+        "training it (resumable). Section 5 of the paper.",
+    )
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
     p.add_argument("--variant", default="drelu", help="reglu, shifted_relu, drelu, ... (default drelu)")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
-    p.add_argument("--base", default=None, help="smollm2-135m, scratch-swiglu or the folder of a Hugging Face model "
-                                                 "(default: the preset's)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="smollm2-135m, scratch-swiglu or the folder of a Hugging Face model (default: the preset's)",
+    )
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="run folder (default: data/models/<preset>/relufied-<base>-<variant>-<recipe>)")
+    p.add_argument(
+        "--out", default=None, help="run folder (default: data/models/<preset>/relufied-<base>-<variant>-<recipe>)"
+    )
     a = p.parse_args(argv)
     overrides = {"total_tokens": a.total_tokens} if a.total_tokens is not None else {}
     try:
