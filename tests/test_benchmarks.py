@@ -258,7 +258,7 @@ def test_hot_share():
 
 
 def test_neuron_frequencies_count_nonzero_combined():
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
     from turbosparse_lib.models.swap import mlp_modules
 
     model = build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, vocab_size=64, seed=0)
@@ -334,7 +334,7 @@ def test_project_paper_tables_has_every_paper_row():
 
 
 def _tiny_drelu_engine():
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
 
     model = build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, vocab_size=64, seed=1)
     return Engine.from_transformers(model)

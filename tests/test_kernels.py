@@ -15,6 +15,7 @@ from turbosparse_lib.inference import kernels as K
 from turbosparse_lib.inference import quant as Q
 from turbosparse_lib.inference import simd
 from turbosparse_lib.inference import threads as T
+from turbosparse_lib.inference.validate import validate_kernels
 from turbosparse_lib.models.variants import VARIANTS
 
 FORMATS = ["f32", "q8_0", "q4_0"]
@@ -111,7 +112,7 @@ def test_sparse_ffn_reads_only_active_rows_and_skips_exact_zeros(fmt, path):
     ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt)
     idx = rng.permutation(N)[:50].astype(np.int64) if path == "listed" else None
     want = B.ffn_ref(ffn, x, idx, "drelu")
-    g_N = Q.dequantize(ffn.part(0)).astype(np.float64) @ Q._activation_ref(x, ffn.code)
+    g_N = Q.dequantize(ffn.part(0)).astype(np.float64) @ Q.activation_ref(x, ffn.code)
     c_N = B.combined_ref(ffn, x, "drelu")
     active = np.zeros(N, bool)
     active[idx if idx is not None else slice(None)] = True
@@ -162,6 +163,36 @@ def test_quantisation_error_bound_and_zero_blocks(fmt):
         searched = Q.dequantize(Q.quantize(W, fmt, method="search"))
         assert np.square(searched - W).sum() < 0.95 * np.square(deq - W).sum()
         assert (np.abs(searched - W) <= amax / 7 * 1.07 + 1e-12).all()
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_quantised_blocks_are_llama_cpps_byte_for_byte(fmt):
+    """Our blocks against an independent quantiser: the NumPy ports of ggml's reference quantisers in the ``gguf``
+    package (gguf-py, llama.cpp's own), byte for byte, on random rows and on the edge cases of their rounding:
+    an all-zero block, a block whose largest weight is negative, weights exactly half a step apart, a lone spike,
+    half-precision scales near the subnormal range, and a row that is not a whole number of blocks."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((48, 160)) * 0.05).astype(np.float32)
+    W[0, :32] = 0.0
+    W[1, :32] = np.linspace(-1.0, 0.5, 32)  # largest magnitude negative: Q4_0's scale is positive
+    W[2, :32] = (np.arange(32) - 15.5) / 127  # every weight at q + 0.5 steps of Q8_0
+    W[3, :32] = (np.arange(32) % 16 - 7.5) / 8  # every weight at half a Q4_0 step
+    W[4, 40] = 30.0
+    W[5] *= 1e-6  # scales of a few 1e-8: subnormal halves
+    gtype = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[fmt]
+    theirs = quants.quantize(W, gtype)
+    ours = Q.quantize(W, fmt).data
+    assert ours.shape == theirs.shape
+    bad = np.argwhere(ours != theirs)
+    assert bad.size == 0, f"{len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
+    np.testing.assert_array_equal(Q.dequantize(Q.QMatrix(theirs.copy(), fmt, 160)), quants.dequantize(theirs, gtype))
+    # a row of 100 weights: we pad with zeros to whole blocks; gguf needs whole blocks, so pad its input the same way
+    W100 = W[:, :100]
+    padded = np.zeros((48, 128), np.float32)
+    padded[:, :100] = W100
+    np.testing.assert_array_equal(Q.quantize(W100, fmt).data, quants.quantize(padded, gtype))
 
 
 def test_half_scales_convert_exactly_subnormals_included():
@@ -311,7 +342,7 @@ def test_cycle_counter_runs_forward():
 
 
 def test_validate_kernels_and_threads():
-    worst = K.validate_kernels(shapes=((7, 33), (33, 7)))
+    worst = validate_kernels(shapes=((7, 33), (33, 7)))
     assert worst and max(worst.values()) < 2e-4
     assert {"gemv[q4_0]", "ffn_sparse[q8_0]", "ffn_exact_in_line[f32]"} <= worst.keys()
     n_before = numba.get_num_threads()

@@ -11,7 +11,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from turbosparse_lib.models.architecture import ModelConfig, build_model
+from turbosparse_lib.models.architecture import ModelConfig
+from turbosparse_lib.models.build import build_model
 from turbosparse_lib.models.swap import apply_variant, count_parameters, load_model, mlp_modules, native_variant
 from turbosparse_lib.models.variants import VARIANTS, GatedMLP
 

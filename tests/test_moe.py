@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-from turbosparse_lib.models.architecture import MoEConfig, build_model
+from turbosparse_lib.models.architecture import MoEConfig
+from turbosparse_lib.models.build import build_model
 from turbosparse_lib.models.moe import ExpertMLP, GatedExperts, moe_settings
 from turbosparse_lib.models.swap import apply_variant, count_parameters, load_model, mlp_units, native_variant
 from turbosparse_lib.models.variants import combined_activation

@@ -9,7 +9,8 @@ from turbosparse_lib.bench.bytes_model import bytes_per_token
 from turbosparse_lib.bench.decoding import bench_decoding, decoding_limits
 from turbosparse_lib.bench.moe_decoding import MoERun, moe_profile_table, moe_runs, moe_shape
 from turbosparse_lib.inference.moe_engine import SHARED, ExpertExactZeroOracle, MoEEngine, RecordedExpertMasks
-from turbosparse_lib.models.architecture import MoEConfig, build_model
+from turbosparse_lib.models.architecture import MoEConfig
+from turbosparse_lib.models.build import build_model
 from turbosparse_lib.models.swap import apply_variant
 
 NEW = 8

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from turbosparse_lib.eval.perplexity import perplexity, progress_enabled, windows
-from turbosparse_lib.models.architecture import build_model
+from turbosparse_lib.models.build import build_model
 
 VOCAB = 64
 
@@ -109,7 +109,7 @@ def test_progress_auto_is_off_under_ci(monkeypatch):
 
 def test_perplexity_refuses_ids_the_model_cannot_read():
     from turbosparse_lib.eval.perplexity import perplexity
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
 
     m = build_model("drelu", preset="smoke", seed=0)
     V, P = m.config.vocab_size, m.config.max_position_embeddings

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from turbosparse_lib.models.architecture import build_model
+from turbosparse_lib.models.build import build_model
 from turbosparse_lib.predictors import data as D
 from turbosparse_lib.predictors.metrics import PredictedMask, cost_per_token, layer_metrics
 from turbosparse_lib.predictors.model import PredictorSet

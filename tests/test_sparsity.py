@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from turbosparse_lib.models.architecture import build_model
+from turbosparse_lib.models.build import build_model
 from turbosparse_lib.models.swap import mlp_modules
 from turbosparse_lib.sparsity.instruments import record_activations
 from turbosparse_lib.sparsity.masks import kept_count, threshold_keep, threshold_mask, topk_keep, topk_mask

@@ -190,7 +190,7 @@ def test_one_process_at_a_time_in_a_run_folder(tmp_path, built_data):
 
 
 def test_non_finite_training_stops_before_anything_is_complete(tmp_path, built_data):
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
 
     cfg = train_config("smoke", "drelu", total_tokens=4 * 4 * 128)
     model = build_model("drelu", preset="smoke", seed=0)
@@ -266,7 +266,7 @@ def test_bad_arguments_create_nothing(tmp_path):
 
 
 def test_precision_is_measured_on_the_model_being_trained():
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
     from turbosparse_lib.train.precision import measure_precision
 
     model = build_model("drelu", preset="smoke", seed=0)
@@ -285,7 +285,7 @@ def test_distillation_loss_is_zero_for_the_teacher_itself():
 
 
 def test_l1_penalty_is_the_mean_absolute_combined_activation():
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
     from turbosparse_lib.models.swap import mlp_modules
     from turbosparse_lib.train.config import train_config
     from turbosparse_lib.train.loop import _CombinedL1, _loss
@@ -328,7 +328,7 @@ def test_hidden_state_loss_is_zero_for_the_teacher_and_scale_free():
 
 @pytest.mark.parametrize("trainable", ["all", "no-embeddings", "mlp"])
 def test_select_trainable_freezes_what_it_names(trainable):
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
     from turbosparse_lib.models.swap import mlp_modules
     from turbosparse_lib.train.loop import select_trainable
 

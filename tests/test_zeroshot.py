@@ -47,7 +47,7 @@ def tokenizer(built_data):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from turbosparse_lib.models.architecture import build_model
+    from turbosparse_lib.models.build import build_model
 
     return build_model(
         "drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, context_length=256, seed=0

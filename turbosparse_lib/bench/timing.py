@@ -31,6 +31,7 @@ from numba import njit, prange
 from ..inference import kernels
 from ..inference.attention import validate_attention
 from ..inference.threads import set_all_threads, thread_info
+from ..inference.validate import validate_kernels
 
 LLC_BYTES_DEFAULT = 32 * 2**20  # the L3 of the project's machines, when sysfs does not say
 
@@ -48,7 +49,7 @@ def warm_up() -> None:
     """Validate every kernel against NumPy once per process (this is also the JIT compile)."""
     global _WARM
     if not _WARM:
-        kernels.validate_kernels()
+        validate_kernels()
         validate_attention()
         _WARM = True
 

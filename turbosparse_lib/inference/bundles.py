@@ -254,7 +254,7 @@ def combined(bundles: FFNBundles, x_H, variant="drelu", idx_K=None) -> np.ndarra
 
 def combined_ref(bundles: FFNBundles, x_H, variant="drelu") -> np.ndarray:
     """NumPy reference of ``combined`` over all neurons (the dequantised weights, the kernel's activation)."""
-    x = quant._activation_ref(x_H, bundles.code)
+    x = quant.activation_ref(x_H, bundles.code)
     g, u = (bundles.part(k) for k in (0, 1))
     return combine_ref(quant.dequantize(g).astype(np.float64) @ x, quant.dequantize(u).astype(np.float64) @ x, variant)
 
@@ -279,7 +279,7 @@ def ffn_layers_into(
     x16, xd = np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
     for li in range(B.shape[0]):
         if code != quant.F32:
-            quant._quantize_activation(x_LH[li], x16, xd)
+            quant.quantize_activation_into(x_LH[li], x16, xd)
         lo, hi = (offsets[li], offsets[li + 1]) if use_idx else (0, B.shape[1])
         ffn_into(
             B[li],

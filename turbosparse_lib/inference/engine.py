@@ -257,7 +257,7 @@ class Engine:
 
     # -- prefill (NumPy, float32 engines) ----------------------------------------------------
 
-    def _window_start(self, first_query_pos: int) -> int:
+    def window_start(self, first_query_pos: int) -> int:
         """The first cached position any query from ``first_query_pos`` on may attend to."""
         window = self.config.sliding_window
         return 0 if window is None else max(0, first_query_pos - window + 1)
@@ -478,7 +478,7 @@ class Engine:
                 self.sin_PR[self.pos],
                 self.pos,
                 cfg.num_heads,
-                self._window_start(self.pos),
+                self.window_start(self.pos),
             )
             y_H = quant.gemv(w.o[li], out_D)
             x_H += y_H if w.b_o_LH is None else y_H + w.b_o_LH[li]

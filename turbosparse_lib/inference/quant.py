@@ -181,7 +181,7 @@ def dequantize(Wq: QMatrix) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=False)
-def _quantize_activation(x, x16, xd):
+def quantize_activation_into(x, x16, xd):
     # No fastmath: the rounding must equal the NumPy reference's bit for bit. Say so explicitly:
     # Numba lets a callee that leaves fastmath unset inherit it from a fastmath caller (the
     # engine's kernels), and with 'arcp' amax / 127 becomes amax * (1/127), one ulp off.
@@ -207,7 +207,7 @@ def quantize_activation(x_H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x_H = np.ascontiguousarray(x_H, dtype=np.float32)
     nb = n_blocks(x_H.shape[0])
     x16, xd = np.empty(nb * BLOCK, np.int16), np.empty(nb, np.float32)
-    _quantize_activation(x_H, x16, xd)
+    quantize_activation_into(x_H, x16, xd)
     return x16, xd
 
 
@@ -226,7 +226,7 @@ def dequantize_activation(x16: np.ndarray, xd: np.ndarray, cols: int) -> np.ndar
     return (x16.reshape(-1, BLOCK).astype(np.float64) * xd[:, None]).reshape(-1)[:cols]
 
 
-def _activation_ref(x_H: np.ndarray, code: int) -> np.ndarray:
+def activation_ref(x_H: np.ndarray, code: int) -> np.ndarray:
     """The activation a kernel of format ``code`` effectively multiplies with (float64)."""
     if code == F32:
         return np.asarray(x_H, dtype=np.float64)
@@ -336,7 +336,7 @@ def gemv(W: QMatrix, x_H: np.ndarray) -> np.ndarray:
 
 
 def gemv_ref(W: QMatrix, x_H: np.ndarray) -> np.ndarray:
-    return (dequantize(W).astype(np.float64) @ _activation_ref(x_H, W.code)).astype(np.float32)
+    return (dequantize(W).astype(np.float64) @ activation_ref(x_H, W.code)).astype(np.float32)
 
 
 def gather_gemv(W: QMatrix, x_H: np.ndarray, idx_K: np.ndarray) -> np.ndarray:
@@ -346,7 +346,7 @@ def gather_gemv(W: QMatrix, x_H: np.ndarray, idx_K: np.ndarray) -> np.ndarray:
 
 
 def gather_gemv_ref(W: QMatrix, x_H: np.ndarray, idx_K: np.ndarray) -> np.ndarray:
-    return (dequantize(W)[np.asarray(idx_K, np.int64)].astype(np.float64) @ _activation_ref(x_H, W.code)).astype(
+    return (dequantize(W)[np.asarray(idx_K, np.int64)].astype(np.float64) @ activation_ref(x_H, W.code)).astype(
         np.float32
     )
 

@@ -48,7 +48,7 @@ def _attention(engine: Engine, li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, act)
     engine.v_cache[li, :, engine.pos : engine.pos + T] = qkv_TQ[:, k_end:].reshape(T, G, E).transpose(1, 0, 2)
 
     # keys lo..end-1 can be seen by some new query; the mask narrows that per query
-    lo, end = engine._window_start(engine.pos), engine.pos + T
+    lo, end = engine.window_start(engine.pos), engine.pos + T
     K_gSE, V_gSE = engine.k_cache[li, :, lo:end], engine.v_cache[li, :, lo:end]
     q_grTE = q_TnE.reshape(T, G, rep, E).transpose(1, 2, 0, 3)  # head h reads kv head h // rep
     scores_grTS = (q_grTE @ K_gSE[:, None].transpose(0, 1, 3, 2)) * np.float32(E**-0.5)
@@ -73,7 +73,7 @@ def forward_numpy(engine: Engine, ids_T: np.ndarray, all_logits: bool) -> np.nda
         return (
             x_TC
             if code == quant.F32
-            else np.stack([quant._activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
+            else np.stack([quant.activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
         )
 
     x_TH = quant.dequantize(quant.QMatrix(w.embed.data[ids_T], w.embed.fmt, H))

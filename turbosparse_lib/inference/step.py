@@ -148,7 +148,7 @@ def matvec(data, code, cols, x, y):
     """y = W x for one matrix (rows, row_bytes): quantises x first where the format needs it."""
     x16, xd = activation_buffers(code, cols)
     if code != quant.F32:
-        quant._quantize_activation(x, x16, xd)
+        quant.quantize_activation_into(x, x16, xd)
     quant.gemv_into(data, code, cols, x, x16, xd, y)
 
 
@@ -200,7 +200,7 @@ def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, s
     H = x.shape[0]
     x16, xd = activation_buffers(code, H)
     if code != quant.F32:
-        quant._quantize_activation(h, x16, xd)
+        quant.quantize_activation_into(h, x16, xd)
     y = np.empty(H, np.float32)
     ffn_into(
         ffn[li],
@@ -242,41 +242,13 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
     return logits
 
 
+# fmt: off
+# not formatted: one argument a line would stretch this 32-argument Numba kernel (flat arrays, as Numba compiles
+# best) over 90 lines
 @njit(fastmath=FASTMATH, cache=True)
-def decode_token(
-    token,
-    pos,
-    attn_norm,
-    qkv,
-    b_qkv,
-    has_b_qkv,
-    o,
-    b_o,
-    has_b_o,
-    ffn_norm,
-    ffn,
-    ffn_scale,
-    final_norm,
-    lm_head,
-    embed,
-    code,
-    n_heads,
-    head_dim,
-    eps,
-    k_cache,
-    v_cache,
-    cos,
-    sin,
-    window,
-    act,
-    shift,
-    masks_mode,
-    mask_offsets,
-    mask_idx,
-    n_threads,
-    ticks,
-    rows_read,
-):
+def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, ffn, ffn_scale, final_norm,
+                 lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin, window, act, shift,
+                 masks_mode, mask_offsets, mask_idx, n_threads, ticks, rows_read):
     """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
 
     ``masks_mode``: ``MASKS_DENSE``, ``MASKS_PACKED`` (layer l reads neurons
@@ -292,29 +264,8 @@ def decode_token(
     t1 = simd.cycle_counter()
     ticks[0] += t1 - t0
     for li in range(attn_norm.shape[0]):
-        attention_half(
-            li,
-            x,
-            attn_norm,
-            qkv,
-            b_qkv,
-            has_b_qkv,
-            o,
-            b_o,
-            has_b_o,
-            ffn_norm,
-            code,
-            n_heads,
-            head_dim,
-            eps,
-            k_cache,
-            v_cache,
-            cos,
-            sin,
-            pos,
-            window,
-            h,
-        )
+        attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, code, n_heads, head_dim,
+                       eps, k_cache, v_cache, cos, sin, pos, window, h)
         t2 = simd.cycle_counter()
         ticks[1] += t2 - t1
         if masks_mode == MASKS_PACKED:
@@ -333,6 +284,7 @@ def decode_token(
     logits = lm_head_logits(x, final_norm, eps, lm_head, code)
     ticks[4] += simd.cycle_counter() - t1
     return logits, active
+# fmt: on
 
 
 @njit(cache=True, fastmath=False)

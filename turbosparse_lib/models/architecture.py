@@ -6,7 +6,7 @@ Design:
   models are "similar to Llama 2", appendix A.1) whose per-layer MLPs are ``GatedMLP`` modules
   (``swap.apply_variant``). Attention, RoPE, RMSNorm, caching and ``generate`` stay transformers'.
 - ``ModelConfig`` is plain data (no torch at import), so ``presets`` can hold one per preset;
-  ``build_model`` turns a preset's config (or fields) into a model.
+  ``models.build.build_model`` turns a preset's config (or fields) into a model.
 - A mixture-of-experts model (section 4) is the same decoder with every MLP split into routed
   experts: transformers' ``MixtralForCausalLM`` (Mistral's attention is Llama's, with no sliding
   window here), sized by ``ModelConfig`` plus ``MoEConfig``, its experts swapped for
@@ -16,10 +16,7 @@ Design:
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass
-
-import torch
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -130,35 +127,3 @@ def moe_config(moe) -> MoEConfig | None:
             raise TypeError(f"unknown MoE fields {sorted(unknown)}; valid: {', '.join(MoEConfig.__dataclass_fields__)}")
         return MoEConfig(**moe)
     raise TypeError(f"moe must be a MoEConfig, a dict of its fields or None; got {type(moe).__name__}")
-
-
-def build_model(variant: str = "drelu", preset: str | None = None, seed: int | None = None, moe=None, **fields):
-    """A fresh ``LlamaForCausalLM`` whose MLPs are ``variant``, sized by ``preset`` and/or ``fields``.
-
-    ``fields`` are ``ModelConfig`` fields (``hidden_size=32, num_layers=2, ...``) overriding the
-    preset's model section; variant arguments go in ``variant_kwargs={"b": 0.5}``. ``seed`` makes
-    the initialisation reproducible without touching the global RNG. With ``moe`` (a ``MoEConfig``
-    or a dict of its fields) a ``MixtralForCausalLM`` whose routed experts are ``variant``.
-    """
-    from transformers import LlamaForCausalLM, MixtralForCausalLM
-
-    from ..presets import get_preset
-    from .swap import apply_variant
-    from .variants import get_variant
-
-    variant_kwargs = fields.pop("variant_kwargs", None) or {}
-    get_variant(variant).kwargs(**variant_kwargs)  # fail before building anything
-    base = asdict(get_preset(preset).model) if preset is not None else {}
-    unknown = set(fields) - set(ModelConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown model fields {sorted(unknown)}; valid: {', '.join(ModelConfig.__dataclass_fields__)}")
-    cfg = ModelConfig(**{**base, **fields})
-    moe = moe_config(moe)
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
-        # transformers' own initialisation (normal, std=initializer_range) for every weight; the
-        # swap below reuses these Linear modules, so the MLP keeps it too.
-        model = LlamaForCausalLM(cfg.to_hf()) if moe is None else MixtralForCausalLM(cfg.to_hf(moe))
-    return apply_variant(model, variant, **variant_kwargs)

@@ -58,7 +58,7 @@ def _check_supported(model) -> str:
     return model_type
 
 
-def _decoder_layers(model) -> nn.ModuleList:
+def decoder_layers(model) -> nn.ModuleList:
     """The decoder layers of a causal LM or of its base model."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     layers = getattr(base, "layers", None)
@@ -101,7 +101,7 @@ def mlp_units(model) -> list[MLPUnit]:
     """Every gated MLP of the model, labelled, in layer order (in an MoE layer: experts 0..E-1, then the shared one)."""
     _check_supported(model)
     units = []
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model)):
         block = layer.mlp
         if not is_moe_block(block):
             _check_gated(i, block, "MLP")
@@ -129,7 +129,7 @@ def mlp_modules(model) -> list[nn.Module]:
 def is_moe(model) -> bool:
     """Whether any decoder layer of a supported model is a routed MoE block."""
     _check_supported(model)
-    return any(is_moe_block(layer.mlp) for layer in _decoder_layers(model))
+    return any(is_moe_block(layer.mlp) for layer in decoder_layers(model))
 
 
 def native_variant(config) -> str:
@@ -160,7 +160,7 @@ def apply_variant(model, variant: str, **variant_kwargs):
     spec = get_variant(variant)
     kwargs = spec.kwargs(**variant_kwargs)
     _check_supported(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     for i, layer in enumerate(layers):  # check every layer before changing any
         block = layer.mlp
         if is_moe_block(block):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, write_json
-from ..models.swap import _decoder_layers, mlp_modules
+from ..models.swap import decoder_layers, mlp_modules
 from ..sparsity.masks import kept_count, topk_keep
 
 CAPTURE_FILE = "capture.json"
@@ -66,7 +66,7 @@ class _Capture:
         self.cfg, self.handles = cfg, []
         self.x: dict[int, torch.Tensor] = {}
         self.y: dict[int, torch.Tensor] = {}
-        for i, (layer, mlp) in enumerate(zip(_decoder_layers(model), mlp_modules(model))):
+        for i, (layer, mlp) in enumerate(zip(decoder_layers(model), mlp_modules(model))):
             if cfg.source == "residual":
                 self.handles.append(layer.post_attention_layernorm.register_forward_pre_hook(self._keep_x(i)))
             else:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..models.swap import _decoder_layers
+from ..models.swap import decoder_layers
 from ..sparsity.instruments import MLPInstrument
 from .data import load_layer
 from .model import PredictorSet
@@ -62,7 +62,7 @@ class PredictedMask(MLPInstrument):
         if len(ps.layers) != len(self.mlps):
             raise ValueError(f"{len(ps.layers)} predictors for a model of {len(self.mlps)} layers")
         self.ps, self.threshold = ps, threshold
-        self.layers = _decoder_layers(model)
+        self.layers = decoder_layers(model)
         self._x: dict[int, torch.Tensor] = {}
         self.kept = [0] * len(self.mlps)  # neurons the mask kept
         self.live = [0] * len(self.mlps)  # neurons non-zero before masking

@@ -58,7 +58,7 @@ from torch import nn
 from .. import paths
 from ..atomic import atomic_path, write_json
 from ..eval.perplexity import progress_enabled
-from ..models.architecture import build_model
+from ..models.build import build_model
 from ..models.swap import load_model
 from .checkpoint import (
     CHECKPOINT,
@@ -439,6 +439,65 @@ def _record_step(
     return row
 
 
+def _record_before(step: int, tokens_seen: int, precision: str, train_seconds: float) -> dict:
+    """The run's record before optimiser step ``step``; ``train_seconds`` counts optimiser steps only, not
+    evaluations or checkpoints (a recovery curve's x axis)."""
+    nan = float("nan")
+    return dict(
+        step=step,
+        tokens_seen=tokens_seen,
+        loss=nan,
+        lr=nan,
+        grad_norm=nan,
+        precision=precision,
+        train_seconds=train_seconds,
+    )
+
+
+def _optimizer_step(stats, cfg, opt, data, accum, ddp, teacher, l1, trainable, d, device, run_dir) -> dict:
+    """Optimiser step ``stats["step"]``: its learning rate, the gradients of this rank's share of the batch, the
+    update. Returns the record after it (the loss is the mean over all ranks)."""
+    t0, step = time.perf_counter(), stats["step"]
+    lr = lr_at(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    batch = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+    mine = batch[d.rank * accum * cfg.micro_batch_size : (d.rank + 1) * accum * cfg.micro_batch_size]
+    precision = stats["precision"]
+    loss_sum, grad_norm = _accumulate_step(ddp, teacher, mine, cfg, precision, l1, step, trainable, d, device, run_dir)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {
+        **stats,
+        "step": step + 1,
+        "tokens_seen": stats["tokens_seen"] + cfg.tokens_per_step,
+        "loss": all_mean(loss_sum / accum, d),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "train_seconds": stats["train_seconds"] + time.perf_counter() - t0,
+    }
+
+
+def _summary(cfg, d, model, trainable, stats, row, start_step, precision_measurement, t_start) -> dict:
+    """What ``train_summary.json`` records of a finished run; ``stats`` is the last step's record."""
+    summary = {
+        "steps": cfg.steps,
+        "tokens_seen": stats["tokens_seen"],
+        "final_train_loss": stats["loss"],
+        "final_val_loss": row["val_loss"] if row else None,
+        "precision": stats["precision"],
+        "processes": d.world,
+        "threads": torch.get_num_threads(),
+        "seconds_this_session": time.perf_counter() - t_start,
+        "train_seconds": stats["train_seconds"],
+        "resumed_from_step": start_step,
+        **_parameter_counts(model, trainable),
+    }
+    if precision_measurement:
+        summary["precision_measurement"] = precision_measurement
+    return summary
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike,
@@ -484,52 +543,16 @@ def train(
         l1 = _CombinedL1(model) if cfg.l1_coef > 0 else None
         clock = _Clock(time.perf_counter(), tokens_seen)
         t_start = time.perf_counter()
-        train_seconds = seconds_before  # optimiser steps only, evaluations excluded: the x axis of a recovery curve
-        train_loss, row = float("nan"), None
+        stats, row = _record_before(start_step, tokens_seen, precision, seconds_before), None
         try:
-            for step in range(start_step, cfg.steps):
-                t_step = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                batch = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                mine = batch[d.rank * accum * cfg.micro_batch_size : (d.rank + 1) * accum * cfg.micro_batch_size]
-                loss_sum, grad_norm = _accumulate_step(
-                    ddp, teacher, mine, cfg, precision, l1, step, trainable, d, device, run_dir
-                )
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                tokens_seen += cfg.tokens_per_step
-                train_seconds += time.perf_counter() - t_step
-                train_loss = all_mean(loss_sum / accum, d)
+            for _ in range(start_step, cfg.steps):
+                stats = _optimizer_step(stats, cfg, opt, data, accum, ddp, teacher, l1, trainable, d, device, run_dir)
                 bar.update(1)
-                stats = {
-                    "step": step + 1,
-                    "tokens_seen": tokens_seen,
-                    "loss": train_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "precision": precision,
-                    "train_seconds": train_seconds,
-                }
                 row = _record_step(stats, cfg, d, clock, model, opt, val, eval_hook, metrics_f, bar, run_dir)
         finally:
             _close(bar, l1, metrics_f)
 
-        summary = {
-            "steps": cfg.steps,
-            "tokens_seen": tokens_seen,
-            "final_train_loss": train_loss,
-            "final_val_loss": row["val_loss"] if row else None,
-            "precision": precision,
-            "processes": d.world,
-            "threads": torch.get_num_threads(),
-            "seconds_this_session": time.perf_counter() - t_start,
-            "train_seconds": train_seconds,
-            "resumed_from_step": start_step,
-            **_parameter_counts(model, trainable),
-            **({"precision_measurement": precision_measurement} if precision_measurement else {}),
-        }
+        summary = _summary(cfg, d, model, trainable, stats, row, start_step, precision_measurement, t_start)
         if d.main:
             _save_final(run_dir, model, summary)
         barrier(d)

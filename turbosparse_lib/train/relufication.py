@@ -139,12 +139,45 @@ def _choose_up_signs(mlp, x: torch.Tensor) -> torch.Tensor:
     return torch.where(keep_neg > keep_pos, -1.0, 1.0).to(x.dtype)
 
 
+def _layer_outputs(model: nn.Module, layers, sequences: torch.Tensor) -> list[torch.Tensor]:
+    """The residual stream after every layer of ``model`` on ``sequences``, in layer order."""
+    outs: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in layers
+    ]
+    try:
+        model(input_ids=sequences, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def _fit_mlp(mod: nn.Module, xf: torch.Tensor, y: torch.Tensor, out: torch.Tensor, cfg: WarmStart):
+    """Fit one swapped MLP in place: the up rows' signs (``cfg.sign_flip``), then ``down_proj`` by least squares so
+    that it maps the new combined activations of inputs ``xf`` (N, H) to the targets ``y`` (N, H). Returns its new
+    output and its relative errors before (``out``) and after the fit."""
+    if cfg.sign_flip and getattr(mod, "up_act_fn", None) is not None and not isinstance(mod.up_act_fn, nn.Identity):
+        s = _choose_up_signs(mod, xf)
+        mod.up_proj.weight.mul_(s[:, None])
+        if mod.up_proj.bias is not None:
+            mod.up_proj.bias.mul_(s)
+    c = mod.act_fn(mod.gate_proj(xf)) * mod.up_act_fn(mod.up_proj(xf))
+    before = float(((out.reshape(-1, out.shape[-1]) - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+    bias = mod.down_proj.bias if mod.down_proj.bias is not None else 0
+    mod.down_proj.weight.copy_(_gram_solve(c, y - bias, cfg.ridge))
+    new = mod.down_proj(c)
+    after = float(((new - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+    return new, before, after
+
+
 @torch.no_grad()
 def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, cfg: WarmStart = WarmStart()) -> dict:
     """Fit every swapped MLP of ``student`` to ``teacher``'s, layer by layer, in one forward pass (see the module
     docstring). ``sequences`` (B, T) are the captured tokens. Returns per-layer relative errors (before / after the
     fit) and the seconds it took; the student is changed in place."""
-    from ..models.swap import _decoder_layers, is_moe, mlp_modules
+    from ..models.swap import decoder_layers, is_moe, mlp_modules
 
     if is_moe(student) or is_moe(teacher):
         raise NotImplementedError(
@@ -154,21 +187,11 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
     if cfg.target not in ("function", "residual"):
         raise ValueError(f"unknown warm-start target {cfg.target!r}; choose 'function' or 'residual'")
     t0 = time.perf_counter()
-    s_layers, t_layers = _decoder_layers(student), _decoder_layers(teacher)
+    s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
     s_mlps, t_mlps = mlp_modules(student), mlp_modules(teacher)
     if len(s_mlps) != len(t_mlps):
         raise ValueError(f"student has {len(s_mlps)} layers, teacher {len(t_mlps)}")
-    teacher_out: list[torch.Tensor] = []
-    if cfg.target == "residual":  # the original residual stream after every layer
-        hooks = [
-            layer.register_forward_hook(lambda m, a, o: teacher_out.append(o[0] if isinstance(o, tuple) else o))
-            for layer in t_layers
-        ]
-        try:
-            teacher(input_ids=sequences, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+    teacher_out = _layer_outputs(teacher, t_layers, sequences) if cfg.target == "residual" else []
     residual: dict[int, torch.Tensor] = {}
     report = []
 
@@ -177,28 +200,12 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
             residual[i] = args[0]
 
         def on_mlp(mod, args, out):
-            x = args[0]
-            xf = x.reshape(-1, x.shape[-1])
-            if (
-                cfg.sign_flip
-                and getattr(mod, "up_act_fn", None) is not None
-                and not isinstance(mod.up_act_fn, nn.Identity)
-            ):
-                s = _choose_up_signs(mod, xf)
-                mod.up_proj.weight.mul_(s[:, None])
-                if mod.up_proj.bias is not None:
-                    mod.up_proj.bias.mul_(s)
+            xf = args[0].reshape(-1, args[0].shape[-1])
             if cfg.target == "function":
                 y = t_mlps[i](xf)  # the original MLP on the inputs the fitted layers below produce
             else:
-                y = (teacher_out[i] - residual[i]).reshape(-1, x.shape[-1])
-            c = mod.act_fn(mod.gate_proj(xf)) * mod.up_act_fn(mod.up_proj(xf))
-            before = float(((out.reshape(-1, out.shape[-1]) - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
-            mod.down_proj.weight.copy_(
-                _gram_solve(c, y - (mod.down_proj.bias if mod.down_proj.bias is not None else 0), cfg.ridge)
-            )
-            new = mod.down_proj(c)
-            after = float(((new - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+                y = (teacher_out[i] - residual[i]).reshape(-1, xf.shape[-1])
+            new, before, after = _fit_mlp(mod, xf, y, out, cfg)
             report.append({"layer": i, "rel_err_before": before, "rel_err_after": after})
             return new.reshape(out.shape)
 
