@@ -82,7 +82,8 @@ class TrainConfig:
             )
         if self.steps < 1:
             raise ValueError(
-                f"total_tokens ({self.total_tokens}) is less than one batch ({self.tokens_per_step} tokens)"
+                f"total_tokens (--total-tokens) {self.total_tokens} is less than one batch "
+                f"({self.tokens_per_step} tokens)"
             )
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
             raise ValueError(
