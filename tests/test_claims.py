@@ -210,3 +210,19 @@ def test_zero_shot_is_judged_against_each_tasks_own_chance(tmp_path, cont, verdi
         .loc["dReLU matches SwiGLU on zero-shot tasks"]
     )
     assert row.verdict == verdict and "(chance 0.25)" in row.ours and "(chance 0)" in row.ours
+
+
+def test_one_verdict_per_claim_in_the_library_notebook_99_and_the_readme():
+    """The claims table is computed once, by ``claims_table``; notebook 99's committed cpu results and the README
+    print that one result, claim for claim."""
+    import pandas as pd
+
+    table = claims.claims_table("cpu")
+    saved = pd.read_csv(paths.results_dir("cpu") / "99_claims.csv")
+    assert list(saved.claim) == list(table.claim)
+    assert list(saved.verdict) == list(table.verdict), "notebook 99's cpu run is stale: rerun it (--only 99)"
+    assert list(saved.ours) == list(table.ours)
+    readme = (paths.repo_root() / "README.md").read_text()
+    for r in table.itertuples():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {r.claim} ("))
+        assert f"**{r.verdict}**" in row, (r.claim, row)
