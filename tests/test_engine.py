@@ -287,3 +287,23 @@ def test_generate_refuses_what_it_cannot_decode():
     with pytest.raises(ValueError, match="integer token ids"):
         engine.generate([1.5, 2.0], 1)
     assert len(engine.generate([1, 2], 0)) == 0
+
+
+def test_both_engines_read_rope_from_one_place_and_refuse_scaling():
+    """One reader of RoPE settings for the dense and the MoE engine (the MoE copy had lost the check for
+    transformers 4's ``rope_scaling``)."""
+    from types import SimpleNamespace
+
+    from turbosparse_lib.inference import engine, moe_engine
+    from turbosparse_lib.inference.hf_config import rope_theta
+
+    assert engine.rope_theta is rope_theta and moe_engine.rope_theta is rope_theta
+    assert rope_theta(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e5})) == 1e5
+    assert rope_theta(SimpleNamespace(rope_theta=5e5)) == 5e5
+    for cfg in (
+        SimpleNamespace(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=1e4),
+        SimpleNamespace(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+        SimpleNamespace(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+    ):
+        with pytest.raises(NotImplementedError):
+            rope_theta(cfg)

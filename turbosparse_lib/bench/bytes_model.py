@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..inference.simd import BLOCK, Q4_BLOCK_BYTES, Q8_BLOCK_BYTES
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -79,8 +81,9 @@ class Precision:
 
 FP32 = Precision("f32", 4, 4, 4)
 FP16 = Precision("fp16", 2, 2, 2)
-Q8_0 = Precision("int8 (llama.cpp Q8_0: 34 bytes per 32 weights)", 34 / 32, 34 / 32, 2)
-Q4_0 = Precision("int4 (llama.cpp Q4_0: 18 bytes per 32 weights)", 18 / 32, 18 / 32, 2)
+_Q8, _Q4 = Q8_BLOCK_BYTES / BLOCK, Q4_BLOCK_BYTES / BLOCK  # the engine's block layouts (inference.simd)
+Q8_0 = Precision(f"int8 (llama.cpp Q8_0: {Q8_BLOCK_BYTES} bytes per {BLOCK} weights)", _Q8, _Q8, 2)
+Q4_0 = Precision(f"int4 (llama.cpp Q4_0: {Q4_BLOCK_BYTES} bytes per {BLOCK} weights)", _Q4, _Q4, 2)
 _BY_FORMAT = {"f32": FP32, "q8_0": Q8_0, "q4_0": Q4_0}
 
 

@@ -43,6 +43,7 @@ from numba import njit, prange
 
 from . import quant, simd
 from .kernels import FASTMATH, combine_ref, gate_act, up_act, variant_code
+from .simd import BLOCK
 
 PREFETCH_BYTES = 8192  # default, of the next neuron's bundle; the hardware streams a long bundle on its own
 
@@ -128,7 +129,7 @@ def ffn_into(
     ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
     ``prefetch_bytes`` of the next listed neuron's bundle are prefetched (``prefetch_bytes_for``)."""
     seg = B.shape[1] // 3
-    width = (H + 31) // 32 * 32
+    width = (H + BLOCK - 1) // BLOCK * BLOCK
     partial = np.zeros((n_threads, width), dtype=np.float32)
     counts = np.zeros((n_threads, 3), dtype=np.int64)
     ahead = min(B.shape[1], prefetch_bytes)
@@ -275,7 +276,7 @@ def ffn_layers_into(
 ):
     """The FFN of every layer of a stack ``B`` (L, N, bytes) in turn, layer l on ``x_LH[l]`` over neurons
     ``idx[offsets[l]:offsets[l + 1]]`` (``use_idx``) or all: one token's FFNs in one call."""
-    nb = (H + 31) // 32
+    nb = (H + BLOCK - 1) // BLOCK
     x16, xd = np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
     for li in range(B.shape[0]):
         if code != quant.F32:

@@ -46,6 +46,7 @@ from ..models.variants import get_variant, variant_of_hf_act
 from . import bundles, kernels, quant
 from . import step as step_kernels
 from .attention import decode_attention
+from .hf_config import rope_theta
 from .masks import ExactZeroOracle, MaskProvider
 from .reference import forward_numpy
 
@@ -90,7 +91,7 @@ class EngineConfig:
             head_dim=head_dim,
             vocab_size=config.vocab_size,
             rms_norm_eps=config.rms_norm_eps,
-            rope_theta=_rope_theta(config),
+            rope_theta=rope_theta(config),
             mlp_variant=mlp_variant_of(config),
             mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
             sliding_window=getattr(config, "sliding_window", None),
@@ -103,21 +104,6 @@ def mlp_variant_of(config) -> str:
     both from the one registry of ``models.variants``."""
     variant = getattr(config, "mlp_variant", None)
     return get_variant(variant).name if variant is not None else variant_of_hf_act(config.hidden_act)
-
-
-def _rope_theta(config) -> float:
-    """rope_theta for the default rope type; an error for any rope scaling we do not implement."""
-    params = dict(getattr(config, "rope_parameters", None) or {})  # transformers >= 5
-    legacy = getattr(config, "rope_scaling", None) or {}  # transformers 4.x
-    rope_type = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-    if rope_type != "default":
-        raise NotImplementedError(
-            f"rope type {rope_type!r} is not supported by the engine; only 'default' "
-            "(inv_freq = theta ** (-2i / head_dim), no scaling) is implemented"
-        )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise NotImplementedError("partial_rotary_factor != 1 is not supported by the engine")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def _reads_residual(provider) -> bool:

@@ -38,6 +38,8 @@ import numpy as np
 from ..models.variants import get_variant, variant_of_hf_act
 from . import bundles, kernels
 from .attention import decode_attention
+from .hf_config import rope_theta
+from .reference import rms_norm
 
 MOE_ENGINE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SHARED = -1  # the expert index a mask provider gets for a layer's shared expert or dense MLP
@@ -51,10 +53,6 @@ def _f32(t) -> np.ndarray:
     import torch
 
     return np.array(t.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
-
-
-def _rms_norm(x_H: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
-    return w_H * (x_H / np.sqrt(np.mean(x_H * x_H, axis=-1, keepdims=True) + np.float32(eps)))
 
 
 def _gemv(W_OI: np.ndarray, x_I: np.ndarray) -> np.ndarray:
@@ -153,22 +151,11 @@ class MoEEngineConfig:
             experts_per_token=moe.experts_per_token,
             norm_topk_prob=model_type == "mixtral" or bool(getattr(config, "norm_topk_prob", False)),
             rms_norm_eps=config.rms_norm_eps,
-            rope_theta=_rope_theta(config),
+            rope_theta=rope_theta(config),
             mlp_variant=get_variant(variant).name if variant is not None else variant_of_hf_act(config.hidden_act),
             mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
             sliding_window=_sliding_window(config),
         )
-
-
-def _rope_theta(config) -> float:
-    """rope_theta of the default rope type; any scaling we do not implement raises."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise NotImplementedError(
-            f"rope type {rope_type!r} / partial rotary factor: only the default RoPE is supported"
-        )
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def _sliding_window(config) -> int | None:
@@ -308,8 +295,8 @@ class MoEEngine:
             qkv_Q += layer.b_qkv_Q
         if layer.q_norm_E is not None:  # Qwen3: per-head RMSNorm of q and k (before RoPE, which the kernel applies)
             E, nq, nk = cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            qkv_Q[:nq] = _rms_norm(qkv_Q[:nq].reshape(-1, E), layer.q_norm_E, cfg.rms_norm_eps).reshape(-1)
-            qkv_Q[nq : nq + nk] = _rms_norm(
+            qkv_Q[:nq] = rms_norm(qkv_Q[:nq].reshape(-1, E), layer.q_norm_E, cfg.rms_norm_eps).reshape(-1)
+            qkv_Q[nq : nq + nk] = rms_norm(
                 qkv_Q[nq : nq + nk].reshape(-1, E), layer.k_norm_E, cfg.rms_norm_eps
             ).reshape(-1)
         lo = 0 if cfg.sliding_window is None else max(0, self.pos - cfg.sliding_window + 1)
@@ -371,8 +358,8 @@ class MoEEngine:
         t1 = perf_counter()
         t["embed"] += t1 - t0
         for li, layer in enumerate(self.layers):
-            x_H += self._attention(li, _rms_norm(x_H, layer.attn_norm_H, cfg.rms_norm_eps))
-            h_H = _rms_norm(x_H, layer.ffn_norm_H, cfg.rms_norm_eps)
+            x_H += self._attention(li, rms_norm(x_H, layer.attn_norm_H, cfg.rms_norm_eps))
+            h_H = rms_norm(x_H, layer.ffn_norm_H, cfg.rms_norm_eps)
             t2 = perf_counter()
             t["attention"] += t2 - t1
             units: list[tuple[int, float]] = []  # (expert or SHARED, output scale)
@@ -400,7 +387,7 @@ class MoEEngine:
                     active += cfg.intermediate_size if idx_K is None else idx_K.shape[0]
             x_H += y_H
             t1 = perf_counter()
-        logits_V = _gemv(self.lm_head_VH, _rms_norm(x_H, self.final_norm_H, cfg.rms_norm_eps))
+        logits_V = _gemv(self.lm_head_VH, rms_norm(x_H, self.final_norm_H, cfg.rms_norm_eps))
         t["lm_head"] += perf_counter() - t1
         self.pos += 1
         if profile is not None:

@@ -261,9 +261,9 @@ def row_axpy(row, offset, code, cols, coef, y):
         for j in range(cols):
             y[j] += coef * w[j]
     elif code == Q8_0:
-        simd.q8_axpy(row, offset, coef, y, (cols + 31) // 32)
+        simd.q8_axpy(row, offset, coef, y, (cols + BLOCK - 1) // BLOCK)
     else:
-        simd.q4_axpy(row, offset, coef, y, (cols + 31) // 32)
+        simd.q4_axpy(row, offset, coef, y, (cols + BLOCK - 1) // BLOCK)
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -297,7 +297,7 @@ def _gather_gemv(data, code, cols, x, x16, xd, idx):
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _axpy_rows(data, code, cols, coef, idx, n_threads):
     # each thread sums its own range of rows into its own partial vector: no race, one short reduction
-    width = (cols + 31) // 32 * 32
+    width = (cols + BLOCK - 1) // BLOCK * BLOCK
     partial = np.zeros((n_threads, width), dtype=np.float32)
     for t in prange(n_threads):
         lo, hi = thread_range(t, n_threads, idx.shape[0])

@@ -32,6 +32,7 @@ from . import quant, simd
 from .attention import decode_attention
 from .bundles import FFNBundles, ffn_into, prefetch_bytes_for
 from .kernels import FASTMATH
+from .simd import BLOCK
 
 MASKS_DENSE, MASKS_PACKED, MASKS_EXACT_IN_LINE = 0, 1, 2
 # profile slots of decode_token's ``ticks``
@@ -139,7 +140,7 @@ def activation_buffers(code, n):
     """Q8_0 activation buffers for an input of ``n`` values (empty for f32, which reads x itself)."""
     if code == quant.F32:
         return np.empty(0, np.int16), np.empty(0, np.float32)
-    nb = (n + 31) // 32
+    nb = (n + BLOCK - 1) // BLOCK
     return np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
 
 
@@ -227,7 +228,7 @@ def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, s
 @njit(fastmath=FASTMATH, cache=True)
 def embed_row(embed, code, token, H):
     """The float32 embedding of ``token`` (a dequantised row for the Q formats)."""
-    x = np.zeros((H + 31) // 32 * 32, np.float32)
+    x = np.zeros((H + BLOCK - 1) // BLOCK * BLOCK, np.float32)
     quant.row_axpy(embed[token], 0, code, H, np.float32(1.0), x)
     return x[:H].copy()
 
