@@ -155,3 +155,30 @@ def test_no_function_is_longer_than_80_lines():
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, "functions over 80 lines: split them into named steps\n" + "\n".join(long)
+
+
+def test_every_console_script_offers_the_preset_choices_and_refuses_alike(capsys):
+    """The five console scripts share ``turbosparse_lib.cli``: ``--preset`` lists its choices in ``--help`` (except
+    turbosparse-data, which has no preset), and a bad preset exits 2 with argparse's message naming them."""
+    import tomllib
+
+    import pytest
+
+    from turbosparse_lib.presets import PRESET_NAMES
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) == 5
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        main = getattr(__import__(module, fromlist=[func]), func)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0
+        help_text = capsys.readouterr().out
+        assert help_text.startswith(f"usage: {name}"), help_text[:80]
+        if name == "turbosparse-data":
+            continue
+        assert "{" + ",".join(PRESET_NAMES) + "}" in help_text, name
+        with pytest.raises(SystemExit) as e:
+            main(["--preset", "nope"])
+        assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err, name

@@ -70,11 +70,13 @@ def test_committed_notebooks_show_cpu_results_or_nothing():
 def test_unknown_preset_fails_before_running():
     with pytest.raises(ValueError, match="unknown preset"):
         notebooks.run_notebooks("huge")
-    assert notebooks.main(["--preset", "huge"]) == 1
-    assert notebooks.main(["--preset", "smoke", "--only", "42"]) == 1
-    assert notebooks.main(["--preset", "smoke", "--only", "00", "42"]) == 1  # one typo refuses the whole call
-    assert notebooks.main(["--preset", "smoke", "--only"]) == 1  # a bare --only is not "everything"
-    assert notebooks.main(["--preset", "smoke", "-p", "preset", "cpu"]) == 1  # would save a cpu run as smoke
+    with pytest.raises(SystemExit) as e:  # argparse's choices: exit 2, naming them
+        notebooks.main(["--preset", "huge"])
+    assert e.value.code == 2
+    assert notebooks.main(["--preset", "smoke", "--only", "42"]) == 2
+    assert notebooks.main(["--preset", "smoke", "--only", "00", "42"]) == 2  # one typo refuses the whole call
+    assert notebooks.main(["--preset", "smoke", "--only"]) == 2  # a bare --only is not "everything"
+    assert notebooks.main(["--preset", "smoke", "-p", "preset", "cpu"]) == 2  # would save a cpu run as smoke
 
 
 def _notebook(tmp_path, name, *cells):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import paths
+from .. import cli, paths
 from ..atomic import atomic_path, write_json
 from . import corpus
 from .mixture import MixtureSample, sample_mixture
@@ -281,15 +281,14 @@ def build_all(quiet: bool = False, with_model: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Fetch the offline sources and build splits, tokenizer and token arrays.")
+    p = cli.parser("turbosparse-data", "Fetch the offline sources and build splits, tokenizer and token arrays.")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-model", action="store_true", help="skip unpacking the SmolLM2 GGUF file")
     args = p.parse_args(argv)
     try:
         report = build_all(quiet=args.quiet, with_model=not args.no_model)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.refuse("turbosparse-data", e)
     words = Counter()
     for cats in report["splits"].values():
         for cat, v in cats.items():

@@ -16,7 +16,6 @@ between ``README_START`` and ``README_END`` (``update_readme``; a test fails whe
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import paths
+from .. import cli, paths
 from ..atomic import write_text
 from .targets import get_target
 from .values import get
@@ -605,28 +604,17 @@ def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
 
 
 def main(argv=None) -> int:
-    import argparse
 
-    from ..presets import PRESETS
-
-    ap = argparse.ArgumentParser(
-        prog="turbosparse-report", description="Write the claims report into the README (from committed results)"
-    )
-    ap.add_argument(
-        "--preset",
-        default="cpu",
-        choices=list(PRESETS),
-        help="the README carries the cpu preset's results; notebook 99 shows any preset's",
-    )
+    ap = cli.parser("turbosparse-report", "Write the claims report into the README (from committed results)")
+    cli.add_preset(ap, note="the README carries the cpu preset's results; notebook 99 shows any preset's")
     ap.add_argument("--check", action="store_true", help="only check that the README's table is current")
     a = ap.parse_args(argv)
     if a.preset != README_PRESET and not a.check:
-        print(
-            f"turbosparse-report: the README carries the {README_PRESET} preset's claims; --preset {a.preset} would "
-            f"replace them with another preset's numbers. Run notebook 99 at --preset {a.preset} to see those",
-            file=sys.stderr,
+        return cli.refuse(
+            "turbosparse-report",
+            f"the README carries the {README_PRESET} preset's claims; --preset {a.preset} would replace them with "
+            f"another preset's numbers. Run notebook 99 at --preset {a.preset} to see those",
         )
-        return 2
     if a.check:
         readme = (paths.repo_root() / "README.md").read_text()
         ok = readme_block(a.preset) in readme

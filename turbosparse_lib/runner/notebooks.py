@@ -17,13 +17,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-from .. import paths
+from .. import cli, paths
 from ..presets import get_preset
 from .outputs import NEEDS
 
@@ -183,8 +182,8 @@ def _parse_value(v: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Execute the notebooks headless with papermill at a named preset.")
-    ap.add_argument("--preset", default="cpu", help="smoke (CI), cpu (default reproduction), gpu or paper")
+    ap = cli.parser("turbosparse-notebooks", "Execute the notebooks headless with papermill at a named preset.")
+    cli.add_preset(ap)
     ap.add_argument("--only", nargs="*", help="run only these notebooks (prefix such as 00, or full stem)")
     ap.add_argument(
         "-p",
@@ -197,17 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=int, help="per-cell timeout in seconds (default: the preset's)")
     args = ap.parse_args(argv)
-    try:
-        get_preset(args.preset)
+    try:  # every argument is checked before anything runs
         if any(name == "preset" for name, _ in args.parameter):  # the copy is saved under --preset's name
             raise ValueError(
                 "set the preset with --preset, not -p preset: the executed copy is saved under --preset's name"
             )
-        list_notebooks(args.only)  # every argument is checked before anything runs
+        list_notebooks(args.only)
+    except ValueError as e:
+        return cli.refuse("turbosparse-notebooks", e)
+    try:
         out = run_notebooks(args.preset, args.only, {k: _parse_value(v) for k, v in args.parameter}, args.timeout)
     except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"turbosparse-notebooks: {e}", file=sys.stderr)
+        return cli.RUN_FAILED
     for o in out:
         print(o.relative_to(paths.repo_root()))
     return 0

@@ -39,7 +39,6 @@ choice is stored with the run so a resume uses the same one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import paths
+from .. import cli, paths
 from ..atomic import atomic_path, write_json
 from ..eval.perplexity import progress_enabled
 from ..models.build import build_model
@@ -584,15 +583,14 @@ def load_trained(run_dir: str | os.PathLike):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..presets import PRESETS
 
-    p = argparse.ArgumentParser(
-        prog="turbosparse-train",
-        description="Train a gated-MLP Llama-style model from scratch (resumable; runs under torchrun for DDP).",
-        epilog="Example, 8 GPUs at the paper's sizes: torchrun --nproc_per_node 8 -m turbosparse_lib.train.loop "
+    p = cli.parser(
+        "turbosparse-train",
+        "Train a gated-MLP Llama-style model from scratch (resumable; runs under torchrun for DDP).",
+        "Example, 8 GPUs at the paper's sizes: torchrun --nproc_per_node 8 -m turbosparse_lib.train.loop "
         "--preset paper --variant drelu --seed 0",
     )
-    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
+    cli.add_preset(p)
     p.add_argument("--variant", default="drelu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -613,8 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.out is not None and Path(a.out).exists() and not Path(a.out).is_dir():
             raise ValueError(f"--out {a.out} is a file; give a folder for the run")
     except (ValueError, TypeError) as e:
-        print(f"turbosparse-train: {e}", file=sys.stderr)
-        return 2
+        return cli.refuse("turbosparse-train", e)
     run_dir = (
         Path(a.out)
         if a.out
@@ -623,8 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, run_dir, threads=a.threads)
     except (ValueError, FileNotFoundError) as e:
-        print(f"turbosparse-train: {e}", file=sys.stderr)
-        return 2
+        return cli.refuse("turbosparse-train", e)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run_dir": str(run_dir), **summary}))
     return 0

@@ -35,7 +35,6 @@ tokens and against CPU seconds. The command line is ``turbosparse-relufy``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -50,7 +49,7 @@ from torch import nn
 if TYPE_CHECKING:  # pandas is imported where it is used: a training run never needs it
     import pandas as pd
 
-from .. import paths
+from .. import cli, paths
 from ..atomic import write_json
 
 
@@ -548,14 +547,13 @@ def recovery_at_equal_time(curves: pd.DataFrame, by: str = "recipe") -> tuple[fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..presets import PRESETS
 
-    p = argparse.ArgumentParser(
-        prog="turbosparse-relufy",
-        description="ReLUfy a pretrained model: swap its MLP activation, then continue "
-        "training it (resumable). Section 5 of the paper.",
+    p = cli.parser(
+        "turbosparse-relufy",
+        "ReLUfy a pretrained model: swap its MLP activation, then continue training it (resumable). Section 5 of "
+        "the paper.",
     )
-    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
+    cli.add_preset(p)
     p.add_argument("--variant", default="drelu", help="reglu, shifted_relu, drelu, ... (default drelu)")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
     p.add_argument(
@@ -577,13 +575,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.out is not None and Path(a.out).exists() and not Path(a.out).is_dir():
             raise ValueError(f"--out {a.out} is a file; give a folder for the run")
     except (ValueError, TypeError) as e:
-        print(f"turbosparse-relufy: {e}", file=sys.stderr)
-        return 2
+        return cli.refuse("turbosparse-relufy", e)
     try:
         run_dir, summary = relufy(a.preset, a.variant, a.recipe, a.base, a.out, threads=a.threads, **overrides)
     except ValueError as e:  # a folder holding another run's config
-        print(f"turbosparse-relufy: {e}", file=sys.stderr)
-        return 2
+        return cli.refuse("turbosparse-relufy", e)
     print(json.dumps({"run_dir": str(run_dir), **{k: v for k, v in summary.items() if k != "warm_start"}}))
     return 0
 
