@@ -66,6 +66,35 @@ def test_warm_start_fits_each_layer(target):
         assert torch.equal(t.up_proj.weight.abs(), s.up_proj.weight.abs())
 
 
+@pytest.mark.parametrize("target", ["function", "residual"])
+def test_warm_start_generalises_to_tokens_it_did_not_fit(target):
+    """Fit on one half of the tokens, check on the other: each layer's error and the model's distance to the
+    original (KL of the next-token distributions) fall on tokens the least squares never saw, not only on its own."""
+    teacher = _tiny(1, vocab=64)
+    ids = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(0))
+    fit_ids, unseen = ids[:8], ids[8:]
+    student = apply_variant(copy.deepcopy(teacher), "drelu")
+    warm = R.WarmStart(target=target)
+
+    def kl_to_teacher():
+        with torch.no_grad():
+            p = torch.log_softmax(teacher(unseen).logits, -1)
+            q = torch.log_softmax(student(unseen).logits, -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    before, kl_before = R.warm_start(student, teacher, unseen, warm, fit=False), kl_to_teacher()
+    fitted = R.warm_start(student, teacher, fit_ids, warm)
+    after, kl_after = R.warm_start(student, teacher, unseen, warm, fit=False), kl_to_teacher()
+    for b, f, a in zip(before["layers"], fitted["layers"], after["layers"]):
+        assert a["rel_err"] < b["rel_err"], (b, a)
+        assert a["rel_err"] < 3 * f["rel_err_after"] + 0.05, (f, a)  # near the error on the fitted tokens
+    assert kl_after < kl_before
+    # measuring changes nothing
+    w = [m.down_proj.weight.clone() for m in mlp_modules(student)]
+    R.warm_start(student, teacher, unseen, warm, fit=False)
+    assert all(torch.equal(a, m.down_proj.weight) for a, m in zip(w, mlp_modules(student)))
+
+
 def test_warm_start_reproduces_the_native_variant():
     """Swapped to its own variant, least squares must give back (almost) the original MLPs."""
     teacher = _tiny(2, vocab=64)
@@ -176,6 +205,8 @@ def test_default_recipe_trains_the_mlps_only_and_records_what_it_reached(tiny_ba
     assert rec["budget"]["tokens"] == s["tokens_seen"] and rec["budget"]["loop_tokens_per_s"] > 0
     curve = R.recovery_curve(d)
     assert rec["quality"]["heldout_ppl"] == pytest.approx(curve.heldout_ppl.iloc[-1])
+    warm = s["warm_start"]  # checked on training sequences the least squares did not fit (one at smoke)
+    assert warm["unseen"]["tokens"] > 0 and len(warm["unseen"]["layers"]) == len(warm["layers"])
     with pytest.raises(ValueError, match="another config"):
         R.relufy(
             "smoke",

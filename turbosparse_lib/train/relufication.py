@@ -163,19 +163,26 @@ def _fit_mlp(mod: nn.Module, xf: torch.Tensor, y: torch.Tensor, out: torch.Tenso
         if mod.up_proj.bias is not None:
             mod.up_proj.bias.mul_(s)
     c = mod.act_fn(mod.gate_proj(xf)) * mod.up_act_fn(mod.up_proj(xf))
-    before = float(((out.reshape(-1, out.shape[-1]) - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+    before = _rel_err(out, y)
     bias = mod.down_proj.bias if mod.down_proj.bias is not None else 0
     mod.down_proj.weight.copy_(_gram_solve(c, y - bias, cfg.ridge))
     new = mod.down_proj(c)
-    after = float(((new - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
-    return new, before, after
+    return new, before, _rel_err(new, y)
+
+
+def _rel_err(out: torch.Tensor, y: torch.Tensor) -> float:
+    return float(((out.reshape(-1, out.shape[-1]) - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
 
 
 @torch.no_grad()
-def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, cfg: WarmStart = WarmStart()) -> dict:
+def warm_start(
+    student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, cfg: WarmStart = WarmStart(), fit: bool = True
+) -> dict:
     """Fit every swapped MLP of ``student`` to ``teacher``'s, layer by layer, in one forward pass (see the module
     docstring). ``sequences`` (B, T) are the captured tokens. Returns per-layer relative errors (before / after the
-    fit) and the seconds it took; the student is changed in place."""
+    fit) and the seconds it took; the student is changed in place. With ``fit=False`` nothing changes and each
+    layer's ``rel_err`` on ``sequences`` is measured against the same target: on tokens the fit did not see, it
+    tells whether the least squares generalise or only memorised its tokens."""
     from ..models.swap import decoder_layers, is_moe, mlp_modules
 
     if is_moe(student) or is_moe(teacher):
@@ -204,6 +211,9 @@ def warm_start(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, 
                 y = t_mlps[i](xf)  # the original MLP on the inputs the fitted layers below produce
             else:
                 y = (teacher_out[i] - residual[i]).reshape(-1, xf.shape[-1])
+            if not fit:
+                report.append({"layer": i, "rel_err": _rel_err(out, y)})
+                return None
             new, before, after = _fit_mlp(mod, xf, y, out, cfg)
             report.append({"layer": i, "rel_err_before": before, "rel_err_after": after})
             return new.reshape(out.shape)
@@ -448,6 +458,10 @@ def relufy(
         n_fit = max(1, R.fit_tokens // cfg.context_length)
         fit = sequences[-n_fit:] if n_fit < len(sequences) else sequences  # the run's own training tokens
         warm_report = warm_start(student, teacher, fit.to(device), warm)
+        unseen = sequences[: min(len(sequences) - n_fit, max(1, n_fit // 4))]  # tokens the fit did not see
+        if len(unseen):
+            check = warm_start(student, teacher, unseen.to(device), warm, fit=False)
+            warm_report["unseen"] = {"tokens": check["tokens"], "layers": check["layers"]}
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(warm_path, warm_report)
     elif warm_path.exists():
