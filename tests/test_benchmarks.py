@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
 from turbosparse_lib.bench import bandwidth, bytes_model, decoding, llamacpp, projections, timing
@@ -181,19 +182,10 @@ def test_paper_model_sizes():
 
 
 def test_engine_shape_and_tied_head():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=32,
-        tie_word_embeddings=True,
+    model = tiny_models.hf_llama(
+        0, hidden_size=16, intermediate_size=24, num_hidden_layers=1, vocab_size=32, tie_word_embeddings=True
     )
-    shape = bytes_model.ModelShape.of_engine(Engine.from_transformers(LlamaForCausalLM(cfg).eval()))
+    shape = bytes_model.ModelShape.of_engine(Engine.from_transformers(model))
     assert (shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim) == (16, 24, 4, 2, 4)
     assert shape.tied
 
@@ -258,10 +250,9 @@ def test_hot_share():
 
 
 def test_neuron_frequencies_count_nonzero_combined():
-    from turbosparse_lib.models.build import build_model
     from turbosparse_lib.models.swap import mlp_modules
 
-    model = build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, vocab_size=64, seed=0)
+    model = tiny_models.ours("drelu", seed=0, intermediate_size=48)
     ids = torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(0))
     freq = frequencies.neuron_frequencies(model, ids, context_length=16, batch_size=2)
     assert freq.shape == (2, 48)
@@ -334,10 +325,7 @@ def test_project_paper_tables_has_every_paper_row():
 
 
 def _tiny_drelu_engine():
-    from turbosparse_lib.models.build import build_model
-
-    model = build_model("drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, vocab_size=64, seed=1)
-    return Engine.from_transformers(model)
+    return Engine.from_transformers(tiny_models.ours("drelu", seed=1, intermediate_size=48))
 
 
 def test_recorded_masks_replay_bit_identically():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -35,8 +36,7 @@ class DReLUMLP(nn.Module):
 
 
 def _tiny(model_cls=LlamaForCausalLM, config_cls=LlamaConfig, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return model_cls(config_cls(**{**TINY, **overrides})).eval()
+    return tiny_models.hf_llama(seed, model_cls, config_cls, **{**TINY, **overrides})
 
 
 def _drelu(model):

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 
@@ -14,16 +15,7 @@ VOCAB = 64
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(
-        "drelu",
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        context_length=64,
-        seed=0,
-    ).eval()
+    return tiny_models.ours("drelu", seed=0, vocab_size=VOCAB, context_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +101,6 @@ def test_progress_auto_is_off_under_ci(monkeypatch):
 
 def test_perplexity_refuses_ids_the_model_cannot_read():
     from turbosparse_lib.eval.perplexity import perplexity
-    from turbosparse_lib.models.build import build_model
 
     m = build_model("drelu", preset="smoke", seed=0)
     V, P = m.config.vocab_size, m.config.max_position_embeddings

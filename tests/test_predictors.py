@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
 from turbosparse_lib.models.build import build_model
@@ -13,16 +14,7 @@ from turbosparse_lib.predictors.train import PredictorTraining, train_predictors
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_model(
-        "drelu",
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        vocab_size=64,
-        context_length=64,
-        seed=0,
-    ).eval()
+    return tiny_models.ours("drelu", seed=0, context_length=64)
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,15 @@ import json
 import fault_injection
 import numpy as np
 import pytest
+import tiny_models
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from turbosparse_lib.models.swap import apply_variant, mlp_modules
 from turbosparse_lib.train import relufication as R
 
 
 def _tiny(seed=0, vocab=8192):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_models.hf_llama(seed, vocab_size=vocab, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import tiny_models
 import torch
 from torch import nn
 
@@ -47,11 +48,7 @@ def tokenizer(built_data):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from turbosparse_lib.models.build import build_model
-
-    return build_model(
-        "drelu", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, context_length=256, seed=0
-    ).eval()
+    return tiny_models.ours("drelu", seed=0, vocab_size=8192, context_length=256)
 
 
 # --- building ----------------------------------------------------------------------------------
