@@ -431,6 +431,7 @@ def relufy(
     from .loop import train
 
     cfg = relufy_config(preset, variant, recipe, base, **overrides)  # every argument checked before anything is made
+    P = get_preset(preset)  # resolved once for the whole run
     run_dir = Path(run_dir) if run_dir is not None else relufied_dir(preset, variant, recipe, base)
     if threads:
         torch.set_num_threads(threads)
@@ -439,9 +440,7 @@ def relufy(
     if is_complete(run_dir):
         summary = json.loads((run_dir / "train_summary.json").read_text())
         if not (run_dir / RECORD_FILE).exists():
-            write_record(
-                run_dir, variant, recipe, resolve_base(preset, base), get_preset(preset).relufy.curve_eval_tokens
-            )
+            write_record(run_dir, variant, recipe, resolve_base(preset, base), P.relufy.curve_eval_tokens)
         return run_dir, {**summary, "warm_start": json.loads(warm_path.read_text()) if warm_path.exists() else None}
     teacher, tok = load_base(preset, base)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the gpu and paper presets are meant for a GPU
@@ -454,8 +453,7 @@ def relufy(
     sequences = training_sequences(cfg)
     warm_report = None
     if RECIPES[recipe].warm == "lstsq" and not (run_dir / CHECKPOINT / "state.json").exists():
-        R = get_preset(preset).relufy
-        n_fit = max(1, R.fit_tokens // cfg.context_length)
+        n_fit = max(1, P.relufy.fit_tokens // cfg.context_length)
         fit = sequences[-n_fit:] if n_fit < len(sequences) else sequences  # the run's own training tokens
         warm_report = warm_start(student, teacher, fit.to(device), warm)
         unseen = sequences[: min(len(sequences) - n_fit, max(1, n_fit // 4))]  # tokens the fit did not see
@@ -466,9 +464,9 @@ def relufy(
         write_json(warm_path, warm_report)
     elif warm_path.exists():
         warm_report = json.loads(warm_path.read_text())
-    E = get_preset(preset).eval
+    E = P.eval
     context = min(E.context_length, getattr(teacher.config, "max_position_embeddings", None) or E.context_length)
-    hook = curve_hook(heldout_ids(tok, max_tokens=get_preset(preset).relufy.curve_eval_tokens), context)
+    hook = curve_hook(heldout_ids(tok, max_tokens=P.relufy.curve_eval_tokens), context)
     summary = train(
         cfg,
         run_dir,
@@ -481,7 +479,7 @@ def relufy(
     if warm_report is not None:
         summary = {**summary, "warm_start": warm_report}
     tok.save_pretrained(run_dir)  # the folder loads as a complete model (weights, config, tokenizer)
-    write_record(run_dir, variant, recipe, resolve_base(preset, base), get_preset(preset).relufy.curve_eval_tokens)
+    write_record(run_dir, variant, recipe, resolve_base(preset, base), P.relufy.curve_eval_tokens)
     return run_dir, summary
 
 
