@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from turbosparse_lib import paths
-from turbosparse_lib.paper import claims
+from turbosparse_lib.paper import claims, report
 
 
 def test_missing_results_are_not_reproduced_here(tmp_path):
@@ -143,7 +143,7 @@ def test_readme_table_is_current_and_backed_by_committed_results():
     """The README's claims table is what the committed cpu results give (rerun turbosparse-report if not),
     and every claim it reports rests on result files that git tracks."""
     readme = (paths.repo_root() / "README.md").read_text()
-    assert claims.readme_block("cpu") in readme, "the README's claims table is stale: run turbosparse-report"
+    assert report.readme_block("cpu") in readme, "the README's claims table is stale: run turbosparse-report"
     table = claims.claims_table("cpu")
     tracked = set(
         subprocess.run(
@@ -163,9 +163,9 @@ def test_readme_table_is_current_and_backed_by_committed_results():
 def test_report_refuses_a_preset_the_readme_does_not_carry(capsys):
     readme = (paths.repo_root() / "README.md").read_text()
     with pytest.raises(SystemExit) as e:
-        claims.main(["--preset", "nope"])
+        report.main(["--preset", "nope"])
     assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
-    assert claims.main(["--preset", "smoke"]) == 2 and "carries the cpu preset" in capsys.readouterr().err
+    assert report.main(["--preset", "smoke"]) == 2 and "carries the cpu preset" in capsys.readouterr().err
     assert (paths.repo_root() / "README.md").read_text() == readme  # untouched
 
 

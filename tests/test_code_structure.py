@@ -125,8 +125,8 @@ def test_no_import_cycle_even_through_imports_inside_functions():
 def test_no_private_name_is_used_across_modules():
     used = []
     for m, p in MODULES.items():
-        modules_by_name = {}
-        for node in _runtime_nodes(ast.parse(p.read_text())):
+        modules_by_name, tree = {}, ast.parse(p.read_text())
+        for node in _runtime_nodes(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for target, bound in _imported(m, node):
                     if bound and target in MODULES:
@@ -134,7 +134,7 @@ def test_no_private_name_is_used_across_modules():
                 if isinstance(node, ast.ImportFrom):
                     private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                     used += [f"{m} imports {name}" for name in private]
-        for node in ast.walk(ast.parse(p.read_text())):
+        for node in ast.walk(tree):
             if (
                 isinstance(node, ast.Attribute)
                 and isinstance(node.value, ast.Name)

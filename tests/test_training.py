@@ -277,7 +277,7 @@ def test_precision_is_measured_on_the_model_being_trained():
 
 
 def test_distillation_loss_is_zero_for_the_teacher_itself():
-    from turbosparse_lib.train.loop import distillation_loss
+    from turbosparse_lib.train.objectives import distillation_loss
 
     logits = torch.randn(2, 5, 11)
     assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
@@ -288,7 +288,7 @@ def test_l1_penalty_is_the_mean_absolute_combined_activation():
     from turbosparse_lib.models.build import build_model
     from turbosparse_lib.models.swap import mlp_modules
     from turbosparse_lib.train.config import train_config
-    from turbosparse_lib.train.loop import _CombinedL1, _loss
+    from turbosparse_lib.train.objectives import CombinedL1, training_loss
 
     model = build_model("drelu", preset="smoke", seed=0)
     x = torch.randint(0, 100, (2, 16))
@@ -298,22 +298,22 @@ def test_l1_penalty_is_the_mean_absolute_combined_activation():
         for m in mlp_modules(model)
     ]
     cfg = train_config("smoke", "drelu", 0)
-    base = _loss(model, None, x, cfg, "fp32").item()
+    base = training_loss(model, None, x, cfg, "fp32").item()
     for h in hooks:
         h.remove()
-    l1 = _CombinedL1(model)
-    with_l1 = _loss(model, None, x, cfg, "fp32", l1, 0.5).item()
+    l1 = CombinedL1(model)
+    with_l1 = training_loss(model, None, x, cfg, "fp32", l1, 0.5).item()
     l1.remove()
     assert with_l1 == pytest.approx(base + 0.5 * sum(seen) / len(seen), rel=1e-5)
     with torch.no_grad():  # evaluations do not feed the penalty
-        l1 = _CombinedL1(model)
+        l1 = CombinedL1(model)
         model(input_ids=x)
         assert l1.total is None
         l1.remove()
 
 
 def test_hidden_state_loss_is_zero_for_the_teacher_and_scale_free():
-    from turbosparse_lib.train.loop import hidden_state_loss
+    from turbosparse_lib.train.objectives import hidden_state_loss
 
     g = torch.Generator().manual_seed(0)
     t = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]

@@ -1,4 +1,5 @@
-"""The paper's own numbers (``values``) and the pass/fail targets of this companion (``targets``).
+"""The paper's own numbers (``values``), the pass/fail targets of this companion (``targets``), the verdict of
+each claim (``claims``) and the README's claims block written from them (``report``).
 
 Notebooks, the README and the claims report take every number of the paper from here, so a
 number typed once is the number shown everywhere; none is typed into a notebook cell.

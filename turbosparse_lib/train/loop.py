@@ -18,7 +18,7 @@ A run, in order:
    uninterrupted one would have read.
 3. Each optimiser step is ``batch_size`` sequences, split over processes and then into micro
    batches (gradient accumulation). Under ``torchrun`` the model is wrapped in DDP.
-4. The loss is the config's ``objective``: next-token cross-entropy (``lm``), the KL divergence
+4. The loss (``train.objectives``) is the config's ``objective``: next-token cross-entropy (``lm``), the KL divergence
    from a teacher's next-token distribution to the model's (``kd``, distillation), or their mean;
    plus, with ``hidden_coef > 0``, the teacher's residual stream after every layer (normalised mean
    squared error, ``hidden_state_loss``); plus, with ``l1_coef > 0``, an L1 penalty on every MLP's
@@ -51,7 +51,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import cli, paths
@@ -77,12 +76,12 @@ from .checkpoint import (
 from .config import PRECISIONS, TrainConfig, l1_at, lr_at, train_config
 from .data import training_sequences, validation_sequences
 from .distributed import all_mean, barrier, init_distributed
+from .objectives import CombinedL1, training_loss
 from .precision import autocast, measure_precision
 
 __all__ = [
     "train",
     "evaluate_loss",
-    "hidden_state_loss",
     "select_trainable",
     "train_scratch",
     "load_trained",
@@ -112,73 +111,6 @@ def evaluate_loss(model: nn.Module, seqs: torch.Tensor, micro_batch_size: int, p
             losses.append(float(model(input_ids=x, labels=x, **lm_only).loss) * len(x))
     model.train(was_training)
     return sum(losses) / len(seqs)
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, averaged over positions (nats per token)."""
-    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
-    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
-class _CombinedL1:
-    """Sums mean |combined| over the MLPs of one forward pass (pre-hooks on every ``down_proj``)."""
-
-    def __init__(self, model: nn.Module):
-        from ..models.swap import mlp_modules
-
-        self.total: torch.Tensor | None = None
-        self.handles = [m.down_proj.register_forward_pre_hook(self._add) for m in mlp_modules(model)]
-        self.n = len(self.handles)
-
-    def _add(self, mod, args):
-        if not torch.is_grad_enabled():  # evaluations run without autograd: they are not part of the loss
-            return
-        term = args[0].abs().mean()
-        self.total = term if self.total is None else self.total + term
-
-    def take(self) -> torch.Tensor:
-        t, self.total = self.total, None
-        return t / self.n
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
-    """Mean over layers of ||h_student - h_teacher||^2 / ||h_teacher||^2 after every decoder layer (the
-    embeddings, shared by both, are skipped): a dense signal at every depth, so a layer whose new MLP drifts is
-    corrected where it drifts instead of only through the last layer's logits."""
-    terms = [
-        ((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
-        for s, t in zip(student_hidden[1:], teacher_hidden[1:])
-    ]
-    return torch.stack(terms).mean()
-
-
-def _loss(
-    model,
-    teacher,
-    x: torch.Tensor,
-    cfg: TrainConfig,
-    precision: str,
-    l1: _CombinedL1 | None = None,
-    l1_coef: float = 0.0,
-) -> torch.Tensor:
-    objective, hidden = cfg.objective, cfg.hidden_coef > 0
-    with autocast(precision):
-        out = model(input_ids=x, labels=x if objective != "kd" else None, use_cache=False, output_hidden_states=hidden)
-    penalty = l1_coef * l1.take() if l1 is not None else 0.0
-    if objective == "lm":
-        return out.loss + penalty
-    with torch.inference_mode():
-        t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
-    kd = distillation_loss(out.logits, t_out.logits.clone())  # a clone leaves inference mode, for autograd
-    loss = kd if objective == "kd" else 0.5 * (kd + out.loss)
-    if hidden:
-        loss = loss + cfg.hidden_coef * hidden_state_loss(out.hidden_states, [h.clone() for h in t_out.hidden_states])
-    return loss + penalty
 
 
 def select_trainable(model: nn.Module, trainable: str) -> None:
@@ -279,7 +211,7 @@ def _accumulate_step(
         x = mine[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size].to(device)
         sync = ddp.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
         with sync:
-            loss = _loss(ddp, teacher, x, cfg, precision, l1, l1_at(step, cfg))
+            loss = training_loss(ddp, teacher, x, cfg, precision, l1, l1_at(step, cfg))
             (loss / accum).backward()
         loss_sum += float(loss.detach())
     grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip))
@@ -539,7 +471,7 @@ def train(
         metrics_f, bar = _open_progress(run_dir, cfg, d, start_step, progress)
         if d.main and start_step == 0 and eval_hook is not None:  # the curve's first point: before any step
             _write_row(metrics_f, _evaluate_row(None, model, val, cfg, precision, eval_hook, 0, 0, None, 0.0))
-        l1 = _CombinedL1(model) if cfg.l1_coef > 0 else None
+        l1 = CombinedL1(model) if cfg.l1_coef > 0 else None
         clock = _Clock(time.perf_counter(), tokens_seen)
         t_start = time.perf_counter()
         stats, row = _record_before(start_step, tokens_seen, precision, seconds_before), None

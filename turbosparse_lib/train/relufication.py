@@ -22,7 +22,7 @@ this module offers the paper's recipe and two cheaper ways to spend the same CPU
   regularisation, which the paper mentions as a route to more zeros at a risk to quality): with a budget
   this small, training alone does not raise the exact-zero fraction the way 150B tokens do.
 - ``lstsq+hidden``, the default: the warm start, then distillation of the logits *and* of the residual
-  stream after every layer (``train.loop.hidden_state_loss``), training the MLPs only, as many small
+  stream after every layer (``train.objectives.hidden_state_loss``), training the MLPs only, as many small
   optimiser steps: a dense signal at every depth where the swap changed something, and a step about 20%
   cheaper than training every weight. ``lstsq+hidden+l1`` adds the L1 penalty raised progressively over
   the first half of the run (ProSparse's schedule), the preset's recipe for more exact zeros.
