@@ -152,3 +152,51 @@ def test_plain_checkpoint_loads_natively(tmp_path, ids):
     loaded = load_model(tmp_path)
     assert not isinstance(mlp_modules(loaded)[0], GatedMLP)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_saved_drelu_model_loads_as_drelu_with_plain_auto_model(tmp_path):
+    """A swapped model saves as turbosparse_<family>: AutoModelForCausalLM (the library imported) builds the same
+    dReLU model, logits bit for bit; switched back to its native variant it saves as an ordinary Llama; a folder
+    written before the types existed is marked so, and without the registration transformers refuses the type
+    instead of building SwiGLU."""
+    import json
+
+    import tiny_models
+    from transformers import AutoModelForCausalLM
+
+    from turbosparse_lib.models import swap
+
+    model = swap.apply_variant(tiny_models.hf_llama(0), "drelu")
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        ref = model(x).logits
+    model.save_pretrained(tmp_path / "drelu")
+    config = json.loads((tmp_path / "drelu" / "config.json").read_text())
+    assert config["model_type"] == "turbosparse_llama" and config["mlp_variant"] == "drelu"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "drelu").eval()
+    assert {m.variant for m in swap.mlp_modules(loaded)} == {"drelu"}
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ref)
+    swap.apply_variant(loaded, "swiglu")
+    loaded.save_pretrained(tmp_path / "native")
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "llama"
+
+    old = tmp_path / "drelu" / "config.json"  # as written before: the family's type with a variant beside it
+    old.write_text(json.dumps({**config, "model_type": "llama"}))
+    assert swap.mark_saved_variant(tmp_path / "drelu") and not swap.mark_saved_variant(tmp_path / "drelu")
+    assert json.loads(old.read_text())["model_type"] == "turbosparse_llama"
+    assert not swap.mark_saved_variant(tmp_path / "native")
+
+
+def test_without_the_library_a_saved_drelu_model_is_refused_not_built_as_swiglu(tmp_path):
+    import subprocess
+    import sys
+
+    import tiny_models
+
+    from turbosparse_lib.models import swap
+
+    swap.apply_variant(tiny_models.hf_llama(0), "drelu").save_pretrained(tmp_path)
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0 and "turbosparse_llama" in run.stderr

@@ -215,4 +215,68 @@ def test_compare_runs_of_the_default_recipe_are_its_main_run():
     P = get_preset("cpu").relufy
     assert R.compare_tokens("cpu", R.DEFAULT_RECIPE) == P.total_tokens
     assert R.compare_tokens("cpu", "paper") == P.compare_tokens
-    assert all(r in R.RECIPES for r in P.sparsity_recipes)
+    assert all(r in R.RECIPES for r in P.drelu_recipes)
+
+
+def test_up_slope_falls_from_a_linear_up_to_drelu_and_stays_there():
+    """The anneal's schedule: 1 (ReGLU's linear up) before the first step, linear down to 0 at the ramp's end, then
+    0 (dReLU) to the end of the run; without a ramp, dReLU from the start. A variant with no up ReLU refuses it."""
+    from turbosparse_lib.train.config import train_config, up_slope_at
+
+    cfg = train_config("smoke", "drelu", 0, batch_size=8, up_anneal_fraction=0.5)
+    cfg = train_config("smoke", "drelu", 0, batch_size=8, up_anneal_fraction=0.5, total_tokens=16 * cfg.tokens_per_step)
+    assert cfg.steps == 16
+    assert up_slope_at(-1, cfg) == 1.0
+    assert up_slope_at(0, cfg) == pytest.approx(1 - 1 / 8)
+    assert up_slope_at(7, cfg) == 0.0 and up_slope_at(15, cfg) == 0.0
+    assert [up_slope_at(s, cfg) for s in range(8)] == sorted((up_slope_at(s, cfg) for s in range(8)), reverse=True)
+    plain = train_config("smoke", "drelu", 0)
+    assert up_slope_at(-1, plain) == up_slope_at(0, plain) == 0.0
+    with pytest.raises(ValueError, match="only dReLU"):
+        train_config("smoke", "reglu", 0, up_anneal_fraction=0.5)
+
+
+def test_up_slope_one_is_reglu_and_zero_is_drelu():
+    from turbosparse_lib.models.variants import GatedMLP
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    mlp = GatedMLP(16, 24, "drelu")
+    reglu = GatedMLP.from_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj, "reglu")
+    drelu_out = mlp(x)
+    mlp.set_up_slope(1.0)
+    assert torch.allclose(mlp(x), reglu(x))
+    mlp.set_up_slope(0.25)
+    half = mlp(x)
+    assert not torch.allclose(half, reglu(x)) and not torch.allclose(half, drelu_out)
+    mlp.set_up_slope(0.0)
+    assert torch.equal(mlp(x), drelu_out) and isinstance(mlp.up_act_fn, torch.nn.ReLU)
+    with pytest.raises(ValueError, match="linear up branch"):
+        reglu.set_up_slope(0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mlp.set_up_slope(1.5)
+
+
+def test_annealed_recipe_ends_as_a_plain_drelu_model(tiny_base, tmp_path):
+    """The anneal recipe on the tiny base: the warm start fits a linear up (no exact zeros from up at the curve's
+    first point), training ends with the up ReLU fully in, and the saved folder loads as an ordinary dReLU model
+    whose exact zeros are the last curve point's."""
+    from turbosparse_lib.models.swap import load_model
+    from turbosparse_lib.sparsity.instruments import activation_stats
+
+    recipe = "lstsq+hidden+anneal"
+    assert R.RECIPES[recipe].up_anneal_fraction > 0
+    d, s = R.relufy(
+        "smoke", "drelu", recipe, base=str(tiny_base), run_dir=tmp_path / "run", tokenizer="ours", progress=False
+    )
+    cfg = json.loads((d / "config.json").read_text())
+    curve = R.recovery_curve(d)
+    assert curve.zero_frac.iloc[0] < curve.zero_frac.iloc[-1]  # leaky up at the start, dReLU at the end
+    model = load_model(d)
+    assert all(isinstance(m.up_act_fn, torch.nn.ReLU) for m in mlp_modules(model)), cfg
+    from turbosparse_lib.data.build import heldout_ids
+    from turbosparse_lib.data.tokenizer import load_tokenizer
+
+    ids = heldout_ids(load_tokenizer(), max_tokens=256)
+    stats = activation_stats(model, ids, context_length=64).to_frame()
+    assert stats[stats.kind == "up_act"].zero_frac.min() > 0.2  # the up ReLU gives exact zeros again

@@ -74,7 +74,7 @@ class RelufySection:
     variants: tuple[str, ...] = ("reglu", "shifted_relu", "drelu")
     base: str = "smollm2-135m"  # the model ReLUfied (train.relufication.resolve_base)
     precision: str = "auto"  # fp32, bf16 or auto (timed on the model: costs a few steps of each)
-    sparsity_recipes: tuple[str, ...] = ()  # recipes compared with the default on dReLU for more exact zeros
+    drelu_recipes: tuple[str, ...] = ()  # recipes run on dReLU beside the default, on the same tokens
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ PRESETS: dict[str, Preset] = {
             tolerance_tokens=256,
             base="scratch-swiglu",
             precision="fp32",
-            sparsity_recipes=("lstsq+hidden+l1",),
+            drelu_recipes=("lstsq+hidden+l1", "lstsq+hidden+anneal"),
         ),
         # seconds in CI: notebook 02's tiny model, not SmolLM2
         predict=PredictSection(capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5)),
@@ -266,7 +266,7 @@ PRESETS: dict[str, Preset] = {
             final_eval_tokens=8192,
             tolerance_tokens=4096,
             precision="fp32",
-            sparsity_recipes=("lstsq+hidden+l1",),
+            drelu_recipes=("lstsq+hidden+l1", "lstsq+hidden+anneal"),
         ),
         predict=PredictSection(capture_tokens=32_768, tokens_per_shard=4096, rank=128, epochs=8),
         eval=EvalSection(

@@ -42,6 +42,7 @@ from time import perf_counter
 import numba
 import numpy as np
 
+from ..models.registration import family
 from ..models.variants import get_variant, variant_of_hf_act
 from . import bundles, kernels, quant
 from . import step as step_kernels
@@ -150,7 +151,7 @@ class Engine:
         import torch
 
         config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
+        model_type = family(getattr(config, "model_type", None))
         if model_type not in _SUPPORTED_ARCHITECTURES or not hasattr(model, "lm_head"):
             raise TypeError(
                 f"Engine.from_transformers supports LlamaForCausalLM and MistralForCausalLM "

@@ -35,6 +35,7 @@ from time import perf_counter
 
 import numpy as np
 
+from ..models.registration import family
 from ..models.variants import get_variant, variant_of_hf_act
 from . import bundles, kernels
 from .attention import decode_attention
@@ -129,7 +130,7 @@ class MoEEngineConfig:
     def from_hf_config(cls, config) -> MoEEngineConfig:
         from ..models.moe import moe_settings
 
-        model_type = getattr(config, "model_type", None)
+        model_type = family(getattr(config, "model_type", None))
         if model_type not in MOE_ENGINE_TYPES:
             raise TypeError(
                 f"MoEEngine supports model types {', '.join(MOE_ENGINE_TYPES)}; got {model_type!r} "

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registration import family
 from .variants import get_variant
 
 # model_type -> (config attribute: number of routed experts, config attribute: width F of one routed expert)
@@ -60,7 +61,7 @@ class MoESettings:
 
 def moe_settings(config) -> MoESettings:
     """Routing settings of a Mixtral / Qwen2-MoE / Qwen3-MoE config; other model types raise."""
-    model_type = getattr(config, "model_type", None)
+    model_type = family(getattr(config, "model_type", None))
     if model_type not in MOE_MODEL_TYPES:
         raise NotImplementedError(
             f"model_type {model_type!r} is not a supported MoE; supported: {', '.join(MOE_MODEL_TYPES)}"

@@ -9,9 +9,10 @@ Design:
 - The variant is recorded in the config (``mlp_variant``, ``mlp_variant_kwargs``), which
   ``save_pretrained`` writes into config.json; ``load_model`` re-applies it. The state-dict keys
   are those of the native MLP, so checkpoints stay ordinary transformers checkpoints.
-- ``hidden_act`` is left as the source model had it: a plain ``from_pretrained`` of a saved
-  dReLU or shifted-ReLU model therefore builds the *native* MLP. Load such checkpoints with
-  ``load_model``.
+- ``hidden_act`` is left as the source model had it; a model whose variant is not its family's own
+  saves ``model_type: "turbosparse_<family>"`` (``registration``), which this module registers with
+  transformers on import: a plain ``AutoModelForCausalLM.from_pretrained`` of a saved dReLU model
+  then builds dReLU, and without the library it fails loudly instead of building SwiGLU.
 - Supported families are those whose decoder layers hold a dense Llama-style MLP
   (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 text) and the MoE families Mixtral,
   Qwen2-MoE and Qwen3-MoE, whose fused routed experts become a ``models.moe.GatedExperts``
@@ -32,6 +33,7 @@ from typing import Literal
 from torch import nn
 
 from .moe import MOE_MODEL_TYPES, ExpertProjection, GatedExperts, is_moe_block
+from .registration import family, mark_variant, register_families
 from .variants import GatedMLP, get_variant, variant_of_hf_act
 
 # model_type -> the config attribute that names its native MLP activation (an ACT2FN key)
@@ -48,7 +50,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 
 
 def _check_supported(model) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = family(getattr(getattr(model, "config", None), "model_type", None))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"{type(model).__name__} (model_type {model_type!r}) is not supported: its MLP is neither a dense gated "
@@ -126,6 +128,14 @@ def mlp_modules(model) -> list[nn.Module]:
     return [u.mlp for u in mlp_units(model)]
 
 
+def set_up_slope(model, slope: float) -> None:
+    """Set the negative slope of every dReLU MLP's up branch (``GatedMLP.set_up_slope``): 0 is dReLU itself."""
+    for mlp in mlp_modules(model):
+        if not hasattr(mlp, "set_up_slope"):
+            raise TypeError(f"{type(mlp).__name__} is not a swapped gated MLP: apply_variant(model, 'drelu') first")
+        mlp.set_up_slope(slope)
+
+
 def is_moe(model) -> bool:
     """Whether any decoder layer of a supported model is a routed MoE block."""
     _check_supported(model)
@@ -134,7 +144,7 @@ def is_moe(model) -> bool:
 
 def native_variant(config) -> str:
     """The variant a supported model's own MLP computes, from its config (Llama: swiglu, Gemma: geglu)."""
-    model_type = getattr(config, "model_type", None)
+    model_type = family(getattr(config, "model_type", None))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(f"model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return variant_of_hf_act(getattr(config, SUPPORTED_MODEL_TYPES[model_type]))
@@ -182,6 +192,7 @@ def apply_variant(model, variant: str, **variant_kwargs):
             block.shared_expert = _gated(block.shared_expert, spec, kwargs)
     model.config.mlp_variant = spec.name
     model.config.mlp_variant_kwargs = kwargs
+    mark_variant(model.config, spec.name, native_variant(model.config))  # saves as turbosparse_<family> if not native
     return model
 
 
@@ -199,6 +210,25 @@ def load_model(path_or_dir: str | Path, **from_pretrained_kwargs):
     return model.eval()
 
 
+def mark_saved_variant(folder: str | Path) -> bool:
+    """Give a folder saved before ``registration`` existed (``model_type`` of the family, with a non-native
+    ``mlp_variant``) the ``turbosparse_<family>`` type, so a plain ``AutoModelForCausalLM`` builds its variant.
+    Returns whether config.json changed (rewritten atomically)."""
+    import json
+
+    from ..atomic import write_json
+    from .registration import PREFIX
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    variant, model_type = config.get("mlp_variant"), config.get("model_type")
+    act = config.get(SUPPORTED_MODEL_TYPES.get(model_type, ""))
+    if variant is None or act is None or variant_of_hf_act(act) == variant:
+        return False
+    write_json(path, {**config, "model_type": PREFIX + model_type})
+    return True
+
+
 def count_parameters(model, exclude_embeddings: bool = False) -> int:
     """Distinct parameters (tied weights counted once); optionally without input/output embeddings."""
     params = {id(p): p for p in model.parameters()}
@@ -207,3 +237,6 @@ def count_parameters(model, exclude_embeddings: bool = False) -> int:
             for p in emb.parameters() if emb is not None else ():
                 params.pop(id(p), None)
     return sum(p.numel() for p in params.values())
+
+
+register_families(SUPPORTED_MODEL_TYPES, apply_variant)  # AutoModelForCausalLM builds saved variants (registration)

@@ -198,6 +198,17 @@ class GatedMLP(nn.Module):
         self.act_fn = spec.gate_activation(**self.variant_kwargs)  # the name LlamaMLP uses
         self.up_act_fn = spec.up_activation()
 
+    def set_up_slope(self, slope: float) -> None:
+        """The negative slope of a ReLU up branch (dReLU): 0 is the variant itself, 1 a linear up (ReGLU's).
+
+        ReLUfication can bring dReLU's up ReLU in gradually (``TrainConfig.up_anneal_fraction``); only the
+        variant's own slope, 0, is ever saved. A variant whose up branch is linear refuses."""
+        if not get_variant(self.variant).relu_up:
+            raise ValueError(f"variant {self.variant!r} has a linear up branch: there is no up ReLU to anneal")
+        if not 0.0 <= slope <= 1.0:
+            raise ValueError(f"the up branch's negative slope must be in [0, 1]; got {slope}")
+        self.up_act_fn = nn.LeakyReLU(slope) if slope > 0 else nn.ReLU()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H)
         combined = self.act_fn(self.gate_proj(x)) * self.up_act_fn(self.up_proj(x))  # (B, T, F)
         return self.down_proj(combined)  # (B, T, H)

@@ -45,6 +45,7 @@ class TrainConfig:
     l1_coef: float = 0.0  # weight of an L1 penalty on the MLPs' combined activations (sparsity regularisation)
     l1_warmup_fraction: float = 0.0  # the L1 weight rises linearly from 0 over this share of the steps (ProSparse)
     hidden_coef: float = 0.0  # weight of the teacher's hidden states after every layer (normalised MSE), with kd
+    up_anneal_fraction: float = 0.0  # dReLU's up ReLU comes in over this share of the steps (up_slope_at); 0: at once
     trainable: str = "all"  # one of TRAINABLE: "no-embeddings" freezes the (tied) embeddings, "mlp" all but the MLPs
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     eval_sequences: int = 16  # validation sequences per evaluation (fixed set)
@@ -72,6 +73,13 @@ class TrainConfig:
             raise ValueError(f"l1_coef and hidden_coef must be >= 0; got {self.l1_coef}, {self.hidden_coef}")
         if not 0 <= self.l1_warmup_fraction <= 1:
             raise ValueError(f"l1_warmup_fraction must be in [0, 1]; got {self.l1_warmup_fraction}")
+        if not 0 <= self.up_anneal_fraction <= 1:
+            raise ValueError(f"up_anneal_fraction must be in [0, 1]; got {self.up_anneal_fraction}")
+        if self.up_anneal_fraction > 0 and not get_variant(self.variant).relu_up:
+            raise ValueError(
+                f"up_anneal_fraction > 0 brings in a ReLU on the up branch; variant {self.variant!r} has none "
+                "(only dReLU does)"
+            )
         if self.hidden_coef > 0 and self.objective == "lm":
             raise ValueError("hidden_coef > 0 matches a teacher's hidden states: it needs objective kd or kd+lm")
         if self.trainable not in TRAINABLE:
@@ -124,6 +132,16 @@ def l1_at(step: int, cfg: TrainConfig) -> float:
     (ProSparse raises its penalty progressively, so the model recovers before it is pushed to zeros)."""
     ramp = cfg.l1_warmup_fraction * cfg.steps
     return cfg.l1_coef * (min(1.0, (step + 1) / ramp) if ramp >= 1 else 1.0)
+
+
+def up_slope_at(step: int, cfg: TrainConfig) -> float:
+    """The negative slope of dReLU's up branch during optimiser step ``step``: it falls linearly from 1 (a linear up,
+    ReGLU's function) to 0 (dReLU) over the first ``up_anneal_fraction`` of the steps, then stays 0, so the model
+    trains as dReLU for the rest of the run and is saved as one. Before the first step (the warm start) it is 1."""
+    ramp = cfg.up_anneal_fraction * cfg.steps
+    if step < 0:
+        return 1.0 if ramp >= 1 else 0.0
+    return max(0.0, 1.0 - (step + 1) / ramp) if ramp >= 1 else 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

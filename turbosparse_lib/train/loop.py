@@ -57,7 +57,7 @@ from .. import cli, paths
 from ..atomic import atomic_path, write_json
 from ..eval.perplexity import progress_enabled
 from ..models.build import build_model
-from ..models.swap import load_model
+from ..models.swap import load_model, set_up_slope
 from .checkpoint import (
     CHECKPOINT,
     CONFIG_FILE,
@@ -73,7 +73,7 @@ from .checkpoint import (
     rewrite_metrics,
     save_checkpoint,
 )
-from .config import PRECISIONS, TrainConfig, l1_at, lr_at, train_config
+from .config import PRECISIONS, TrainConfig, l1_at, lr_at, train_config, up_slope_at
 from .data import training_sequences, validation_sequences
 from .distributed import all_mean, barrier, init_distributed
 from .objectives import CombinedL1, training_loss
@@ -392,6 +392,8 @@ def _optimizer_step(stats, cfg, opt, data, accum, ddp, teacher, l1, trainable, d
     lr = lr_at(step, cfg)
     for g in opt.param_groups:
         g["lr"] = lr
+    if cfg.up_anneal_fraction > 0:  # a function of the step, so a resumed run continues the same schedule
+        set_up_slope(getattr(ddp, "module", ddp), up_slope_at(step, cfg))
     batch = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
     mine = batch[d.rank * accum * cfg.micro_batch_size : (d.rank + 1) * accum * cfg.micro_batch_size]
     precision = stats["precision"]
