@@ -10,15 +10,16 @@ One kernel, ``ffn_into``, serves every path, so dense and sparse differ only in 
 they read:
 
 - dense (``idx`` unused, ``skip_zeros=False``): every neuron, every row read, as llama.cpp does;
-- sparse (``use_idx``): the neurons a mask provider lists, in the given order;
+- sparse (``use_idx``): the neurons a mask provider lists (ascending: ``ascending`` sorts a list that is not);
 - in-line exact oracle (``skip_zeros=True`` over all neurons): every gate row is read, the up row
   only where the gate activation is non-zero and the down row only where the combined value is.
 
 With ``skip_zeros`` a neuron whose gate activation is exactly zero costs its gate row only (the
 in-line oracle, or a predictor's false positive), and one whose combined value is zero leaves its
 down row unread. The down projection is an axpy,
-``y += c_n * down_n``; the active neurons are split into one contiguous range per thread, each
-thread sums into its own partial ``y`` (no race), and the partials are added at the end. While a
+``y += c_n * down_n``; the neuron indices are split into one fixed contiguous range per thread
+(``thread_neurons``: the same ranges for every list, so a sparse path over every live neuron equals the dense
+one bit for bit), each thread sums into its own partial ``y`` (no race), and the partials are added at the end. While a
 thread works on one neuron it prefetches the next one's bundle (``simd.prefetch``). Every call
 counts the rows it read of each kind, so bytes per token are measured, not modelled.
 
@@ -121,6 +122,35 @@ class FFNBundles:
         return quant.QMatrix(np.ascontiguousarray(self.data[..., k * seg : (k + 1) * seg]), self.fmt, self.hidden)
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def thread_neurons(t, n_threads, n_neurons, idx, n, use_idx):
+    """Positions [lo, hi) in the neuron list (``idx[:n]``, ascending, with ``use_idx``; else ``0..n-1``) that
+    thread ``t`` works on: the listed neurons inside the thread's fixed range of neuron *indices*, so a thread
+    sums the same neurons in the same order whatever the list holds. A sparse list that holds every live
+    neuron then gives the dense path's result bit for bit; split by list position instead, the partial sums
+    differ in rounding, which a Q format's activation quantisation in the next layer turns into whole
+    quantisation steps (half a logit on SmolLM2 at Q8_0)."""
+    if not use_idx:
+        return quant.thread_range(t, n_threads, n)
+    first, last = quant.thread_range(t, n_threads, n_neurons)
+    return np.searchsorted(idx[:n], first), np.searchsorted(idx[:n], last)
+
+
+def ascending(idx: np.ndarray, n_neurons: int) -> np.ndarray:
+    """A mask's neuron indices as the FFN kernels take them: int64, ascending (sorted here if they are not),
+    inside [0, n_neurons); a duplicate or an index outside raises (the kernels trust the list)."""
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if idx.ndim != 1:
+        raise ValueError(f"neuron indices must be 1-D; got shape {idx.shape}")
+    if len(idx) > 1 and not (idx[1:] > idx[:-1]).all():
+        idx = np.sort(idx)
+        if (idx[1:] == idx[:-1]).any():
+            raise ValueError("neuron indices hold duplicates: a neuron would be added twice")
+    if len(idx) and (idx[0] < 0 or idx[-1] >= n_neurons):
+        raise IndexError(f"neuron indices must lie in [0, {n_neurons}); got one outside")
+    return idx
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def ffn_into(
     B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read, prefetch_bytes
@@ -134,7 +164,7 @@ def ffn_into(
     counts = np.zeros((n_threads, 3), dtype=np.int64)
     ahead = min(B.shape[1], prefetch_bytes)
     for t in prange(n_threads):
-        lo, hi = quant.thread_range(t, n_threads, n)
+        lo, hi = thread_neurons(t, n_threads, B.shape[0], idx, n, use_idx)
         p = partial[t]
         n_gate, n_up, n_down = 0, 0, 0
         for k in range(lo, hi):
@@ -181,11 +211,14 @@ def combined_into(B, code, H, x, x16, xd, idx, n, use_idx, act, shift, c):
 def _indices(bundles: FFNBundles, idx_K) -> tuple[np.ndarray, int, bool]:
     if idx_K is None:
         return np.empty(0, np.int64), bundles.neurons, False
+    idx = ascending(idx_K, bundles.neurons)
+    return idx, len(idx), True
+
+
+def _listed(bundles: FFNBundles, idx_K) -> tuple[np.ndarray, int, bool]:
     idx = np.ascontiguousarray(idx_K, dtype=np.int64)
-    if idx.ndim != 1:
-        raise ValueError(f"neuron indices must be 1-D; got shape {idx.shape}")
-    if len(idx) and (idx.min() < 0 or idx.max() >= bundles.neurons):
-        raise IndexError(f"neuron indices must lie in [0, {bundles.neurons})")
+    if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= bundles.neurons)):
+        raise IndexError(f"neuron indices must be 1-D and lie in [0, {bundles.neurons})")
     return idx, len(idx), True
 
 
@@ -235,9 +268,10 @@ def ffn(
 
 
 def combined(bundles: FFNBundles, x_H, variant="drelu", idx_K=None) -> np.ndarray:
-    """Combined values ``act(gate) * up_act(up)`` of every neuron (``idx_K=None``) or of the listed ones."""
+    """Combined values ``act(gate) * up_act(up)`` of every neuron (``idx_K=None``) or of the listed ones, in the
+    order listed."""
     _one_layer(bundles, x_H)
-    idx, n, use_idx = _indices(bundles, idx_K)
+    idx, n, use_idx = (np.empty(0, np.int64), bundles.neurons, False) if idx_K is None else _listed(bundles, idx_K)
     c = np.empty(n, np.float32)
     combined_into(
         bundles.data,

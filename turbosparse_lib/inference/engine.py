@@ -394,12 +394,10 @@ class Engine:
         )
 
     def _provider_masks(self, provider: MaskProvider, li: int, h_H: np.ndarray) -> np.ndarray:
-        idx_K = np.ascontiguousarray(provider(li, h_H), dtype=np.int64)
-        if idx_K.ndim != 1 or (len(idx_K) and (idx_K.min() < 0 or idx_K.max() >= self.config.intermediate_size)):
-            raise IndexError(
-                f"mask provider returned indices outside [0, {self.config.intermediate_size}) or not 1-D (layer {li})"
-            )
-        return idx_K
+        try:
+            return bundles.ascending(provider(li, h_H), self.config.intermediate_size)
+        except (IndexError, ValueError) as e:
+            raise type(e)(f"mask provider, layer {li}: {e}") from None
 
     def _step_layers(self, token_id: int, provider: MaskProvider, times: dict, rows_read: np.ndarray):
         """Two compiled calls per layer, the mask provider (Python) between them."""
@@ -552,4 +550,7 @@ def fused_masks(masks, n_neurons: int = 0) -> tuple:
         raise ValueError(f"packed mask offsets must rise from 0 to {len(idx)}; got {offsets}")
     if len(idx) and (idx.min() < 0 or idx.max() >= n_neurons):
         raise IndexError(f"packed masks hold indices outside [0, {n_neurons})")
+    falls = np.flatnonzero(idx[1:] <= idx[:-1]) + 1  # positions where the list does not rise
+    if np.setdiff1d(falls, offsets).size:  # ... other than where a layer starts: sort each layer's list
+        idx = np.concatenate([bundles.ascending(idx[lo:hi], n_neurons) for lo, hi in zip(offsets[:-1], offsets[1:])])
     return step_kernels.MASKS_PACKED, offsets, idx
