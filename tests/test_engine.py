@@ -5,7 +5,7 @@ import pytest
 import tiny_models
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from turbosparse_lib.inference import step as step_kernels
 from turbosparse_lib.inference.engine import Engine, EngineConfig
@@ -92,6 +92,23 @@ def test_dense_decoding_matches_transformers(prompt, tied):
 def test_attention_bias_and_rope_theta_match_transformers(prompt):
     rope = {"rope_type": "default", "rope_theta": 500.0}
     _check_against_hf(_tiny(attention_bias=True, rope_parameters=rope), prompt)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen2_matches_transformers(prompt, tied):
+    """Qwen2: biases on q, k and v (drawn non-zero: transformers initialises them to zero) and none on o; the
+    sliding window it records beside use_sliding_window=False is not applied; per-layer windows are refused."""
+    model = _tiny(Qwen2ForCausalLM, Qwen2Config, tie_word_embeddings=tied)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+    _check_against_hf(model, prompt)
+    _check_against_hf(_tiny(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=False, sliding_window=3), prompt)
+    mixed = _tiny(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    with pytest.raises(NotImplementedError, match="layer_types"):
+        Engine.from_transformers(mixed)
 
 
 def test_mistral_sliding_window_matches_transformers(prompt):
@@ -257,7 +274,7 @@ def test_unsupported_models_raise_clear_errors():
         Engine.from_transformers(_tiny(rope_parameters=scaled))
     with pytest.raises(NotImplementedError, match="gelu_pytorch_tanh"):  # erf GELU: no variant computes it
         Engine.from_transformers(_tiny(hidden_act="gelu"))
-    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+    with pytest.raises(TypeError, match="Llama, Mistral and Qwen2"):
         Engine.from_transformers(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_kv_heads"):
         EngineConfig(64, 128, 1, num_heads=4, num_kv_heads=3, head_dim=16, vocab_size=10)

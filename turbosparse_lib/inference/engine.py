@@ -1,4 +1,4 @@
-"""A CPU decode engine for Llama/Mistral-shaped weights: dense or activation-sparse FFN, f32, Q8_0 or Q4_0.
+"""A CPU decode engine for Llama/Mistral/Qwen2-shaped weights: dense or activation-sparse FFN, f32, Q8_0 or Q4_0.
 
 This is the laptop-scale stand-in for PowerInfer in the paper's section 7: the same weights
 decoded once with dense FFNs (the llama.cpp baseline) and once with FFNs that read only the
@@ -51,7 +51,7 @@ from .hf_config import rope_theta
 from .masks import ExactZeroOracle, MaskProvider
 from .reference import forward_numpy
 
-_SUPPORTED_ARCHITECTURES = ("llama", "mistral")
+_SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -79,10 +79,19 @@ class EngineConfig:
 
     @classmethod
     def from_hf_config(cls, config) -> EngineConfig:
-        """Read a transformers Llama/Mistral config, refusing what the engine would get wrong."""
+        """Read a transformers Llama/Mistral/Qwen2 config, refusing what the engine would get wrong."""
         if getattr(config, "mlp_bias", False):
             raise NotImplementedError("mlp_bias=True is not supported by the engine")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        window = getattr(config, "sliding_window", None)
+        kinds = set(getattr(config, "layer_types", None) or ())
+        if kinds == {"full_attention"}:  # Qwen2 keeps a sliding_window beside use_sliding_window=False
+            window = None
+        elif len(kinds) > 1:
+            raise NotImplementedError(
+                f"layer_types mixes {sorted(kinds)}: layers with different attention windows (Qwen2's "
+                "max_window_layers) are not supported by the engine"
+            )
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -95,7 +104,7 @@ class EngineConfig:
             rope_theta=rope_theta(config),
             mlp_variant=mlp_variant_of(config),
             mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
-            sliding_window=getattr(config, "sliding_window", None),
+            sliding_window=window,
             max_positions=getattr(config, "max_position_embeddings", None),
         )
 
@@ -114,7 +123,7 @@ def _reads_residual(provider) -> bool:
 
 
 class Engine:
-    """Greedy decoding of a Llama/Mistral model with Numba kernels, dense or sparse FFN, f32 or quantised."""
+    """Greedy decoding of a Llama/Mistral/Qwen2 model with Numba kernels, dense or sparse FFN, f32 or quantised."""
 
     def __init__(self, config: EngineConfig, weights: step_kernels.ModelWeights):
         c, w = config, weights
@@ -147,14 +156,14 @@ class Engine:
 
     @classmethod
     def from_transformers(cls, model, fmt: str = "f32") -> Engine:
-        """Copy the weights of a transformers LlamaForCausalLM / MistralForCausalLM, in format ``fmt``."""
+        """Copy the weights of a transformers Llama / Mistral / Qwen2 causal LM, in format ``fmt``."""
         import torch
 
         config = getattr(model, "config", None)
         model_type = family(getattr(config, "model_type", None))
         if model_type not in _SUPPORTED_ARCHITECTURES or not hasattr(model, "lm_head"):
             raise TypeError(
-                f"Engine.from_transformers supports LlamaForCausalLM and MistralForCausalLM "
+                f"Engine.from_transformers supports Llama, Mistral and Qwen2 causal LMs "
                 f"(model_type in {_SUPPORTED_ARCHITECTURES}); got {type(model).__name__} "
                 f"with model_type {model_type!r}"
             )
