@@ -126,6 +126,25 @@ def test_a_notebook_run_commits_its_results_at_once(tmp_path, monkeypatch):
     assert not any(p.name.startswith(".staging") for p in paths.results_dir("smoke").iterdir())
 
 
+def test_an_unchanged_notebook_is_not_rerun(tmp_path, monkeypatch):
+    """A second run with the same code, library and parameters skips the notebook; a changed cell, another
+    parameter or --force runs it again."""
+    monkeypatch.setenv("TURBOSPARSE_ROOT", str(tmp_path))
+    runs = tmp_path / "runs.txt"
+    cells = (f"open({str(runs)!r}, 'a').write('ran\\n')",)
+    _notebook(tmp_path, "96_once.ipynb", *cells)
+    for _ in range(2):
+        notebooks.run_notebooks("smoke", build_data=False)
+    assert runs.read_text().count("ran") == 1
+    notebooks.run_notebooks("smoke", build_data=False, force=True)
+    assert runs.read_text().count("ran") == 2
+    notebooks.run_notebooks("smoke", parameters={"extra": 1}, build_data=False)
+    assert runs.read_text().count("ran") == 3
+    _notebook(tmp_path, "96_once.ipynb", *cells, "x = 1")
+    notebooks.run_notebooks("smoke", build_data=False)
+    assert runs.read_text().count("ran") == 4
+
+
 def test_require_names_the_command(tmp_path):
     with pytest.raises(outputs.MissingPrerequisite, match=r"turbosparse-notebooks --preset cpu --only 02"):
         outputs.require("cpu", "02", "the from-scratch models", tmp_path / "nope")

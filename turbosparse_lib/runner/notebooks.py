@@ -11,18 +11,24 @@
   re-executes and compares). Each is written under a temporary name and renamed when the
   notebook finished; a cell error stops the run with the notebook and cell named, and the partial
   notebook is kept as ``<name>.failed.ipynb`` in ``notebooks/executed/<preset>/``.
+- A notebook whose code, library, parameters and inputs (the stamps of the notebooks it reads) are unchanged since
+  its last finished run at this preset on this machine is not rerun (``stamp``; ``--force`` reruns it). The
+  stamps live in ``data/cache/notebook-stamps/<preset>/`` (git-ignored): a fresh clone runs everything.
 - The kernel is the one the notebooks name (``turbosparse``, bound to the project's ``.venv``);
   the runner installs its spec into the running environment when it is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from .. import cli, paths
+from ..atomic import write_json
 from ..presets import get_preset
 from .outputs import NEEDS
 
@@ -71,6 +77,52 @@ def executed_path(preset: str, notebook: Path) -> Path:
     return notebook if preset == "cpu" else paths.executed_dir(preset) / notebook.name
 
 
+def stamp_path(preset: str, notebook: Path) -> Path:
+    return paths.cache_dir() / "notebook-stamps" / preset / f"{notebook.name[:2]}.json"
+
+
+def stamp(preset: str, notebook: Path, parameters: dict | None = None) -> str:
+    """What a finished run of ``notebook`` at ``preset`` depended on, as one digest: its code cells (not the
+    parameters cell papermill injects), every source file of the library, the parameters, and the stamps of the
+    notebooks it reads (``NEEDS``; a missing one makes the digest new, so the notebook reruns)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    code = [
+        "".join(c["source"])
+        for c in cells
+        if c["cell_type"] == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])
+    ]
+    package = Path(__file__).resolve().parents[1]
+    library = sorted((p.relative_to(package).as_posix(), p.read_bytes()) for p in _library_files(package))
+    needs = {}
+    for dep in NEEDS.get(notebook.name[:2], ()):
+        dep_stamp = paths.cache_dir() / "notebook-stamps" / preset / f"{dep}.json"
+        needs[dep] = json.loads(dep_stamp.read_text())["digest"] if dep_stamp.exists() else None
+    h = hashlib.sha256()
+    for part in (
+        preset,
+        json.dumps(code),
+        json.dumps(parameters or {}, sort_keys=True, default=str),
+        json.dumps(needs),
+    ):
+        h.update(part.encode())
+    for name, data in library:
+        h.update(name.encode())
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def _library_files(package: Path) -> list[Path]:
+    return [p for p in package.rglob("*.py") if "__pycache__" not in p.parts]
+
+
+def is_current(preset: str, notebook: Path, parameters: dict | None = None) -> bool:
+    """Whether ``notebook``'s executed copy at ``preset`` is still what a rerun would give (``stamp``)."""
+    path = stamp_path(preset, notebook)
+    if not (path.exists() and executed_path(preset, notebook).exists()):
+        return False
+    return json.loads(path.read_text()).get("digest") == stamp(preset, notebook, parameters)
+
+
 def ensure_kernel() -> str:
     """Install the ``turbosparse`` kernel spec into this environment (``--sys-prefix``) if it is missing."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -90,8 +142,10 @@ def run_notebooks(
     parameters: dict | None = None,
     timeout_s: int | None = None,
     build_data: bool = True,
+    force: bool = False,
 ) -> list[Path]:
-    """Execute the notebooks at ``preset``; returns the executed copies. Raises on the first cell error."""
+    """Execute the notebooks at ``preset``; returns the executed copies. Raises on the first cell error. A notebook
+    whose stamp is current is skipped (``force``: run it anyway)."""
     import papermill as pm
 
     p = get_preset(preset)  # fails early, with the valid names, on an unknown preset
@@ -108,6 +162,12 @@ def run_notebooks(
     done = []
     for nb in notebooks:
         final = executed_path(p.name, nb)
+        if not force and is_current(p.name, nb, parameters):
+            print(
+                f"[turbosparse-notebooks] {nb.name}: unchanged since its last run (--force reruns it)", file=sys.stderr
+            )
+            done.append(final)
+            continue
         tmp = work_dir / f".{nb.stem}.running.ipynb"
         failed = work_dir / f"{nb.stem}.failed.ipynb"
         t0 = time.perf_counter()
@@ -133,6 +193,7 @@ def run_notebooks(
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         failed.unlink(missing_ok=True)
+        write_json(stamp_path(p.name, nb), {"digest": stamp(p.name, nb, parameters), "notebook": nb.name})
         print(
             f"[turbosparse-notebooks] {nb.name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
         )
@@ -195,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         help="an extra papermill parameter",
     )
     ap.add_argument("--timeout", type=int, help="per-cell timeout in seconds (default: the preset's)")
+    ap.add_argument("--force", action="store_true", help="rerun notebooks whose code, library and inputs are unchanged")
     args = ap.parse_args(argv)
     try:  # every argument is checked before anything runs
         if any(name == "preset" for name, _ in args.parameter):  # the copy is saved under --preset's name
@@ -205,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return cli.refuse("turbosparse-notebooks", e)
     try:
-        out = run_notebooks(args.preset, args.only, {k: _parse_value(v) for k, v in args.parameter}, args.timeout)
+        params = {k: _parse_value(v) for k, v in args.parameter}
+        out = run_notebooks(args.preset, args.only, params, args.timeout, force=args.force)
     except (ValueError, RuntimeError) as e:
         print(f"turbosparse-notebooks: {e}", file=sys.stderr)
         return cli.RUN_FAILED
