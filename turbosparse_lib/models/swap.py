@@ -239,4 +239,7 @@ def count_parameters(model, exclude_embeddings: bool = False) -> int:
     return sum(p.numel() for p in params.values())
 
 
-register_families(SUPPORTED_MODEL_TYPES, apply_variant)  # AutoModelForCausalLM builds saved variants (registration)
+# AutoModelForCausalLM builds saved variants (registration). Dense families only: transformers converts Mixtral's
+# fused experts to its per-expert checkpoint layout by model_type, which a renamed MoE type would lose; an MoE keeps
+# its family's type and loads with load_model.
+register_families([t for t in SUPPORTED_MODEL_TYPES if t not in MOE_MODEL_TYPES], apply_variant)
