@@ -280,3 +280,44 @@ def test_annealed_recipe_ends_as_a_plain_drelu_model(tiny_base, tmp_path):
     ids = heldout_ids(load_tokenizer(), max_tokens=256)
     stats = activation_stats(model, ids, context_length=64).to_frame()
     assert stats[stats.kind == "up_act"].zero_frac.min() > 0.2  # the up ReLU gives exact zeros again
+
+
+def test_split_warm_start_keeps_the_best_halves_of_neurons_at_the_same_width():
+    """``WarmStart(split=True)``: every slot is one rectified half of an original neuron (its gate row, its up row
+    or the negated one), no half twice, and the kept halves are the F largest of all 2F by the energy they put into
+    the residual stream, recomputed here with NumPy; at least one neuron keeps both halves on random weights."""
+    from turbosparse_lib.train.warm_start import _split_halves
+
+    teacher = _tiny(2, vocab=64)
+    student = apply_variant(copy.deepcopy(teacher), "drelu")
+    mlp = mlp_modules(student)[0]
+    x = torch.randn(256, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        neuron, sign = _split_halves(mlp, x)
+    G, U, D = (getattr(mlp, n).weight.detach().numpy() for n in ("gate_proj", "up_proj", "down_proj"))
+    g, u = np.maximum(x.numpy() @ G.T, 0), x.numpy() @ U.T
+    d2 = (D**2).sum(0)
+    energy = np.concatenate([((g * np.maximum(u, 0)) ** 2).sum(0) * d2, ((g * np.maximum(-u, 0)) ** 2).sum(0) * d2])
+    F_ = U.shape[0]
+    want = set(np.argsort(-energy)[:F_].tolist())
+    got = {int(n) + (F_ if s < 0 else 0) for n, s in zip(neuron, sign)}
+    assert len(neuron) == F_ and got == want
+    assert len(set(neuron.tolist())) < F_  # some neuron keeps both halves, so some other keeps none
+
+    before = copy.deepcopy(mlp)
+    rep = R.warm_start(student, teacher, torch.randint(0, 64, (8, 32)), R.WarmStart(split=True))
+    assert rep["split"] is True
+    for t, s in zip(mlp_modules(teacher), mlp_modules(student)):
+        assert s.gate_proj.weight.shape == t.gate_proj.weight.shape
+        for row_g, row_u in zip(s.gate_proj.weight, s.up_proj.weight):  # each slot: an original neuron's rows
+            i = int(torch.nonzero((t.gate_proj.weight == row_g).all(1))[0])
+            assert torch.equal(row_u.abs(), t.up_proj.weight[i].abs())
+    assert not torch.equal(before.gate_proj.weight, mlp.gate_proj.weight)
+
+
+def test_split_recipe_records_its_warm_start(tiny_base, tmp_path):
+    run_dir, summary = R.relufy(
+        "smoke", "drelu", "lstsq-split+hidden", base=str(tiny_base), run_dir=tmp_path / "split", progress=False
+    )
+    assert summary["warm_start"]["split"] is True
+    assert json.loads((run_dir / R.RECORD_FILE).read_text())["recipe_terms"]["split_halves"] is True

@@ -137,6 +137,7 @@ def sparsity_table(
     samples: int = 1000,
     tol: float = 0.01,
     matched_to: str | None = None,
+    cache: bool = False,
 ) -> tuple[pd.DataFrame, dict]:
     """The table 1 analogue: per model, held-out perplexity with its interval, the ratio to ``base`` on the same
     windows (paired interval), the exact-zero fraction of combined, and one sparsity for every variant: the
@@ -144,24 +145,39 @@ def sparsity_table(
     on ``tol_ids``). With ``matched_to`` (a model's name), also ``topk_at_matched``: the largest top-k level at
     which each model is still as good as that model unmasked (perplexity on ``tol_ids`` within ``tol`` of its), NaN
     for a model that is worse even unmasked: sparsity at equal quality, so that a broken model cannot win by being
-    broken. Returns the table and the ``PerplexityResult`` of each model."""
+    broken. Returns the table and the ``PerplexityResult`` of each model. With ``cache``, each model's numbers are
+    remembered (``eval.cache``): a rerun evaluates only the models it has not seen."""
     from ..sparsity.instruments import record_activations
+    from . import cache as eval_cache
     from .perplexity import perplexity
     from .sweeps import topk_tolerance
 
+    def measure(m) -> dict:
+        with record_activations(m, kinds=("combined",)) as rec:
+            r = perplexity(m, ids, context_length=context_length)
+        tolerance = topk_tolerance(m, tol_ids, tol=tol, context_length=context_length)
+        return {
+            "result": eval_cache.result_to_json(r),
+            "zero_frac": float(rec.overall().zero_frac.iloc[0]),
+            "tolerance": {k: tolerance[k] for k in ("sparsity", "resolution", "unmasked_ppl")},
+        }
+
+    settings = {"ids": ids, "context_length": context_length, "tol_ids": tol_ids, "tol": tol}
+    prints = {name: eval_cache.model_fingerprint(m) if cache else None for name, m in models.items()}
     results, rows = {}, []
     for name, m in models.items():
-        with record_activations(m, kinds=("combined",)) as rec:
-            results[name] = perplexity(m, ids, context_length=context_length)
+        got = eval_cache.remember("sparsity_row", prints[name], settings, lambda m=m: measure(m)) if cache else None
+        got = got or measure(m)
+        results[name] = eval_cache.result_from_json(got["result"])
         lo, hi = results[name].interval(samples)
-        tolerance = topk_tolerance(m, tol_ids, tol=tol, context_length=context_length)
+        tolerance = got["tolerance"]
         rows.append(
             {
                 "model": name,
                 "ppl": results[name].ppl,
                 "ppl_lo": lo,
                 "ppl_hi": hi,
-                "zero_frac": float(rec.overall().zero_frac.iloc[0]),
+                "zero_frac": got["zero_frac"],
                 f"topk_within_{tol:.0%}": tolerance["sparsity"],
                 "tolerance_resolution": tolerance["resolution"],
                 "tol_ppl": tolerance["unmasked_ppl"],
@@ -173,9 +189,15 @@ def sparsity_table(
             raise ValueError(f"matched_to={matched_to!r} is not one of the models: {', '.join(models)}")
         limit = float(df.loc[matched_to, "tol_ppl"]) * (1 + tol)  # as good as that model, within the same tolerance
         df["matched_ppl"] = limit
+
+        def at_matched(m) -> float:
+            return topk_tolerance(m, tol_ids, context_length=context_length, limit_ppl=limit)["sparsity"]
+
         df["topk_at_matched"] = [
-            topk_tolerance(m, tol_ids, context_length=context_length, limit_ppl=limit)["sparsity"]
-            for m in models.values()
+            eval_cache.remember("topk_at_matched", prints[n], {**settings, "limit": limit}, lambda m=m: at_matched(m))
+            if cache
+            else at_matched(m)
+            for n, m in models.items()
         ]
     for name in models:
         c = paired_interval(results[base], results[name], samples)

@@ -17,6 +17,7 @@ def topk_sweep(
     batch_size: int = 4,
     bootstrap_samples: int = 1000,
     return_results: bool = False,
+    cache: bool = False,
 ):
     """Perplexity under top-k masking (paper table 3) at each target sparsity.
 
@@ -24,18 +25,32 @@ def topk_sweep(
     included), ppl with its bootstrap interval (ppl_lo, ppl_hi), nll, n_tokens, and against the
     first level (normally 0, the unmasked model) on the same windows: ``ratio`` with its paired
     interval (ratio_lo, ratio_hi) and ``distinguishable`` (the interval excludes 1).
-    With ``return_results`` also the ``PerplexityResult`` of each level.
+    With ``return_results`` also the ``PerplexityResult`` of each level. With ``cache`` each level's perplexity is
+    remembered for this model (``eval.cache``).
     """
+    from . import cache as eval_cache
+
+    def level(s: float) -> dict:
+        with topk_mask(model, sparsity=s) as m:
+            r = perplexity(model, token_ids, context_length=context_length, batch_size=batch_size)
+        return {"result": eval_cache.result_to_json(r), "realized": m.realized_sparsity}
+
+    fingerprint = eval_cache.model_fingerprint(model) if cache else None
+    settings = {"ids": token_ids, "context_length": context_length, "batch_size": batch_size}
     rows, results = [], {}
     for s in sparsities:
-        with topk_mask(model, sparsity=float(s)) as m:
-            r = perplexity(model, token_ids, context_length=context_length, batch_size=batch_size)
-        results[float(s)] = r
+        s = float(s)
+        got = (
+            eval_cache.remember("topk_level", fingerprint, {**settings, "sparsity": s}, lambda s=s: level(s))
+            if cache
+            else level(s)
+        )
+        r = results[s] = eval_cache.result_from_json(got["result"])
         lo, hi = r.interval(bootstrap_samples)
         rows.append(
             dict(
                 sparsity=float(s),
-                realized_sparsity=m.realized_sparsity,
+                realized_sparsity=got["realized"],
                 ppl=r.ppl,
                 ppl_lo=lo,
                 ppl_hi=hi,

@@ -57,6 +57,7 @@ Design:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import re
@@ -484,6 +485,25 @@ def evaluate(
     batch_size: int = 16,
     max_length: int | None = None,
     progress: bool | None = None,
+    cache: bool = False,
 ):
-    """Accuracy with its standard error per task and metric (a pandas DataFrame, see ``summarise``)."""
-    return summarise(predict(model, tokenizer, tasks, batch_size, max_length, progress))
+    """Accuracy with its standard error per task and metric (a pandas DataFrame, see ``summarise``). With ``cache``
+    the per-example predictions are remembered for this model, tokenizer and tasks (``eval.cache``)."""
+    import pandas as pd
+
+    if not cache:
+        return summarise(predict(model, tokenizer, tasks, batch_size, max_length, progress))
+    from . import cache as eval_cache
+
+    settings = {
+        "tokenizer": [str(getattr(tokenizer, "name_or_path", "")), len(tokenizer)],
+        "tasks": hashlib.blake2b(repr(sorted(tasks.items())).encode(), digest_size=20).hexdigest(),
+        "max_length": max_length,
+    }
+    records = eval_cache.remember(
+        "zeroshot",
+        model,
+        settings,
+        lambda: predict(model, tokenizer, tasks, batch_size, max_length, progress).to_dict("records"),
+    )
+    return summarise(pd.DataFrame(records))

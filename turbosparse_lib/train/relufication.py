@@ -26,6 +26,8 @@ this module offers the paper's recipe and two cheaper ways to spend the same CPU
   optimiser steps: a dense signal at every depth where the swap changed something, and a step about 20%
   cheaper than training every weight. ``lstsq+hidden+l1`` adds the L1 penalty raised progressively over
   the first half of the run (ProSparse's schedule), the preset's recipe for more exact zeros.
+- ``lstsq-split+hidden``: the default with a warm start that keeps the layer's best halves of neurons (both halves
+  of the strongest, none of the weakest; ``warm_start._split_halves``) instead of each neuron's better half.
 
 ``relufy`` runs one (variant, recipe) into ``data/models/<preset>/relufied-<base>-<variant>-<recipe>/``
 with the trainer of ``train.loop`` (checkpoints, resume after a kill, progress bars, metrics), and records a
@@ -65,6 +67,7 @@ class Recipe:
     hidden_coef: float = 0.0  # weight of the teacher's hidden states after every layer (normalised MSE)
     trainable: str = "all"  # all, no-embeddings or mlp (train.config.TRAINABLE)
     up_anneal_fraction: float = 0.0  # dReLU only: its up ReLU comes in gradually over this share of the steps
+    split_halves: bool = False  # the warm start keeps the layer's best halves of neurons (``WarmStart.split``)
     about: str = ""
 
 
@@ -105,6 +108,17 @@ RECIPES: dict[str, Recipe] = {
         trainable="mlp",
         up_anneal_fraction=0.5,
         about="... with dReLU's up ReLU brought in gradually over the first half of the run",
+    ),
+    # the up ReLU drops half of every neuron (u < 0); the sign flip keeps each neuron's better half. Splitting
+    # instead keeps the best F of all 2F halves at the same width: both halves of the strongest neurons, none of the
+    # weakest (``warm_start._split_halves``), so the warm start loses less of the original before any step
+    "lstsq-split+hidden": Recipe(
+        "lstsq",
+        "kd",
+        hidden_coef=1.0,
+        trainable="mlp",
+        split_halves=True,
+        about="warm start that keeps the best halves of neurons (both halves of the strongest), then as lstsq+hidden",
     ),
 }
 DEFAULT_RECIPE = "lstsq+hidden"
@@ -316,7 +330,7 @@ def relufy(
     from .data import training_sequences
     from .loop import train
 
-    warm = warm or WarmStart()
+    warm = warm or WarmStart(split=RECIPES[recipe].split_halves)
     cfg = relufy_config(preset, variant, recipe, base, **overrides)  # every argument checked before anything is made
     P = get_preset(preset)  # resolved once for the whole run
     run_dir = Path(run_dir) if run_dir is not None else relufied_dir(preset, variant, recipe, base)

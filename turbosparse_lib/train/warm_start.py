@@ -1,8 +1,8 @@
 """The layer-wise least-squares warm start of a ReLUfication (``relufication.relufy`` calls it before training).
 
 Every swapped MLP is fitted in closed form to the original's, layer by layer in one forward pass: the sign of each
-up row whose rectified half keeps more of the original signal, then ``down_proj`` by least squares on the new
-combined activations. ``warm_start(fit=False)`` measures the same error on tokens the fit did not see.
+up row whose rectified half keeps more of the original signal (or, with ``split``, the layer's best halves of
+neurons, both halves of the strongest), then ``down_proj`` by least squares on the new combined activations. ``warm_start(fit=False)`` measures the same error on tokens the fit did not see.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class WarmStart:
     target: str = "function"  # "function": match the original MLP on the student's inputs; "residual": restore
     ridge: float = 1e-3  # ridge term, relative to the mean diagonal of the Gram matrix
     sign_flip: bool = True  # pick each neuron's up sign (variants with a ReLU on up only)
+    split: bool = False  # pick the layer's best halves of neurons instead, both halves of some (see ``_split_halves``)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +51,27 @@ def _choose_up_signs(mlp, x: torch.Tensor) -> torch.Tensor:
     return torch.where(keep_neg > keep_pos, -1.0, 1.0).to(x.dtype)
 
 
+def _split_halves(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rectified halves of the layer's neurons to keep, at the same width: (neuron index, up sign) per slot.
+
+    Under a linear up, a neuron's output splits exactly into two halves, ``act(g) relu(u) d - act(g) relu(-u) d``.
+    A ReLU on up keeps one. ``_choose_up_signs`` keeps the better half of every neuron; this keeps the ``F`` best of
+    all ``2F`` halves, ranked by the energy each puts into the residual stream (``|act(g) relu(+-u)|^2 |d|^2`` over
+    the tokens, ``d`` the original down column). A neuron whose halves are both large keeps both, in two slots (its
+    gate row copied, its up row once negated); the weakest neurons give up their slots. The down projection is
+    refitted afterwards, so the halves need not be exact; the slots are sorted by neuron for a stable layout."""
+    g = mlp.act_fn(mlp.gate_proj(x))  # (N, F)
+    u = mlp.up_proj(x)
+    d2 = (mlp.down_proj.weight.float() ** 2).sum(0)  # (F,) squared norm of each down column
+    energy = torch.cat([((g * torch.relu(u)) ** 2).sum(0) * d2, ((g * torch.relu(-u)) ** 2).sum(0) * d2])
+    F_ = u.shape[1]
+    best = torch.topk(energy, F_).indices.sort().values  # halves 0..F-1 are positive, F..2F-1 negative
+    neuron = best % F_
+    sign = torch.where(best >= F_, -1.0, 1.0).to(x.dtype)
+    order = torch.argsort(neuron * 2 + (best >= F_).long())  # each neuron's halves side by side
+    return neuron[order], sign[order]
+
+
 def _layer_outputs(model: nn.Module, layers, sequences: torch.Tensor) -> list[torch.Tensor]:
     """The residual stream after every layer of ``model`` on ``sequences``, in layer order."""
     outs: list[torch.Tensor] = []
@@ -69,7 +91,17 @@ def _fit_mlp(mod: nn.Module, xf: torch.Tensor, y: torch.Tensor, out: torch.Tenso
     """Fit one swapped MLP in place: the up rows' signs (``cfg.sign_flip``), then ``down_proj`` by least squares so
     that it maps the new combined activations of inputs ``xf`` (N, H) to the targets ``y`` (N, H). Returns its new
     output and its relative errors before (``out``) and after the fit."""
-    if cfg.sign_flip and getattr(mod, "up_act_fn", None) is not None and not isinstance(mod.up_act_fn, nn.Identity):
+    relu_up = getattr(mod, "up_act_fn", None) is not None and not isinstance(mod.up_act_fn, nn.Identity)
+    if cfg.split and relu_up:
+        neuron, s = _split_halves(mod, xf)
+        for lin in (mod.gate_proj, mod.up_proj):
+            lin.weight.copy_(lin.weight[neuron])
+            if lin.bias is not None:
+                lin.bias.copy_(lin.bias[neuron])
+        mod.up_proj.weight.mul_(s[:, None])
+        if mod.up_proj.bias is not None:
+            mod.up_proj.bias.mul_(s)
+    elif cfg.sign_flip and relu_up:
         s = _choose_up_signs(mod, xf)
         mod.up_proj.weight.mul_(s[:, None])
         if mod.up_proj.bias is not None:
@@ -152,4 +184,5 @@ def warm_start(
         "target": cfg.target,
         "ridge": cfg.ridge,
         "sign_flip": cfg.sign_flip,
+        "split": cfg.split,
     }
