@@ -2,7 +2,8 @@
 
 Every swapped MLP is fitted in closed form to the original's, layer by layer in one forward pass: the sign of each
 up row whose rectified half keeps more of the original signal (or, with ``split``, the layer's best halves of
-neurons, both halves of the strongest), then ``down_proj`` by least squares on the new combined activations. ``warm_start(fit=False)`` measures the same error on tokens the fit did not see.
+neurons, both halves of the strongest), then ``down_proj`` by least squares on the new combined activations.
+``warm_start(fit=False)`` measures the same error on tokens the fit did not see.
 """
 
 from __future__ import annotations
