@@ -5,7 +5,16 @@ import pytest
 import tiny_models
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from turbosparse_lib.inference import step as step_kernels
 from turbosparse_lib.inference.engine import Engine, EngineConfig
@@ -109,6 +118,29 @@ def test_qwen2_matches_transformers(prompt, tied):
     mixed = _tiny(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, sliding_window=3, max_window_layers=1)
     with pytest.raises(NotImplementedError, match="layer_types"):
         Engine.from_transformers(mixed)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen3_matches_transformers(prompt, tied):
+    """Qwen3: an RMSNorm on every q head and every k head before RoPE (weights drawn away from their initial 1), a
+    head_dim that is not hidden / heads, and its dReLU swap decoded dense and sparse, in every format: the fused
+    step equals the unfused engine bit for bit, and a quantised engine matches its NumPy reference."""
+    from turbosparse_lib.models.swap import apply_variant
+
+    model = _trained_like_norms(_tiny(Qwen3ForCausalLM, Qwen3Config, tie_word_embeddings=tied, head_dim=16))
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (16,)
+    _check_against_hf(model, prompt)
+    drelu = apply_variant(model, "drelu")
+    _check_against_hf(drelu, prompt)
+    base, ids = Engine.from_transformers(drelu), prompt[0].numpy()
+    for fmt in ("f32", "q8_0"):
+        engine = base.quantized(fmt)
+        dense_tokens, dense_logits = engine.generate(ids, NEW_TOKENS, return_logits=True, fused=False)
+        for kw in (dict(), dict(sparse=True), dict(sparse=True, mask_provider=_PythonPredictor(engine))):
+            tokens, logits = engine.generate(ids, NEW_TOKENS, return_logits=True, **kw)
+            np.testing.assert_array_equal(logits, dense_logits, err_msg=f"{fmt} {kw}")
+        ref = engine.reference_logits(np.concatenate([ids, dense_tokens[:-1]]))[PROMPT_LEN - 1 :]
+        np.testing.assert_allclose(dense_logits, ref, rtol=0, atol=1e-3 * np.abs(ref).max())
 
 
 def test_mistral_sliding_window_matches_transformers(prompt):
@@ -274,7 +306,7 @@ def test_unsupported_models_raise_clear_errors():
         Engine.from_transformers(_tiny(rope_parameters=scaled))
     with pytest.raises(NotImplementedError, match="gelu_pytorch_tanh"):  # erf GELU: no variant computes it
         Engine.from_transformers(_tiny(hidden_act="gelu"))
-    with pytest.raises(TypeError, match="Llama, Mistral and Qwen2"):
+    with pytest.raises(TypeError, match="Llama, Mistral, Qwen2 and Qwen3"):
         Engine.from_transformers(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_kv_heads"):
         EngineConfig(64, 128, 1, num_heads=4, num_kv_heads=3, head_dim=16, vocab_size=10)

@@ -1,4 +1,4 @@
-"""A CPU decode engine for Llama/Mistral/Qwen2-shaped weights: dense or activation-sparse FFN, f32, Q8_0 or Q4_0.
+"""A CPU decode engine for Llama/Mistral/Qwen2/Qwen3-shaped weights: dense or activation-sparse FFN, f32, Q8_0 or Q4_0.
 
 This is the laptop-scale stand-in for PowerInfer in the paper's section 7: the same weights
 decoded once with dense FFNs (the llama.cpp baseline) and once with FFNs that read only the
@@ -20,6 +20,7 @@ Design:
 - The KV cache is two preallocated float32 arrays, ``(layers, kv_heads, capacity, head_dim)``.
 - RoPE matches ``LlamaRotaryEmbedding`` for the default rope type (float32 ``inv_freq`` and
   angles, rotate-half layout); other rope types raise instead of silently decoding wrongly.
+- Qwen2's q/k/v biases and Qwen3's per-head q and k RMSNorms (before RoPE) are applied where the model has them.
 - Grouped-query attention: query head ``h`` reads kv head ``h // (heads / kv_heads)``, as
   ``repeat_kv`` does. Mistral's sliding window is honoured.
 - Prefill: float32 engines run all prompt tokens at once with NumPy matmuls (``reference``, also
@@ -51,7 +52,7 @@ from .hf_config import rope_theta
 from .masks import ExactZeroOracle, MaskProvider
 from .reference import forward_numpy
 
-_SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class EngineConfig:
 
     @classmethod
     def from_hf_config(cls, config) -> EngineConfig:
-        """Read a transformers Llama/Mistral/Qwen2 config, refusing what the engine would get wrong."""
+        """Read a transformers Llama/Mistral/Qwen2/Qwen3 config, refusing what the engine would get wrong."""
         if getattr(config, "mlp_bias", False):
             raise NotImplementedError("mlp_bias=True is not supported by the engine")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -123,7 +124,8 @@ def _reads_residual(provider) -> bool:
 
 
 class Engine:
-    """Greedy decoding of a Llama/Mistral/Qwen2 model with Numba kernels, dense or sparse FFN, f32 or quantised."""
+    """Greedy decoding of a Llama/Mistral/Qwen2/Qwen3 model with Numba kernels, dense or sparse FFN, f32 or
+    quantised."""
 
     def __init__(self, config: EngineConfig, weights: step_kernels.ModelWeights):
         c, w = config, weights
@@ -156,14 +158,14 @@ class Engine:
 
     @classmethod
     def from_transformers(cls, model, fmt: str = "f32") -> Engine:
-        """Copy the weights of a transformers Llama / Mistral / Qwen2 causal LM, in format ``fmt``."""
+        """Copy the weights of a transformers Llama / Mistral / Qwen2 / Qwen3 causal LM, in format ``fmt``."""
         import torch
 
         config = getattr(model, "config", None)
         model_type = family(getattr(config, "model_type", None))
         if model_type not in _SUPPORTED_ARCHITECTURES or not hasattr(model, "lm_head"):
             raise TypeError(
-                f"Engine.from_transformers supports Llama, Mistral and Qwen2 causal LMs "
+                f"Engine.from_transformers supports Llama, Mistral, Qwen2 and Qwen3 causal LMs "
                 f"(model_type in {_SUPPORTED_ARCHITECTURES}); got {type(model).__name__} "
                 f"with model_type {model_type!r}"
             )
@@ -199,6 +201,9 @@ class Engine:
             b_o_LH=stack(lambda b: f32(att(b).o_proj.bias))
             if att(model.model.layers[0]).o_proj.bias is not None
             else None,
+            qk_norm_L2E=stack(lambda b: np.stack([f32(att(b).q_norm.weight), f32(att(b).k_norm.weight)]))
+            if hasattr(att(model.model.layers[0]), "q_norm")
+            else None,
         )
         return cls(cfg, weights)
 
@@ -226,6 +231,7 @@ class Engine:
                 None if w.tied else deq(w.embed),
                 w.b_qkv_LQ,
                 w.b_o_LH,
+                w.qk_norm_L2E,
             )
             self._quantized[fmt] = Engine(self.config, weights)
         return self._quantized[fmt]
@@ -388,7 +394,7 @@ class Engine:
         return (
             li,
             x_H,
-            *self._args[:8],
+            *self._args[:10],
             self.weights.qkv.code,
             cfg.num_heads,
             cfg.head_dim,
@@ -464,6 +470,9 @@ class Engine:
             qkv_Q = quant.gemv(w.qkv[li], h_H)
             if w.b_qkv_LQ is not None:
                 qkv_Q += w.b_qkv_LQ[li]
+            if w.qk_norm_L2E is not None:
+                qk_norm = w.qk_norm_L2E[li]
+                step_kernels.head_norms_into(qkv_Q, qk_norm, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, eps)
             out_D = decode_attention(
                 qkv_Q,
                 self.k_cache[li],

@@ -42,8 +42,11 @@ def _attention(engine: Engine, li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, act)
         qkv_TQ = qkv_TQ + w.b_qkv_LQ[li]
     q_end, k_end = cfg.num_heads * E, (cfg.num_heads + G) * E
     positions_T = np.arange(engine.pos, engine.pos + T)
-    q_TnE = _rope(engine, qkv_TQ[:, :q_end].reshape(T, cfg.num_heads, E), positions_T)
-    k_TgE = _rope(engine, qkv_TQ[:, q_end:k_end].reshape(T, G, E), positions_T)
+    q_TnE, k_TgE = qkv_TQ[:, :q_end].reshape(T, cfg.num_heads, E), qkv_TQ[:, q_end:k_end].reshape(T, G, E)
+    if w.qk_norm_L2E is not None:  # Qwen3: each head normalised before RoPE
+        q_TnE = rms_norm(q_TnE, w.qk_norm_L2E[li, 0], cfg.rms_norm_eps)
+        k_TgE = rms_norm(k_TgE, w.qk_norm_L2E[li, 1], cfg.rms_norm_eps)
+    q_TnE, k_TgE = _rope(engine, q_TnE, positions_T), _rope(engine, k_TgE, positions_T)
     engine.k_cache[li, :, engine.pos : engine.pos + T] = k_TgE.transpose(1, 0, 2)
     engine.v_cache[li, :, engine.pos : engine.pos + T] = qkv_TQ[:, k_end:].reshape(T, G, E).transpose(1, 0, 2)
 

@@ -58,6 +58,7 @@ class ModelWeights:
     embed: quant.QMatrix  # (V, .), lm_head when tied
     b_qkv_LQ: np.ndarray | None = None  # attention_bias models only
     b_o_LH: np.ndarray | None = None
+    qk_norm_L2E: np.ndarray | None = None  # Qwen3: RMSNorm weights of each q head, then of each k head, before RoPE
 
     @classmethod
     def quantize(
@@ -75,6 +76,7 @@ class ModelWeights:
         embed_VH=None,
         b_qkv_LQ=None,
         b_o_LH=None,
+        qk_norm_L2E=None,
     ) -> ModelWeights:
         """From float weights in ``nn.Linear`` layout, stacked over layers; ``embed_VH=None``: tied to lm_head."""
         lm_head = quant.quantize(lm_head_VH, fmt)
@@ -91,6 +93,7 @@ class ModelWeights:
             lm_head if embed_VH is None else quant.quantize(embed_VH, fmt),
             f32(b_qkv_LQ),
             f32(b_o_LH),
+            f32(qk_norm_L2E),
         )
 
     @property
@@ -110,11 +113,14 @@ class ModelWeights:
         L, Q, H = self.qkv.data.shape[0], self.qkv.rows, self.o.rows
         b_qkv = np.zeros((L, Q), np.float32) if self.b_qkv_LQ is None else self.b_qkv_LQ
         b_o = np.zeros((L, H), np.float32) if self.b_o_LH is None else self.b_o_LH
+        qk_norm = np.ones((L, 2, 1), np.float32) if self.qk_norm_L2E is None else self.qk_norm_L2E
         return (
             self.attn_norm_LH,
             self.qkv.data,
             b_qkv,
             self.b_qkv_LQ is not None,
+            qk_norm,
+            self.qk_norm_L2E is not None,
             self.o.data,
             b_o,
             self.b_o_LH is not None,
@@ -133,6 +139,24 @@ def rms_norm_into(x, w, eps, out):
     inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[0]) + np.float32(eps))
     for j in range(x.shape[0]):
         out[j] = w[j] * (x[j] * inv)
+
+
+@njit(fastmath=False, cache=True)
+def head_norms_into(qkv, qk_norm, n_heads, n_kv_heads, head_dim, eps):
+    """Qwen3's q and k norms: RMSNorm of every q head with ``qk_norm[0]`` and of every k head with ``qk_norm[1]``
+    (weights of ``head_dim``), in place in ``qkv`` (q heads, k heads, v heads), before RoPE.
+
+    Without fast-math: a reassociated sum over a few dozen values is free to vectorise differently where this is
+    compiled into the fused step than where the unfused engine calls it, and the two must agree bit for bit."""
+    for h in range(n_heads + n_kv_heads):
+        w = qk_norm[0] if h < n_heads else qk_norm[1]
+        o = h * head_dim
+        ss = np.float32(0.0)
+        for j in range(head_dim):
+            ss += qkv[o + j] * qkv[o + j]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(head_dim) + np.float32(eps))
+        for j in range(head_dim):
+            qkv[o + j] = w[j] * (qkv[o + j] * inv)
 
 
 @njit(cache=True, fastmath=False)
@@ -161,6 +185,8 @@ def attention_half(
     qkv,
     b_qkv,
     has_b_qkv,
+    qk_norm,
+    has_qk_norm,
     o,
     b_o,
     has_b_o,
@@ -186,6 +212,8 @@ def attention_half(
     matvec(qkv[li], code, H, h, qkv_Q)
     if has_b_qkv:
         qkv_Q += b_qkv[li]
+    if has_qk_norm:
+        head_norms_into(qkv_Q, qk_norm[li], n_heads, k_cache.shape[1], head_dim, eps)
     lo = max(0, pos - window + 1) if window > 0 else 0
     out_D = decode_attention(qkv_Q, k_cache[li], v_cache[li], cos[pos], sin[pos], pos, n_heads, lo)
     y_H = np.empty(H, np.float32)
@@ -244,12 +272,12 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
 
 
 # fmt: off
-# not formatted: one argument a line would stretch this 32-argument Numba kernel (flat arrays, as Numba compiles
+# not formatted: one argument a line would stretch this 34-argument Numba kernel (flat arrays, as Numba compiles
 # best) over 90 lines
 @njit(fastmath=FASTMATH, cache=True)
-def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, ffn, ffn_scale, final_norm,
-                 lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin, window, act, shift,
-                 masks_mode, mask_offsets, mask_idx, n_threads, ticks, rows_read):
+def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, ffn_norm, ffn,
+                 ffn_scale, final_norm, lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin,
+                 window, act, shift, masks_mode, mask_offsets, mask_idx, n_threads, ticks, rows_read):
     """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
 
     ``masks_mode``: ``MASKS_DENSE``, ``MASKS_PACKED`` (layer l reads neurons
@@ -265,8 +293,8 @@ def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, 
     t1 = simd.cycle_counter()
     ticks[0] += t1 - t0
     for li in range(attn_norm.shape[0]):
-        attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, o, b_o, has_b_o, ffn_norm, code, n_heads, head_dim,
-                       eps, k_cache, v_cache, cos, sin, pos, window, h)
+        attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, ffn_norm, code,
+                       n_heads, head_dim, eps, k_cache, v_cache, cos, sin, pos, window, h)
         t2 = simd.cycle_counter()
         ticks[1] += t2 - t1
         if masks_mode == MASKS_PACKED:
