@@ -8,8 +8,8 @@ has been done before. The key holds:
 - the model, bit for bit: every parameter and buffer, and every module's description (a dReLU and a SwiGLU
   model with the same weights differ only there: the variant is not a weight);
 - the evaluation's name and settings (token ids are hashed; anything else must be JSON);
-- the source of the evaluation code (``eval/`` and ``sparsity/``) and the torch version: editing how a number
-  is computed invalidates every number computed before.
+- the source of the evaluation code (``eval/``, ``sparsity/`` and ``models/``) and the torch and transformers
+  versions: editing how a number is computed invalidates every number computed before.
 
 Entries are written atomically; an unreadable one is recomputed. ``TURBOSPARSE_EVAL_CACHE=0`` turns the cache
 off (every call computes).
@@ -59,11 +59,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 @cache
 def code_fingerprint() -> str:
-    """A digest of the evaluation code's sources and the torch version (read once per process)."""
+    """A digest of the code an evaluation runs: the sources of ``eval/``, ``sparsity/`` (instruments, masks) and
+    ``models/`` (the variants' forward passes), and the torch and transformers versions (read once per process)."""
+    import transformers
+
     root = Path(__file__).resolve().parents[1]
     h = hashlib.blake2b(digest_size=20)
-    h.update(torch.__version__.encode())
-    for folder in ("eval", "sparsity"):
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    for folder in ("eval", "sparsity", "models"):
         for p in sorted((root / folder).rglob("*.py")):
             h.update(p.relative_to(root).as_posix().encode())
             h.update(p.read_bytes())
