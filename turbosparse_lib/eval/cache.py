@@ -44,12 +44,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """A digest of ``model``'s class, module descriptions and every tensor of its state, bit for bit."""
     h = hashlib.blake2b(digest_size=20)
     h.update(type(model).__qualname__.encode())
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules():  # the activations (act_fn, up_act_fn) are submodules too
         h.update(f"{name}:{type(mod).__qualname__}({mod.extra_repr()})".encode())
-        for attr in ("act_fn", "up_act_fn"):  # activations kept as attributes, not always as submodules
-            fn = getattr(mod, attr, None)
-            if fn is not None:
-                h.update(f"{attr}={fn!r}".encode())
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -114,9 +110,10 @@ def entry_path(name: str, model: torch.nn.Module | str, settings: dict) -> Path:
     return cache_root() / name / f"{hashlib.blake2b(key.encode(), digest_size=20).hexdigest()}.json"
 
 
-def remember(name: str, model: torch.nn.Module | str, settings: dict, compute: Callable[[], Any]) -> Any:
-    """``compute()`` (a JSON-able result), or what it returned before for the same model, settings and code."""
-    if not enabled():
+def remember(name: str, model: torch.nn.Module | str | None, settings: dict, compute: Callable[[], Any]) -> Any:
+    """``compute()`` (a JSON-able result), or what it returned before for the same model, settings and code.
+    ``model=None`` (a caller that did not ask for the cache) or ``TURBOSPARSE_EVAL_CACHE=0``: always computes."""
+    if model is None or not enabled():
         return compute()
     path = entry_path(name, model, settings)
     if path.exists():

@@ -163,11 +163,10 @@ def sparsity_table(
         }
 
     settings = {"ids": ids, "context_length": context_length, "tol_ids": tol_ids, "tol": tol}
-    prints = {name: eval_cache.model_fingerprint(m) if cache else None for name, m in models.items()}
+    prints = {name: eval_cache.model_fingerprint(m) if cache else None for name, m in models.items()}  # None: no cache
     results, rows = {}, []
     for name, m in models.items():
-        got = eval_cache.remember("sparsity_row", prints[name], settings, lambda m=m: measure(m)) if cache else None
-        got = got or measure(m)
+        got = eval_cache.remember("sparsity_row", prints[name], settings, lambda m=m: measure(m))
         results[name] = eval_cache.result_from_json(got["result"])
         lo, hi = results[name].interval(samples)
         tolerance = got["tolerance"]
@@ -195,8 +194,6 @@ def sparsity_table(
 
         df["topk_at_matched"] = [
             eval_cache.remember("topk_at_matched", prints[n], {**settings, "limit": limit}, lambda m=m: at_matched(m))
-            if cache
-            else at_matched(m)
             for n, m in models.items()
         ]
     for name in models:

@@ -40,11 +40,7 @@ def topk_sweep(
     rows, results = [], {}
     for s in sparsities:
         s = float(s)
-        got = (
-            eval_cache.remember("topk_level", fingerprint, {**settings, "sparsity": s}, lambda s=s: level(s))
-            if cache
-            else level(s)
-        )
+        got = eval_cache.remember("topk_level", fingerprint, {**settings, "sparsity": s}, lambda s=s: level(s))
         r = results[s] = eval_cache.result_from_json(got["result"])
         lo, hi = r.interval(bootstrap_samples)
         rows.append(

@@ -491,8 +491,6 @@ def evaluate(
     the per-example predictions are remembered for this model, tokenizer and tasks (``eval.cache``)."""
     import pandas as pd
 
-    if not cache:
-        return summarise(predict(model, tokenizer, tasks, batch_size, max_length, progress))
     from . import cache as eval_cache
 
     settings = {
@@ -502,7 +500,7 @@ def evaluate(
     }
     records = eval_cache.remember(
         "zeroshot",
-        model,
+        model if cache else None,
         settings,
         lambda: predict(model, tokenizer, tasks, batch_size, max_length, progress).to_dict("records"),
     )

@@ -141,22 +141,13 @@ def rms_norm_into(x, w, eps, out):
         out[j] = w[j] * (x[j] * inv)
 
 
-@njit(fastmath=False, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def head_norms_into(qkv, qk_norm, n_heads, n_kv_heads, head_dim, eps):
-    """Qwen3's q and k norms: RMSNorm of every q head with ``qk_norm[0]`` and of every k head with ``qk_norm[1]``
-    (weights of ``head_dim``), in place in ``qkv`` (q heads, k heads, v heads), before RoPE.
-
-    Without fast-math: a reassociated sum over a few dozen values is free to vectorise differently where this is
-    compiled into the fused step than where the unfused engine calls it, and the two must agree bit for bit."""
+    """Qwen3's q and k norms: ``rms_norm_into`` of every q head with ``qk_norm[0]`` and of every k head with
+    ``qk_norm[1]`` (weights of ``head_dim``), in place in ``qkv`` (q heads, k heads, v heads), before RoPE."""
     for h in range(n_heads + n_kv_heads):
-        w = qk_norm[0] if h < n_heads else qk_norm[1]
-        o = h * head_dim
-        ss = np.float32(0.0)
-        for j in range(head_dim):
-            ss += qkv[o + j] * qkv[o + j]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(head_dim) + np.float32(eps))
-        for j in range(head_dim):
-            qkv[o + j] = w[j] * (qkv[o + j] * inv)
+        seg = qkv[h * head_dim : (h + 1) * head_dim]
+        rms_norm_into(seg, qk_norm[0] if h < n_heads else qk_norm[1], eps, seg)
 
 
 @njit(cache=True, fastmath=False)

@@ -43,12 +43,17 @@ def _gram_solve(C: torch.Tensor, Y: torch.Tensor, ridge: float, chunk: int = 409
     return torch.linalg.solve(A, B).T.float()  # (H, F)
 
 
-def _choose_up_signs(mlp, x: torch.Tensor) -> torch.Tensor:
-    """+1/-1 per neuron: the sign of the up row whose rectified half keeps more of act(gate) * up's energy."""
+def _half_energies(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F,) each: the energy of every neuron's two rectified halves over the tokens ``x`` (N, H),
+    ``|act(gate) relu(up)|^2`` and ``|act(gate) relu(-up)|^2``."""
     g = mlp.act_fn(mlp.gate_proj(x))  # (N, F)
     u = mlp.up_proj(x)
-    keep_pos = ((g * torch.relu(u)) ** 2).sum(0)
-    keep_neg = ((g * torch.relu(-u)) ** 2).sum(0)
+    return ((g * torch.relu(u)) ** 2).sum(0), ((g * torch.relu(-u)) ** 2).sum(0)
+
+
+def _choose_up_signs(mlp, x: torch.Tensor) -> torch.Tensor:
+    """+1/-1 per neuron: the sign of the up row whose rectified half keeps more of act(gate) * up's energy."""
+    keep_pos, keep_neg = _half_energies(mlp, x)
     return torch.where(keep_neg > keep_pos, -1.0, 1.0).to(x.dtype)
 
 
@@ -61,11 +66,10 @@ def _split_halves(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the tokens, ``d`` the original down column). A neuron whose halves are both large keeps both, in two slots (its
     gate row copied, its up row once negated); the weakest neurons give up their slots. The down projection is
     refitted afterwards, so the halves need not be exact; the slots are sorted by neuron for a stable layout."""
-    g = mlp.act_fn(mlp.gate_proj(x))  # (N, F)
-    u = mlp.up_proj(x)
+    keep_pos, keep_neg = _half_energies(mlp, x)
     d2 = (mlp.down_proj.weight.float() ** 2).sum(0)  # (F,) squared norm of each down column
-    energy = torch.cat([((g * torch.relu(u)) ** 2).sum(0) * d2, ((g * torch.relu(-u)) ** 2).sum(0) * d2])
-    F_ = u.shape[1]
+    energy = torch.cat([keep_pos * d2, keep_neg * d2])
+    F_ = keep_pos.shape[0]
     best = torch.topk(energy, F_).indices.sort().values  # halves 0..F-1 are positive, F..2F-1 negative
     neuron = best % F_
     sign = torch.where(best >= F_, -1.0, 1.0).to(x.dtype)
@@ -89,21 +93,19 @@ def _layer_outputs(model: nn.Module, layers, sequences: torch.Tensor) -> list[to
 
 
 def _fit_mlp(mod: nn.Module, xf: torch.Tensor, y: torch.Tensor, out: torch.Tensor, cfg: WarmStart):
-    """Fit one swapped MLP in place: the up rows' signs (``cfg.sign_flip``), then ``down_proj`` by least squares so
-    that it maps the new combined activations of inputs ``xf`` (N, H) to the targets ``y`` (N, H). Returns its new
-    output and its relative errors before (``out``) and after the fit."""
+    """Fit one swapped MLP in place: the up rows' signs (``cfg.sign_flip``) or the halves kept (``cfg.split``),
+    then ``down_proj`` by least squares so that it maps the new combined activations of inputs ``xf`` (N, H) to the
+    targets ``y`` (N, H). Returns its new output and its relative errors before (``out``) and after the fit."""
     relu_up = getattr(mod, "up_act_fn", None) is not None and not isinstance(mod.up_act_fn, nn.Identity)
-    if cfg.split and relu_up:
-        neuron, s = _split_halves(mod, xf)
-        for lin in (mod.gate_proj, mod.up_proj):
-            lin.weight.copy_(lin.weight[neuron])
-            if lin.bias is not None:
-                lin.bias.copy_(lin.bias[neuron])
-        mod.up_proj.weight.mul_(s[:, None])
-        if mod.up_proj.bias is not None:
-            mod.up_proj.bias.mul_(s)
-    elif cfg.sign_flip and relu_up:
-        s = _choose_up_signs(mod, xf)
+    if relu_up and (cfg.split or cfg.sign_flip):
+        if cfg.split:  # slots re-filled with the chosen neurons' gate and up rows, then signed like the flip
+            neuron, s = _split_halves(mod, xf)
+            for lin in (mod.gate_proj, mod.up_proj):
+                lin.weight.copy_(lin.weight[neuron])
+                if lin.bias is not None:
+                    lin.bias.copy_(lin.bias[neuron])
+        else:
+            s = _choose_up_signs(mod, xf)
         mod.up_proj.weight.mul_(s[:, None])
         if mod.up_proj.bias is not None:
             mod.up_proj.bias.mul_(s)
