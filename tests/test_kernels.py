@@ -390,3 +390,25 @@ def test_ffn_over_stacked_layers_is_each_layers_ffn():
         for li in range(L):
             _close(y[li], B.ffn_ref(stack[li], x[li], masks[li], "drelu"))
         assert rows[0] == sum(len(m) for m in masks)
+
+
+def test_cached_kernels_are_stamped_with_every_source_of_the_package():
+    """The kernels inline each other across files, so a cached kernel is valid only for the sources of the whole
+    package that compiled it (``inference.SOURCES_DIGEST``), not its own file's: an edit of ``quant``, or a process
+    left running on old sources, must not leave stale machine code for ``bundles`` or ``step``. Functions outside the
+    package keep Numba's own locators."""
+    import turbosparse_lib.inference as I
+    from turbosparse_lib.inference import step
+
+    assert I.PACKAGE_STAMPS and I.SOURCES_DIGEST == I.sources_digest()
+    for kernel in (B.ffn_into, Q.gemv_into, step.decode_token, A.decode_attention):
+        locator = kernel._cache._impl.locator
+        assert type(locator).__name__ == "_PackageCacheLocator"
+        assert kernel._cache._cache_file._source_stamp == I.SOURCES_DIGEST
+
+    @njit(cache=True)
+    def elsewhere(x):
+        return x + 1
+
+    assert type(elsewhere._cache._impl.locator).__name__ != "_PackageCacheLocator"
+    assert elsewhere(1) == 2

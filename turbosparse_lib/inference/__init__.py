@@ -8,18 +8,63 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+_HERE = Path(__file__).parent
+
+
+def sources_digest() -> str:
+    """SHA-256 of every source file of this package, as this process loaded them."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.py")))).hexdigest()
+
+
+# Numba's ``cache=True`` stamps a compiled kernel with its own source file's hash only, but these kernels inline each
+# other across files (``bundles`` inlines ``quant``, which inlines ``simd``; ``step`` inlines ``bundles``). Two ways
+# that goes stale: an edit of ``quant`` leaves ``bundles``' cached machine code valid in Numba's eyes; and a process
+# that imported the old sources (a notebook kernel left running) compiles a new signature after the edit and writes
+# old code under the unchanged file's stamp, where every later process loads it. Both were seen: the fused step and
+# the unfused engine then differed in the last bits, from a warm cache only. So this package's kernels are stamped
+# with the digest of all its sources taken when the process imported them: an entry written by a process that saw
+# other sources is stale to every other process and recompiled.
+SOURCES_DIGEST = sources_digest()
+
+
+def _use_package_stamps() -> bool:
+    """Put ``_PackageCacheLocator`` first in Numba's locators (its only hook for this); False if Numba moved it."""
+    try:
+        from numba.core import caching
+    except ImportError:
+        return False
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)  # _CacheImpl in older Numba
+    InTreeCacheLocator = getattr(caching, "InTreeCacheLocator", None) or getattr(caching, "_InTreeCacheLocator", None)
+    if impl is None or InTreeCacheLocator is None:
+        return False
+
+    class _PackageCacheLocator(InTreeCacheLocator):
+        """Numba's in-tree ``__pycache__`` locator for this package's files, stamped with ``SOURCES_DIGEST``."""
+
+        def get_source_stamp(self):
+            return SOURCES_DIGEST
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if Path(py_file).resolve().parent != _HERE.resolve():
+                return None  # any other file: Numba's own locators
+            return super().from_function(py_func, py_file)
+
+    locators = getattr(impl, "_locator_classes", None)
+    if not isinstance(locators, list):
+        return False
+    if not any(c.__name__ == "_PackageCacheLocator" for c in locators):
+        locators.insert(0, _PackageCacheLocator)
+    return True
+
 
 def _drop_stale_kernel_caches() -> None:
-    """Numba's ``cache=True`` keys a compiled kernel on its own source file only, but these kernels
-    inline each other across files (``bundles`` inlines ``quant``, which inlines ``simd``): after an edit
-    of one file another's cached machine code would be stale. So every cached kernel of this package is
-    dropped whenever any of its sources changes."""
-    here = Path(__file__).parent
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
-    cache = here / "__pycache__"
+    """Without the package stamps (a Numba whose locators moved), the next best thing: drop every cached kernel of
+    this package when any source changed since the last import. It misses the left-running process above."""
+    cache = _HERE / "__pycache__"
     stamp = cache / "numba-sources.sha256"
     try:
-        if stamp.read_text() == digest:
+        if stamp.read_text() == SOURCES_DIGEST:
             return
     except OSError:
         pass
@@ -27,9 +72,11 @@ def _drop_stale_kernel_caches() -> None:
         f.unlink(missing_ok=True)
     try:
         cache.mkdir(exist_ok=True)
-        stamp.write_text(digest)
+        stamp.write_text(SOURCES_DIGEST)
     except OSError:  # a read-only install: Numba then does not cache here either
         pass
 
 
-_drop_stale_kernel_caches()
+PACKAGE_STAMPS = _use_package_stamps()
+if not PACKAGE_STAMPS:
+    _drop_stale_kernel_caches()
