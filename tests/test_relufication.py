@@ -177,7 +177,7 @@ def test_default_recipe_trains_the_mlps_only_and_records_what_it_reached(tiny_ba
     another budget is refused instead of returned."""
     from safetensors.torch import load_file
 
-    assert R.DEFAULT_RECIPE == "lstsq+hidden" and R.RECIPES[R.DEFAULT_RECIPE].trainable == "mlp"
+    assert R.DEFAULT_RECIPE == "lstsq-split+hidden" and R.RECIPES[R.DEFAULT_RECIPE].trainable == "mlp"
     out = tmp_path / "run"
     d, s = R.relufy(
         "smoke", "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours", progress=False
@@ -205,6 +205,19 @@ def test_default_recipe_trains_the_mlps_only_and_records_what_it_reached(tiny_ba
             total_tokens=2 * s["tokens_seen"],
         )
     assert R.main(["--preset", "smoke", "--base", str(tiny_base), "--out", str(out), "--total-tokens", "4096"]) == 2
+
+
+def test_split_recipes_fall_back_to_their_unsplit_twin_for_a_linear_up():
+    """Splitting halves needs dReLU's up ReLU: ReGLU and shifted ReLU under the split default are the plain
+    recipe's run (same config, same folder), dReLU keeps the split; unknown recipes are refused by name."""
+    assert R.variant_recipe("drelu", "lstsq-split+hidden") == "lstsq-split+hidden"
+    for v in ("reglu", "shifted_relu"):
+        assert R.variant_recipe(v, "lstsq-split+hidden") == "lstsq+hidden"
+        assert R.relufied_dir("cpu", v, "lstsq-split+hidden") == R.relufied_dir("cpu", v, "lstsq+hidden")
+        assert R.variant_recipe(v, "lstsq+hidden+l1") == "lstsq+hidden+l1"
+    assert R.relufied_dir("cpu", "drelu").name.endswith("-drelu-lstsq-split+hidden")
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        R.variant_recipe("reglu", "nope")
 
 
 def test_compare_runs_of_the_default_recipe_are_its_main_run():

@@ -191,7 +191,7 @@ PRESETS: dict[str, Preset] = {
             tolerance_tokens=256,
             base="scratch-swiglu",
             precision="fp32",
-            drelu_recipes=("lstsq+hidden+l1", "lstsq+hidden+anneal", "lstsq-split+hidden"),
+            drelu_recipes=("lstsq+hidden", "lstsq+hidden+l1", "lstsq+hidden+anneal"),
         ),
         # seconds in CI: notebook 02's tiny model, not SmolLM2
         predict=PredictSection(capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5)),
@@ -266,7 +266,7 @@ PRESETS: dict[str, Preset] = {
             final_eval_tokens=8192,
             tolerance_tokens=4096,
             precision="fp32",
-            drelu_recipes=("lstsq+hidden+l1", "lstsq+hidden+anneal", "lstsq-split+hidden"),
+            drelu_recipes=("lstsq+hidden", "lstsq+hidden+l1", "lstsq+hidden+anneal"),
         ),
         predict=PredictSection(capture_tokens=32_768, tokens_per_shard=4096, rank=128, epochs=8),
         eval=EvalSection(
