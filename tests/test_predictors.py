@@ -138,3 +138,132 @@ def test_training_lowers_the_held_out_loss_and_beats_an_untrained_predictor_at_e
     assert r_untrained < float(yv.mean()) + 0.1  # chance: the fraction that fires
     assert r_trained > r_untrained + 0.3, (r_trained, r_untrained)
     assert info["train_tokens"] == lo and info["final_loss"] == info["final_loss"]
+
+
+def test_contribution_codes_round_trip_within_a_32nd_of_an_octave():
+    """One byte per neuron: 0 is an exact zero, 255 the token's largest, a live neuron far below still reads live."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(50, 200, generator=g) ** 4 * (torch.rand(50, 200, generator=g) > 0.5)
+    c[:, 0], c[:, 1] = 1e-30, 0.0  # 100 octaves below the largest; a zero
+    codes = D.contribution_codes(c)
+    rel = D.relative_contributions(codes)
+    want = c / c.amax(1, keepdim=True)
+    assert codes.dtype == torch.uint8 and (codes.amax(1) == 255).all()
+    assert torch.equal(codes == 0, c == 0) and (codes[:, 0] == 1).all()
+    fine = want > 2.0**-15
+    assert torch.allclose(rel[fine], want[fine], rtol=2 ** (1 / 32) - 1 + 1e-6, atol=0)
+
+
+def test_capture_records_each_neurons_contribution_to_the_residual_stream(tiny, ids, tmp_path):
+    """``|combined_i| * ||W_down[:, i]||`` relative to the token's largest, as the model computes it; a capture
+    from before contributions is refused where they are needed."""
+    from turbosparse_lib.models.swap import mlp_modules
+
+    D.capture(tiny, ids[:512], tmp_path / "cap", D.CaptureConfig(tokens_per_shard=512, context_length=64))
+    x, y, rel = D.load_layer(tmp_path / "cap", 1, contributions=True)
+    mlp = mlp_modules(tiny)[1]
+    seen = {}
+    h = mlp.down_proj.register_forward_pre_hook(lambda mod, args: seen.update(c=args[0].detach()))
+    with torch.no_grad():
+        tiny(input_ids=ids[:512].view(-1, 64))
+    h.remove()
+    contrib = (seen["c"].abs() * mlp.down_proj.weight.norm(dim=0)).reshape(-1, 64)
+    want = contrib / contrib.amax(1, keepdim=True)
+    assert torch.equal(rel > 0, y) and torch.allclose(rel, want, rtol=0.025, atol=2.0**-15)
+    info = (tmp_path / "cap" / D.CAPTURE_FILE).read_text().replace('"contributions": true', '"contributions": false')
+    (tmp_path / "cap" / D.CAPTURE_FILE).write_text(info)
+    with pytest.raises(ValueError, match="without contributions"):
+        D.load_layer(tmp_path / "cap", 1, contributions=True)
+
+
+def test_contribution_weights_keep_the_positives_total_and_favour_the_large_ones():
+    from turbosparse_lib.predictors.train import contribution_weights
+
+    y = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1]], dtype=torch.float32)
+    rel = torch.tensor([[1.0, 0.25, 0.0, 0.0], [0.5, 0.0, 0.0, 1.0]])
+    w = contribution_weights(y, rel, pos_weight=3.0, cap=50.0)
+    assert torch.equal(w[y == 0], torch.ones(4))
+    assert torch.allclose((w * y).sum(1), 3.0 * y.sum(1))  # positives weigh pos_weight on average
+    assert w[0, 0] == 4 * w[0, 1] and w[1, 3] == 2 * w[1, 0]
+    assert contribution_weights(y, rel, 3.0, cap=1.2).max() == pytest.approx(3.6)
+    with pytest.raises(ValueError, match="unknown predictor loss"):
+        PredictorTraining(loss="focal")
+
+
+def test_contribution_loss_misses_less_mass_than_the_binary_loss_at_equal_sparsity():
+    """Half the neurons carry 100x the others' contributions when they fire; a predictor too small to learn every
+    neuron spends its capacity on the large ones under the contribution loss, and misses less of the mass."""
+    from turbosparse_lib.predictors.train import split, train_layer
+
+    g = torch.Generator().manual_seed(0)
+    T, H, N = 6144, 32, 128
+    x = torch.randn(T, H, generator=g)
+    w = torch.randn(H, N, generator=g)
+    y = x @ w > 0.8 * w.norm(dim=0)
+    scale = torch.where(torch.arange(N) % 2 == 0, 100.0, 1.0)
+    c = y * scale * (1 + torch.rand(T, N, generator=g))
+    rel = c / c.amax(1, keepdim=True).clamp_min(1e-30)
+    lo = split(T, 0.25)
+    missed = {}
+    for loss in ("bce", "contribution"):
+        cfg = PredictorTraining(rank=4, epochs=4, batch_size=256, lr=1e-2, val_fraction=0.25, loss=loss)
+        net, _ = train_layer(x, y, 4, cfg, rel)
+        with torch.no_grad():
+            logits = net(x[lo:])
+        k = int(y[lo:].sum(1).float().mean().round())  # keep as many as fire: equal sparsity
+        kept = torch.zeros_like(rel[lo:]).scatter_(1, logits.topk(k, dim=1).indices, 1.0)
+        live = rel[lo:] * y[lo:]
+        missed[loss] = float(((live * (1 - kept)).sum(1) / live.sum(1).clamp_min(1e-30)).mean())
+    assert missed["contribution"] < 0.8 * missed["bce"], missed  # about 0.68 over seeds 0-2 and ranks 2, 4
+    with pytest.raises(ValueError, match="needs the captured contributions"):
+        train_layer(x, y, 4, PredictorTraining(loss="contribution"))
+
+
+def test_per_layer_thresholds_are_saved_used_by_masks_and_by_the_engine_provider(tiny, tmp_path):
+    from turbosparse_lib.predictors.provider import PredictorMaskProvider
+
+    torch.manual_seed(0)
+    ps = PredictorSet(32, 64, [8, 8])
+    x = torch.randn(5, 32)
+    ps.set_layer_thresholds([0.3, 0.7])
+    assert torch.equal(ps.predict(0, x), ps.predict(0, x, 0.3)) and torch.equal(ps.predict(1, x), ps.predict(1, x, 0.7))
+    ps.save(tmp_path)
+    again = PredictorSet.load(tmp_path, tiny)
+    assert again.layer_thresholds == [0.3, 0.7]
+    prov = PredictorMaskProvider(again, fmt="f32")
+    for i in range(2):
+        want = np.flatnonzero(again.predict(i, x[0]).numpy())
+        np.testing.assert_array_equal(prov(i, x[0].numpy()), want)
+    with pytest.raises(ValueError, match="2 layers"):
+        ps.set_layer_thresholds([0.5])
+    with pytest.raises(ValueError, match="probability"):
+        ps.set_layer_thresholds([0.5, 1.0])
+
+
+def test_operating_point_is_the_sparsest_within_the_perplexity_budget(tiny, ids, tmp_path):
+    """Per layer the highest threshold under a missed-mass bound; the bound rises while calibration perplexity
+    stays within the budget; the set keeps its thresholds; a table without missed mass is refused."""
+    import pandas as pd
+
+    from turbosparse_lib.predictors.metrics import layer_thresholds_for, operating_point
+
+    table = pd.DataFrame(
+        {"layer": [0, 0, 0, 1, 1, 1], "threshold": [0.1, 0.5, 0.9] * 2, "missed_mass": [0, 0.01, 0.2, 0.02, 0.03, 0.5]}
+    )
+    assert layer_thresholds_for(table, 0.01) == [0.5, 0.1] and layer_thresholds_for(table, 0.05) == [0.5, 0.5]
+    D.capture(tiny, ids, tmp_path / "cap", D.CaptureConfig(tokens_per_shard=512, context_length=64))
+    ps = train_predictors(tmp_path / "cap", tmp_path / "work", PredictorTraining(rank=8, epochs=2, batch_size=256))
+    acc = layer_metrics(ps, tmp_path / "cap", thresholds=(0.05, 0.2, 0.5, 0.8, 0.95))
+    assert acc.missed_mass.between(0, 1).all()
+    calib = ids[:512]
+    point, sweep = operating_point(tiny, ps, acc, calib, 64, budget=0.02, bounds=(0.001, 0.05, 0.5))
+    assert len(sweep) == 3 and ps.layer_thresholds is None
+    ok = sweep[sweep.calibration_ratio <= 1.02]
+    if point is None:
+        assert ok.empty
+    else:
+        assert point["calibration_ratio"] <= 1.02 and point["predicted_sparsity"] == ok.predicted_sparsity.max()
+    loose, _ = operating_point(tiny, ps, acc, calib, 64, budget=1e9, bounds=(0.001, 0.05, 0.5))
+    assert loose["predicted_sparsity"] == sweep.predicted_sparsity.max()
+    with pytest.raises(ValueError, match="no missed mass"):
+        operating_point(tiny, ps, acc.drop(columns="missed_mass"), calib, 64, budget=0.02)

@@ -4,7 +4,13 @@ perplexity with predicted masks, and what it costs per token against what it sav
 - ``layer_metrics``: on each layer's held-out captured tokens (the tail ``predictors.train`` never trained on).
   Recall is the share of truly active neurons the predictor keeps (a miss drops a live neuron: quality);
   precision the share of kept neurons that are truly active (a false positive reads one row for nothing:
-  speed); predicted sparsity the share it leaves out.
+  speed); predicted sparsity the share it leaves out; missed mass the share of the token's contribution to the
+  residual stream that the dropped live neurons carried (``predictors.data``), which is what quality follows:
+  recall counts a neuron that moves the output by a hair like one that carries the token.
+- ``operating_point``: the rule that picks where to run the predictors, by a perplexity budget. Each layer gets
+  the highest threshold whose missed mass stays under a bound (``layer_thresholds_for``); the bound is raised
+  until perplexity on calibration tokens (training split, never captured) would exceed the budget over the exact
+  masks. Notebook 07, the claims report and the README all read the point it picks.
 - ``PredictedMask``: a PyTorch instrument that multiplies each FFN's combined activation by the predicted
   mask, so ``eval.perplexity`` gives the model's quality when only predicted neurons are computed. With
   exact-zero labels, a false positive changes nothing (that neuron is zero anyway) and a false negative
@@ -13,6 +19,8 @@ perplexity with predicted masks, and what it costs per token against what it sav
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -30,15 +38,24 @@ def layer_metrics(ps: PredictorSet, capture_dir, thresholds=(0.5,), val_fraction
     """One row per (layer, threshold) on the held-out captured tokens: recall, precision, predicted and true
     sparsity, and the share of tokens whose every active neuron was kept."""
     vf = val_fraction if val_fraction is not None else ps.meta.get("training", {}).get("val_fraction", 0.1)
+    import json
+
+    from .data import CAPTURE_FILE
+
+    with_mass = bool(json.loads((Path(capture_dir) / CAPTURE_FILE).read_text()).get("contributions"))
     rows = []
     for i in range(len(ps.layers)):
-        x, y = load_layer(capture_dir, i)
+        x, y, *rel = load_layer(capture_dir, i, contributions=with_mass)
         start = split(len(x), vf)
         x, y = x[start:], y[start:]
+        if with_mass:
+            live_mass = rel[0][start:] * y
+            token_mass = live_mass.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
         logits = ps.layers[i](x)
         for t in thresholds:
             pred = logits >= ps.logit_threshold(t)
             tp = (pred & y).sum().item()
+            missed = (live_mass * ~pred).sum(1) / token_mass if with_mass else torch.full((1,), float("nan"))
             rows.append(
                 {
                     "layer": i,
@@ -48,6 +65,7 @@ def layer_metrics(ps: PredictorSet, capture_dir, thresholds=(0.5,), val_fraction
                     "predicted_sparsity": 1 - pred.float().mean().item(),
                     "true_sparsity": 1 - y.float().mean().item(),
                     "tokens_all_kept": ((y & ~pred).sum(1) == 0).float().mean().item(),
+                    "missed_mass": missed.mean().item(),
                     "tokens": len(x),
                 }
             )
@@ -123,3 +141,62 @@ def choose_threshold(by_threshold: pd.DataFrame, max_sparsity_gap: float = 0.05)
         return None
     t = ok.recall.idxmax()
     return {"threshold": float(t), **{k: float(v) for k, v in ok.loc[t].items()}}
+
+
+# bounds on the missed mass per layer that ``operating_point`` tries, from the most careful up
+MISSED_MASS_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+# probability thresholds ``layer_thresholds_for`` chooses from: fine enough to give each layer its own
+THRESHOLD_GRID = tuple(round(0.02 * i, 2) for i in range(1, 50))
+
+
+def layer_thresholds_for(table: pd.DataFrame, max_missed: float) -> list[float]:
+    """Per layer, the highest threshold (the most sparsity) whose ``missed_mass`` is at most ``max_missed``; a layer
+    where none is gets its lowest threshold. ``table``: ``layer_metrics`` over a grid of thresholds."""
+    out = []
+    for _, g in table.groupby("layer", sort=True):
+        ok = g[g.missed_mass <= max_missed]
+        out.append(float(ok.threshold.max() if len(ok) else g.threshold.min()))
+    return out
+
+
+def operating_point(
+    model: nn.Module,
+    ps: PredictorSet,
+    table: pd.DataFrame,
+    calibration_ids: torch.Tensor,
+    context_length: int,
+    budget: float,
+    bounds=MISSED_MASS_BOUNDS,
+) -> tuple[dict | None, pd.DataFrame]:
+    """The predictors' operating point for a perplexity budget (``budget`` = 0.02: at most 2% over the exact masks).
+
+    For each bound on the missed mass, every layer takes ``layer_thresholds_for(table, bound)`` and the model is
+    scored on ``calibration_ids`` with those predicted masks. The point is the sparsest whose perplexity stays
+    within ``1 + budget`` of the model's own (exact masks) on the same tokens; None if even the most careful bound
+    exceeds it. Returns (point: bound, per-layer thresholds, calibration ratio, predicted sparsity, recall; the
+    sweep). ``ps`` keeps the thresholds it had.
+    """
+    from ..eval.perplexity import perplexity
+
+    if budget < 0:
+        raise ValueError(f"budget is a relative perplexity increase >= 0; got {budget}")
+    if "missed_mass" not in table or table.missed_mass.isna().all():
+        raise ValueError("the table has no missed mass: capture with contributions (predictors.data.capture)")
+    exact = perplexity(model, calibration_ids, context_length=context_length)
+    before, rows = ps.layer_thresholds, []
+    try:
+        for bound in sorted(bounds):
+            ts = layer_thresholds_for(table, bound)
+            ps.set_layer_thresholds(ts)
+            with PredictedMask(model, ps) as pm:
+                r = perplexity(model, calibration_ids, context_length=context_length)
+            rows.append(
+                {"max_missed_mass": bound, "calibration_ratio": r.ppl / exact.ppl, **pm.summary(), "thresholds": ts}
+            )
+    finally:
+        ps.set_layer_thresholds(before)
+    sweep = pd.DataFrame(rows)
+    ok = sweep[sweep.calibration_ratio <= 1 + budget]
+    if ok.empty:
+        return None, sweep
+    return ok.loc[ok.predicted_sparsity.idxmax()].to_dict(), sweep

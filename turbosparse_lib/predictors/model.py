@@ -2,8 +2,9 @@
 
 As in the paper (section 7, after PowerInfer / Deja Vu): ``logits = W2 relu(W1 x) + b``, with ``W1`` of shape
 (rank, hidden) and ``W2`` of shape (intermediate, rank); a neuron is predicted active when its probability
-``sigmoid(logit)`` is at least the threshold. The rank is chosen per layer (``ranks``), so a layer that is
-hard to predict can get more capacity.
+``sigmoid(logit)`` is at least the threshold: one for every layer, or one per layer (``layer_thresholds``, set by
+``predictors.metrics.operating_point`` from a perplexity budget). The rank is chosen per layer (``ranks``), so a
+layer that is hard to predict can get more capacity.
 
 A ``PredictorSet`` saves beside the model it serves (``predictors.safetensors`` and ``predictors.json`` in
 the model's folder, both written atomically) and loads from there; the JSON records the model's sizes and
@@ -23,6 +24,12 @@ from ..atomic import atomic_path, write_json
 
 WEIGHTS_FILE = "predictors.safetensors"
 CONFIG_FILE = "predictors.json"
+
+
+def _logit(p: float) -> float:
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"threshold must be a probability in (0, 1); got {p}")
+    return math.log(p / (1 - p))
 
 
 class LowRankPredictor(nn.Module):
@@ -51,23 +58,44 @@ class PredictorSet(nn.Module):
         label: str = "nonzero",
         threshold: float = 0.5,
         meta: dict | None = None,
+        layer_thresholds: list[float] | None = None,
     ):
         super().__init__()
         self.hidden, self.intermediate, self.ranks = hidden, intermediate, list(ranks)
         self.source, self.label, self.threshold = source, label, float(threshold)
         self.meta = dict(meta or {})
         self.layers = nn.ModuleList(LowRankPredictor(hidden, intermediate, r) for r in ranks)
+        self.layer_thresholds: list[float] | None = None
+        if layer_thresholds is not None:
+            self.set_layer_thresholds(layer_thresholds)
 
-    def logit_threshold(self, threshold: float | None = None) -> float:
-        p = self.threshold if threshold is None else threshold
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"threshold must be a probability in (0, 1); got {p}")
-        return math.log(p / (1 - p))
+    def set_layer_thresholds(self, thresholds: list[float] | None) -> PredictorSet:
+        """One probability threshold per layer (None: ``threshold`` for every layer); returns self."""
+        if thresholds is not None:
+            if len(thresholds) != len(self.layers):
+                raise ValueError(f"{len(thresholds)} thresholds for {len(self.layers)} layers")
+            for t in thresholds:
+                _logit(t)
+            thresholds = [float(t) for t in thresholds]
+        self.layer_thresholds = thresholds
+        return self
+
+    def threshold_of(self, layer: int, threshold: float | None = None) -> float:
+        """The probability threshold ``layer`` uses: ``threshold`` if given, else its own, else the set's."""
+        if threshold is not None:
+            return threshold
+        return self.layer_thresholds[layer] if self.layer_thresholds is not None else self.threshold
+
+    def logit_threshold(self, threshold: float | None = None, layer: int | None = None) -> float:
+        """The logit a neuron's must reach: of ``threshold`` if given, else of ``layer``'s own (or the set's)."""
+        if layer is None:
+            return _logit(self.threshold if threshold is None else threshold)
+        return _logit(self.threshold_of(layer, threshold))
 
     @torch.no_grad()
     def predict(self, layer: int, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-        """(..., H) -> (..., N) bool: the neurons predicted active."""
-        return self.layers[layer](x.float()) >= self.logit_threshold(threshold)
+        """(..., H) -> (..., N) bool: the neurons predicted active (``threshold``, else the layer's own)."""
+        return self.layers[layer](x.float()) >= self.logit_threshold(threshold, layer)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -80,6 +108,7 @@ class PredictorSet(nn.Module):
             "source": self.source,
             "label": self.label,
             "threshold": self.threshold,
+            "layer_thresholds": self.layer_thresholds,
             "meta": self.meta,
         }
 
@@ -122,6 +151,7 @@ class PredictorSet(nn.Module):
             cfg["label"],
             cfg["threshold"],
             cfg.get("meta"),
+            cfg.get("layer_thresholds"),
         )
         ps.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
         return ps.eval()

@@ -1,8 +1,12 @@
 """Training activation predictors on captured data, one layer at a time, resumably.
 
-- Loss: class-weighted binary cross-entropy. Active neurons are the minority (10-20% for a dReLU model), and
-  a missed active neuron (a false negative) costs quality while a false positive only costs one row read,
+- Loss ``"bce"``: class-weighted binary cross-entropy. Active neurons are the minority (10-20% for a dReLU model),
+  and a missed active neuron (a false negative) costs quality while a false positive only costs one row read,
   so the positives are weighted by ``neg / pos`` of the layer (capped at ``max_pos_weight``).
+- Loss ``"contribution"``: the same, but each positive weighs in proportion to its contribution to the residual
+  stream (``predictors.data``), relative to the mean live contribution of its token (capped at
+  ``max_contribution_weight``): the binary loss treats a neuron that moves the output by a hair like one that
+  carries the token, and quality depends on the latter. The positives' total weight is unchanged.
 - The last ``val_fraction`` of each layer's tokens is held out for the metrics (``predictors.metrics``).
 - Each finished layer is stored in ``<work_dir>/layer-XX.safetensors``; a rerun skips finished layers, so a
   killed training resumes at the layer it was in. ``train_predictors`` returns the whole ``PredictorSet``.
@@ -16,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..atomic import atomic_path, write_json
 from .data import CAPTURE_FILE, load_layer
@@ -31,7 +36,16 @@ class PredictorTraining:
     weight_decay: float = 0.0
     val_fraction: float = 0.1
     max_pos_weight: float = 20.0
+    loss: str = "bce"  # "bce" or "contribution" (positives weighted by their contribution)
+    max_contribution_weight: float = 50.0  # "contribution": a positive weighs at most this many mean positives
     seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown predictor loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+LOSSES = ("bce", "contribution")
 
 
 def _ranks(cfg: PredictorTraining, n_layers: int) -> list[int]:
@@ -47,8 +61,23 @@ def split(n: int, val_fraction: float) -> int:
     return max(1, int(round(n * (1 - val_fraction))))
 
 
-def train_layer(x: torch.Tensor, y: torch.Tensor, rank: int, cfg: PredictorTraining) -> tuple[LowRankPredictor, dict]:
-    """One layer's predictor from inputs ``x`` (T, H) and labels ``y`` (T, N) (the held-out tail is not used)."""
+def contribution_weights(y: torch.Tensor, rel: torch.Tensor, pos_weight, cap: float) -> torch.Tensor:
+    """Per-entry loss weights: 1 for a negative; for a positive ``pos_weight`` times its contribution over the mean
+    contribution of its token's positives, at most ``cap`` times, so a token's positives weigh ``pos_weight`` each
+    on average (up to the cap) but the large ones most."""
+    live = y.float()
+    mean = (rel * live).sum(-1, keepdim=True) / live.sum(-1, keepdim=True).clamp_min(1)
+    share = (rel / mean.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=cap)
+    return torch.where(y.bool(), pos_weight * share, torch.ones_like(rel))
+
+
+def train_layer(
+    x: torch.Tensor, y: torch.Tensor, rank: int, cfg: PredictorTraining, rel: torch.Tensor | None = None
+) -> tuple[LowRankPredictor, dict]:
+    """One layer's predictor from inputs ``x`` (T, H) and labels ``y`` (T, N) (the held-out tail is not used);
+    loss ``"contribution"`` needs ``rel``, each neuron's contribution relative to its token's largest (T, N)."""
+    if cfg.loss == "contribution" and rel is None:
+        raise ValueError("loss 'contribution' needs the captured contributions (load_layer(..., contributions=True))")
     g = torch.Generator().manual_seed(cfg.seed)
     n_train = split(len(x), cfg.val_fraction)
     xt, yt = x[:n_train], y[:n_train].float()
@@ -65,7 +94,11 @@ def train_layer(x: torch.Tensor, y: torch.Tensor, rank: int, cfg: PredictorTrain
         order = torch.randperm(n_train, generator=g)
         for b in range(0, max(1, n_train - cfg.batch_size + 1), cfg.batch_size):
             idx = order[b : b + cfg.batch_size]
-            loss = loss_fn(net(xt[idx]), yt[idx])
+            if cfg.loss == "contribution":
+                w = contribution_weights(yt[idx], rel[idx], pos_weight, cfg.max_contribution_weight)
+                loss = F.binary_cross_entropy_with_logits(net(xt[idx]), yt[idx], weight=w)
+            else:
+                loss = loss_fn(net(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -115,8 +148,11 @@ def train_predictors(
             ps.layers[i].load_state_dict(load_file(str(path)))
             ps.meta["layers"][str(i)] = json.loads((work_dir / f"layer-{i:02d}.json").read_text())
             continue
-        x, y = load_layer(capture_dir, i)
-        net, stats = train_layer(x, y, ranks[i], cfg)
+        if cfg.loss == "contribution":
+            x, y, rel = load_layer(capture_dir, i, contributions=True)
+        else:
+            (x, y), rel = load_layer(capture_dir, i), None
+        net, stats = train_layer(x, y, ranks[i], cfg, rel)
         ps.layers[i].load_state_dict(net.state_dict())
         ps.meta["layers"][str(i)] = stats
         write_json(work_dir / f"layer-{i:02d}.json", stats)
