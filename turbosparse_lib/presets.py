@@ -87,6 +87,8 @@ class PredictSection:
     epochs: int
     thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)  # probabilities swept for the recall / sparsity trade-off
     source: str = "residual"  # the predictors' input: the residual stream before the FFN norm, or "normed"
+    losses: tuple[str, ...] = ("bce", "contribution")  # predictor losses compared (predictors.train.LOSSES)
+    calibration_tokens: int = 4096  # training-split tokens after the captured ones: the operating point's perplexity
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,9 @@ PRESETS: dict[str, Preset] = {
             drelu_recipes=("lstsq+hidden", "lstsq+hidden+l1", "lstsq+hidden+anneal"),
         ),
         # seconds in CI: notebook 02's tiny model, not SmolLM2
-        predict=PredictSection(capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5)),
+        predict=PredictSection(
+            capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5), calibration_tokens=512
+        ),
         eval=EvalSection(
             eval_tokens=1024,
             quick_eval_tokens=512,

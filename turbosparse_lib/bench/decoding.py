@@ -286,14 +286,17 @@ def predicted_decoding_runs(
     llama: dict | None = None,
     precisions=("f32", "q8_0", "q4_0"),
     llama_label: str = "SmolLM2 as shipped (SwiGLU)",
+    points: dict | None = None,
 ) -> tuple[dict, dict, pd.DataFrame]:
     """The configurations of notebook 07's speed-at-equal-quality table, for every precision: ``engine``
     (a float32 engine of the sparse model) dense, sparse with exact masks replayed (an ideal, free predictor),
     sparse with ``predictors`` (a ``PredictorSet``) in line at each threshold, its matrices in the engine's
-    format; and llama.cpp (``llama``: precision -> ``LlamaCppRun``) at that precision on the model it can run.
+    format; sparse at each operating point (``points``: label -> ``PredictorSet`` with its per-layer thresholds,
+    ``predictors.metrics.operating_point``); and llama.cpp (``llama``: precision -> ``LlamaCppRun``) at that
+    precision on the model it can run.
 
-    Returns the runs, a (precision, kind, threshold) -> run-name map (kinds: dense, exact, predicted, llama;
-    threshold None except for predicted) and a legend table.
+    Returns the runs, a (precision, kind, threshold or point label) -> run-name map (kinds: dense, exact,
+    predicted, point, llama; None for dense, exact and llama) and a legend table.
     """
     from ..predictors.provider import PredictorMaskProvider
 
@@ -306,14 +309,22 @@ def predicted_decoding_runs(
         for t in thresholds:
             keys[(p, "predicted", t)] = name = f"{model_label} · sparse {p} · predicted, threshold {t:g}"
             spec[name] = (p, "provider", PredictorMaskProvider(predictors, t, fmt=p), t)
+        for label, ps in (points or {}).items():
+            keys[(p, "point", label)] = name = f"{model_label} · sparse {p} · predicted, {label}"
+            spec[name] = (p, "provider", PredictorMaskProvider(ps, fmt=p), label)
     runs = {name: EngineRun(engine, p, masks, provider=prov) for name, (p, masks, prov, _) in spec.items()}
     legend = [
         {
             "run": name,
             "model": model_label,
             "precision": p,
-            "mask_source": MASK_SOURCES[masks] if t is None else f"predictors in line, threshold {t:g}",
-            "threshold": t,
+            "mask_source": MASK_SOURCES[masks]
+            if t is None
+            else f"predictors in line, {t}"
+            if isinstance(t, str)
+            else f"predictors in line, threshold {t:g}",
+            "threshold": t if not isinstance(t, str) else None,
+            "point": t if isinstance(t, str) else None,
         }
         for name, (p, masks, _, t) in spec.items()
     ]
@@ -327,6 +338,7 @@ def predicted_decoding_runs(
                 "precision": f"{p} (GGUF, pure)",
                 "mask_source": "dense",
                 "threshold": None,
+                "point": None,
             }
         )
     return runs, keys, pd.DataFrame(legend).set_index("run")

@@ -135,6 +135,13 @@ _T = [
         "held-out perplexity with predicted masks over exact masks",
         "predictor issue",
     ),
+    Target(
+        "predicted_sparsity_at_budget",
+        0.70,
+        ">=",
+        "predicted sparsity at the operating point (perplexity within 2% of the exact masks on calibration tokens)",
+        "predictor issue",
+    ),
     Target("predictor_bytes_share", 0.10, "<=", "the predictors' weights as a share of the model's", "predictor issue"),
     Target(
         "predicted_speedup_vs_llama_cpp",

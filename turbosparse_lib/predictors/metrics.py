@@ -144,7 +144,7 @@ def choose_threshold(by_threshold: pd.DataFrame, max_sparsity_gap: float = 0.05)
 
 
 # bounds on the missed mass per layer that ``operating_point`` tries, from the most careful up
-MISSED_MASS_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+MISSED_MASS_BOUNDS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 # probability thresholds ``layer_thresholds_for`` chooses from: fine enough to give each layer its own
 THRESHOLD_GRID = tuple(round(0.02 * i, 2) for i in range(1, 50))
 
@@ -173,7 +173,7 @@ def operating_point(
     For each bound on the missed mass, every layer takes ``layer_thresholds_for(table, bound)`` and the model is
     scored on ``calibration_ids`` with those predicted masks. The point is the sparsest whose perplexity stays
     within ``1 + budget`` of the model's own (exact masks) on the same tokens; None if even the most careful bound
-    exceeds it. Returns (point: bound, per-layer thresholds, calibration ratio, predicted sparsity, recall; the
+    exceeds it. The sweep stops after two bounds in a row over the budget. Returns (point: bound, per-layer thresholds, calibration ratio, predicted sparsity, recall; the
     sweep). ``ps`` keeps the thresholds it had.
     """
     from ..eval.perplexity import perplexity
@@ -193,6 +193,8 @@ def operating_point(
             rows.append(
                 {"max_missed_mass": bound, "calibration_ratio": r.ppl / exact.ppl, **pm.summary(), "thresholds": ts}
             )
+            if len(rows) >= 2 and all(q["calibration_ratio"] > 1 + budget for q in rows[-2:]):
+                break  # two bounds in a row over the budget: looser ones only lose more
     finally:
         ps.set_layer_thresholds(before)
     sweep = pd.DataFrame(rows)
@@ -200,3 +202,15 @@ def operating_point(
     if ok.empty:
         return None, sweep
     return ok.loc[ok.predicted_sparsity.idxmax()].to_dict(), sweep
+
+
+def best_points(points: pd.DataFrame) -> pd.Series:
+    """Which operating point each model runs at: per ``model``, the row with the highest predicted sparsity among
+    those that found a point within the budget (on calibration tokens, so the held-out set does not choose).
+    ``points``: one row per (model, predictor) with ``predicted_sparsity`` (NaN where no point was found)."""
+    chosen = pd.Series(False, index=points.index)
+    if "predicted_sparsity" not in points:  # no model found a point
+        return chosen
+    for _, g in points[points.predicted_sparsity.notna()].groupby("model"):
+        chosen[g.predicted_sparsity.idxmax()] = True
+    return chosen
