@@ -412,6 +412,29 @@ def test_quality_scores_every_token_after_the_first_of_its_chunk():
         quality.engine_nll(engine, ids, 1)
 
 
+def test_agreement_reports_top1_the_first_difference_and_the_largest_logit_gap():
+    """Teacher-forced, position by position: the same engine agrees with itself everywhere; against its Q4_0 copy the
+    numbers are what the logits give, and the first difference is counted over the scored tokens, chunk after chunk."""
+    from turbosparse_lib.bench import quality
+
+    engine = _tiny_drelu_engine()
+    ids = np.arange(3, 40) * 7 % 64
+    same = quality.agreement(quality.engine_chunk_logits(engine, ids, 8), quality.engine_chunk_logits(engine, ids, 8))
+    assert same["top1_agreement"] == 1.0 and same["first_top1_difference"] is None and same["max_logit_diff"] == 0
+    q4 = engine.quantized("q4_0")
+    a = quality.agreement(quality.engine_chunk_logits(engine, ids, 8), quality.engine_chunk_logits(q4, ids, 8))
+    ours = np.concatenate([z for z, _ in quality.engine_chunk_logits(engine, ids, 8)])
+    theirs = np.concatenate([z for z, _ in quality.engine_chunk_logits(q4, ids, 8)])
+    differ = np.flatnonzero(ours.argmax(1) != theirs.argmax(1))
+    assert a["top1_agreement"] == pytest.approx(1 - len(differ) / len(ours))
+    assert a["first_top1_difference"] == (int(differ[0]) if len(differ) else None)
+    assert a["max_logit_diff"] == pytest.approx(np.abs(ours - theirs).max()) and a["max_logit_diff"] > 0
+    assert a["max_logit_diff_rel"] == pytest.approx(a["max_logit_diff"] / np.abs(theirs).max())
+    np.testing.assert_allclose(a["nll_ours"], quality.engine_nll(engine, ids, 8))
+    with pytest.raises(ValueError, match="different tokens"):
+        quality.agreement(quality.engine_chunk_logits(engine, ids, 8), quality.engine_chunk_logits(q4, (ids + 1) % 64, 8))
+
+
 def test_llama_cpp_missing_is_a_clear_error(monkeypatch):
     import builtins
 

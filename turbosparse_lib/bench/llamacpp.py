@@ -144,13 +144,9 @@ class LlamaCppRun:
         return np.array(tokens, dtype=np.int64), perf_counter() - t0
 
 
-def llama_cpp_nll(gguf: Path, ids: np.ndarray, chunk: int, threads: int) -> np.ndarray:
-    """Negative log-likelihood (nats) of every token of ``ids`` after the first of its chunk, by llama.cpp.
-
-    ``ids`` is cut into chunks of ``chunk`` tokens, each evaluated from an empty cache with the logits
-    of every position kept; token t of a chunk is scored from the logits after token t - 1, as
-    ``quality.engine_nll`` scores our engine on the same chunks.
-    """
+def llama_cpp_chunk_logits(gguf: Path, ids: np.ndarray, chunk: int, threads: int):
+    """For each chunk of ``chunk`` tokens of ``ids`` (each evaluated from an empty cache, every position's logits
+    kept): (logits after tokens 0..t-1 of the chunk, float64 (n - 1, V); the tokens they predict, (n - 1,))."""
     llama_cpp = require_llama_cpp()
     llm = llama_cpp.Llama(
         model_path=str(gguf),
@@ -162,18 +158,25 @@ def llama_cpp_nll(gguf: Path, ids: np.ndarray, chunk: int, threads: int) -> np.n
         verbose=False,
     )
     try:
-        nll = []
         for lo in range(0, len(ids) - 1, chunk):
             part = [int(t) for t in ids[lo : lo + chunk]]
             if len(part) < 2:
                 break
             llm.reset()
             llm.eval(part)
-            logits = np.asarray(llm.scores[: len(part) - 1], dtype=np.float64)
-            nll.append(next_token_nll(logits, np.asarray(part[1:])))
-        return np.concatenate(nll)
+            yield np.asarray(llm.scores[: len(part) - 1], dtype=np.float64), np.asarray(part[1:])
     finally:
         llm.close()
+
+
+def llama_cpp_nll(gguf: Path, ids: np.ndarray, chunk: int, threads: int) -> np.ndarray:
+    """Negative log-likelihood (nats) of every token of ``ids`` after the first of its chunk, by llama.cpp.
+
+    ``ids`` is cut into chunks of ``chunk`` tokens, each evaluated from an empty cache with the logits
+    of every position kept; token t of a chunk is scored from the logits after token t - 1, as
+    ``quality.engine_nll`` scores our engine on the same chunks.
+    """
+    return np.concatenate([next_token_nll(z, nxt) for z, nxt in llama_cpp_chunk_logits(gguf, ids, chunk, threads)])
 
 
 def next_token_nll(logits_TV: np.ndarray, next_T: np.ndarray) -> np.ndarray:

@@ -6,6 +6,11 @@ of a chunk is predicted from tokens 0..t-1 of that chunk. Our engine decodes tok
 through its fused step (the path the speed tables time); llama.cpp evaluates each chunk at once
 with every position's logits kept. The ratio is paired: exp of the mean per-token difference in
 negative log-likelihood, so it compares the two models on identical predictions.
+
+On the same teacher-forced positions the table also says how far the two agree, which greedy decoding cannot
+(one early divergence sends the rest of a greedy run elsewhere): the share of positions whose top-1 token is the
+same, the first position (over the scored tokens, chunk after chunk) where it differs, and the largest logit
+difference, absolute and over the largest |logit| of llama.cpp's.
 """
 
 from __future__ import annotations
@@ -14,37 +19,71 @@ import numpy as np
 import pandas as pd
 
 from ..inference.engine import Engine
-from .llamacpp import llama_cpp_nll, next_token_nll
+from .llamacpp import llama_cpp_chunk_logits, next_token_nll
 
 
-def engine_nll(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
-    """Negative log-likelihood (nats) of every token of ``ids`` after the first of its chunk, by our engine."""
+def engine_chunk_logits(engine: Engine, ids: np.ndarray, chunk: int):
+    """As ``llamacpp.llama_cpp_chunk_logits``, by our engine's fused decode step, token by token."""
     if chunk < 2:
         raise ValueError(f"chunk must hold at least 2 tokens; got {chunk}")
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    nll = []
     for lo in range(0, len(ids) - 1, chunk):
         part = ids[lo : lo + chunk]
         if len(part) < 2:
             break
         engine.reset(len(part))
-        logits = np.stack([engine.step(int(t)) for t in part[:-1]]).astype(np.float64)
-        nll.append(next_token_nll(logits, part[1:]))
-    return np.concatenate(nll)
+        yield np.stack([engine.step(int(t)) for t in part[:-1]]).astype(np.float64), part[1:]
+
+
+def engine_nll(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
+    """Negative log-likelihood (nats) of every token of ``ids`` after the first of its chunk, by our engine."""
+    return np.concatenate([next_token_nll(z, nxt) for z, nxt in engine_chunk_logits(engine, ids, chunk)])
+
+
+def agreement(ours, theirs) -> dict:
+    """Teacher-forced agreement of two iterables of (logits (n, V), next tokens (n,)) chunks on the same tokens:
+    both negative log-likelihoods, top-1 agreement, the first differing position (None if none) and the largest
+    logit difference (absolute, and over the largest |logit| of ``theirs``)."""
+    nll_a, nll_b, same, top, worst = [], [], [], 0.0, 0.0
+    for (a, nxt), (b, nxt_b) in zip(ours, theirs, strict=True):
+        if not np.array_equal(nxt, nxt_b):
+            raise ValueError("the two sides scored different tokens")
+        nll_a.append(next_token_nll(a, nxt))
+        nll_b.append(next_token_nll(b, nxt))
+        same.append(a.argmax(1) == b.argmax(1))
+        worst, top = max(worst, float(np.abs(a - b).max())), max(top, float(np.abs(b).max()))
+    same = np.concatenate(same)
+    differ = np.flatnonzero(~same)
+    return {
+        "nll_ours": np.concatenate(nll_a),
+        "nll_theirs": np.concatenate(nll_b),
+        "top1_agreement": float(same.mean()),
+        "first_top1_difference": int(differ[0]) if len(differ) else None,
+        "max_logit_diff": worst,
+        "max_logit_diff_rel": worst / top if top else float("nan"),
+    }
 
 
 def quality_table(engines: dict[str, Engine], ggufs: dict, ids: np.ndarray, chunk: int, threads: int) -> pd.DataFrame:
     """Perplexity per weight format: ``engines`` maps a format to our engine in it, ``ggufs`` to llama.cpp's
     GGUF of the same model in it (or None: not scored). One row per format: both perplexities, the paired
-    ratio ours / llama.cpp, and the tokens scored."""
+    ratio ours / llama.cpp, the tokens scored, and how far the two agree position by position (``agreement``)."""
     rows = []
     for fmt, engine in engines.items():
-        ours = engine_nll(engine, ids, chunk)
-        row = {"fmt": fmt, "tokens": len(ours), "ppl_ours": float(np.exp(ours.mean()))}
-        if ggufs.get(fmt) is not None:
-            theirs = llama_cpp_nll(ggufs[fmt], ids, chunk, threads)
-            row.update(
-                ppl_llama_cpp=float(np.exp(theirs.mean())), ours_over_llama_cpp=float(np.exp((ours - theirs).mean()))
-            )
-        rows.append(row)
+        if ggufs.get(fmt) is None:
+            ours = engine_nll(engine, ids, chunk)
+            rows.append({"fmt": fmt, "tokens": len(ours), "ppl_ours": float(np.exp(ours.mean()))})
+            continue
+        a = agreement(engine_chunk_logits(engine, ids, chunk), llama_cpp_chunk_logits(ggufs[fmt], ids, chunk, threads))
+        ours, theirs = a.pop("nll_ours"), a.pop("nll_theirs")
+        rows.append(
+            {
+                "fmt": fmt,
+                "tokens": len(ours),
+                "ppl_ours": float(np.exp(ours.mean())),
+                "ppl_llama_cpp": float(np.exp(theirs.mean())),
+                "ours_over_llama_cpp": float(np.exp((ours - theirs).mean())),
+                **a,
+            }
+        )
     return pd.DataFrame(rows).set_index("fmt")

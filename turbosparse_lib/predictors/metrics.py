@@ -173,8 +173,8 @@ def operating_point(
     For each bound on the missed mass, every layer takes ``layer_thresholds_for(table, bound)`` and the model is
     scored on ``calibration_ids`` with those predicted masks. The point is the sparsest whose perplexity stays
     within ``1 + budget`` of the model's own (exact masks) on the same tokens; None if even the most careful bound
-    exceeds it. The sweep stops after two bounds in a row over the budget. Returns (point: bound, per-layer thresholds, calibration ratio, predicted sparsity, recall; the
-    sweep). ``ps`` keeps the thresholds it had.
+    exceeds it. The sweep stops after two bounds in a row over the budget. Returns (point: bound, per-layer
+    thresholds, calibration ratio, predicted sparsity, recall; the sweep). ``ps`` keeps the thresholds it had.
     """
     from ..eval.perplexity import perplexity
 
