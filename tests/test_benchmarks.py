@@ -432,7 +432,8 @@ def test_agreement_reports_top1_the_first_difference_and_the_largest_logit_gap()
     assert a["max_logit_diff_rel"] == pytest.approx(a["max_logit_diff"] / np.abs(theirs).max())
     np.testing.assert_allclose(a["nll_ours"], quality.engine_nll(engine, ids, 8))
     with pytest.raises(ValueError, match="different tokens"):
-        quality.agreement(quality.engine_chunk_logits(engine, ids, 8), quality.engine_chunk_logits(q4, (ids + 1) % 64, 8))
+        other = quality.engine_chunk_logits(q4, (ids + 1) % 64, 8)
+        quality.agreement(quality.engine_chunk_logits(engine, ids, 8), other)
 
 
 def test_llama_cpp_missing_is_a_clear_error(monkeypatch):

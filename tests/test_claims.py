@@ -227,3 +227,16 @@ def test_one_verdict_per_claim_in_the_library_notebook_99_and_the_readme():
     for r in table.itertuples():
         row = next(line for line in readme.splitlines() if line.startswith(f"| {r.claim} ("))
         assert f"**{r.verdict}**" in row, (r.claim, row)
+
+
+def test_predictor_claim_needs_the_predicted_sparsity_to_follow_the_true_one(tmp_path):
+    """High recall at the operating point holds only if the predictors also skip about as many neurons as are dead."""
+    base = {"loss": "contribution", "ratio": 1.01, "recall": 0.97, "true_sparsity": 0.75, "chosen": True}
+    rows = [{"model": "relufied dReLU (05)", **base, "predicted_sparsity": 0.72}]
+    _write(tmp_path, "07_operating_points.csv", rows)
+    claim = "predictors find the active neurons"
+    assert claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc[claim].verdict == claims.HOLDS
+    for skipped, verdict in ((0.5, claims.QUALITATIVE), (0.3, claims.FAILS)):
+        _write(tmp_path, "07_operating_points.csv", [{**rows[0], "predicted_sparsity": skipped}])
+        row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc[claim]
+        assert row.verdict == verdict and "dead ones" in row.why
