@@ -20,10 +20,11 @@ def sources_digest() -> str:
 # other across files (``bundles`` inlines ``quant``, which inlines ``simd``; ``step`` inlines ``bundles``). Two ways
 # that goes stale: an edit of ``quant`` leaves ``bundles``' cached machine code valid in Numba's eyes; and a process
 # that imported the old sources (a notebook kernel left running) compiles a new signature after the edit and writes
-# old code under the unchanged file's stamp, where every later process loads it. Both were seen: the fused step and
-# the unfused engine then differed in the last bits, from a warm cache only. So this package's kernels are stamped
-# with the digest of all its sources taken when the process imported them: an entry written by a process that saw
-# other sources is stale to every other process and recompiled.
+# old code under the unchanged file's stamp, where every later process loads it. So this package's kernels are
+# stamped with the digest of all its sources taken when the process imported them: an entry written by a process
+# that saw other sources is stale to every other process and recompiled. (Not fixed by this: with identical sources,
+# the fused step and the unfused engine still differ in the last bits when their kernels load from the cache, and
+# agree when compiled fresh; tests/test_engine.py's bit-equality tests need a clean cache.)
 SOURCES_DIGEST = sources_digest()
 
 
