@@ -278,6 +278,11 @@ def scratch_model_decoding(dirs: list[Path], prompt_ids, bench, bandwidth_gbs: f
     return out
 
 
+def _threshold_label(t: float | str) -> str:
+    """A predicted run's label: ``threshold 0.3`` for one threshold, or the operating point's own label."""
+    return t if isinstance(t, str) else f"threshold {t:g}"
+
+
 def predicted_decoding_runs(
     engine: Engine,
     predictors,
@@ -318,12 +323,8 @@ def predicted_decoding_runs(
             "run": name,
             "model": model_label,
             "precision": p,
-            "mask_source": MASK_SOURCES[masks]
-            if t is None
-            else f"predictors in line, {t}"
-            if isinstance(t, str)
-            else f"predictors in line, threshold {t:g}",
-            "threshold": t if not isinstance(t, str) else None,
+            "mask_source": MASK_SOURCES[masks] if t is None else f"predictors in line, {_threshold_label(t)}",
+            "threshold": None if isinstance(t, str) else t,
             "point": t if isinstance(t, str) else None,
         }
         for name, (p, masks, _, t) in spec.items()

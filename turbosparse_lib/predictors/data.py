@@ -8,16 +8,15 @@ For every layer and token we keep the FFN's input and a label per neuron:
   ``"topk"``: the neuron is among the ``kept_count(topk_sparsity, N)`` largest |combined| (SwiGLU has no zeros);
 - and, per neuron, how much it contributes: ``|combined_i| * ||W_down[:, i]||``, the size of what the neuron adds
   to the residual stream, relative to the token's largest in that layer. Quality depends on a few large
-  contributions: on the ReLUfied dReLU SmolLM2, dropping the 2% largest live neurons of every token multiplies
-  perplexity by thousands, dropping the 30% smallest by 1.01. Training (``predictors.train``, loss
-  ``"contribution"``) and the operating points (``predictors.metrics.missed_mass``) weigh neurons by it.
+  contributions (notebook 07: predictors that keep 98% of the live neurons can still cost far more perplexity than
+  ones that keep fewer but the right ones). Training (``predictors.train``, loss ``"contribution"``) and the
+  missed mass of ``predictors.metrics.layer_metrics``, on which the operating points rest, weigh neurons by it.
 
 Storage is bounded and resumable: shard ``i`` holds tokens ``[i*S, (i+1)*S)`` of the stream, inputs in float16 and
 labels bit-packed along the neuron axis (``np.packbits``), contributions as one byte each on a log scale
 (``contribution_codes``: 1/16 octave steps over 16 octaves below the token's largest), one safetensors file per
-shard written under a
-temporary name; a rerun skips the shards already on disk, and ``capture.json`` (written last) records the
-configuration, so a folder made with another configuration is refused rather than mixed.
+shard written under a temporary name; a rerun skips the shards already on disk, and ``capture.json`` (written
+last) records the configuration, so a folder made with another configuration is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -220,7 +219,10 @@ def load_layer(out_dir: str | Path, layer: int, contributions: bool = False):
         raise FileNotFoundError(f"no finished capture in {out_dir}: run predictors.data.capture first")
     info = json.loads(info_path.read_text())
     if contributions and not info.get("contributions"):
-        raise ValueError(f"{out_dir} was captured without contributions; delete it and capture again")
+        raise ValueError(
+            f"{out_dir} was captured without contributions: run predictors.data.capture on it again (it redoes the "
+            "shards that lack them)"
+        )
     xs, ys, ms = [], [], []
     for s in range(info["shards"]):
         with safe_open(str(out_dir / f"shard-{s:05d}.safetensors"), framework="pt") as f:

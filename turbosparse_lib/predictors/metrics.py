@@ -5,7 +5,7 @@ perplexity with predicted masks, and what it costs per token against what it sav
   Recall is the share of truly active neurons the predictor keeps (a miss drops a live neuron: quality);
   precision the share of kept neurons that are truly active (a false positive reads one row for nothing:
   speed); predicted sparsity the share it leaves out; missed mass the share of the token's contribution to the
-  residual stream that the dropped live neurons carried (``predictors.data``), which is what quality follows:
+  residual stream that the dropped live neurons carried (``predictors.data``), closer to what quality follows:
   recall counts a neuron that moves the output by a hair like one that carries the token.
 - ``operating_point``: the rule that picks where to run the predictors, by a perplexity budget. Each layer gets
   the highest threshold whose missed mass stays under a bound (``layer_thresholds_for``); the bound is raised
@@ -19,8 +19,6 @@ perplexity with predicted masks, and what it costs per token against what it sav
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -36,26 +34,20 @@ from .train import split
 @torch.no_grad()
 def layer_metrics(ps: PredictorSet, capture_dir, thresholds=(0.5,), val_fraction: float | None = None) -> pd.DataFrame:
     """One row per (layer, threshold) on the held-out captured tokens: recall, precision, predicted and true
-    sparsity, and the share of tokens whose every active neuron was kept."""
+    sparsity, the share of tokens whose every active neuron was kept, and the missed mass."""
     vf = val_fraction if val_fraction is not None else ps.meta.get("training", {}).get("val_fraction", 0.1)
-    import json
-
-    from .data import CAPTURE_FILE
-
-    with_mass = bool(json.loads((Path(capture_dir) / CAPTURE_FILE).read_text()).get("contributions"))
     rows = []
     for i in range(len(ps.layers)):
-        x, y, *rel = load_layer(capture_dir, i, contributions=with_mass)
+        x, y, rel = load_layer(capture_dir, i, contributions=True)
         start = split(len(x), vf)
         x, y = x[start:], y[start:]
-        if with_mass:
-            live_mass = rel[0][start:] * y
-            token_mass = live_mass.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+        live_mass = rel[start:] * y
+        token_mass = live_mass.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
         logits = ps.layers[i](x)
         for t in thresholds:
             pred = logits >= ps.logit_threshold(t)
             tp = (pred & y).sum().item()
-            missed = (live_mass * ~pred).sum(1) / token_mass if with_mass else torch.full((1,), float("nan"))
+            missed = (live_mass * ~pred).sum(1) / token_mass
             rows.append(
                 {
                     "layer": i,
@@ -132,17 +124,6 @@ def cost_per_token(ps: PredictorSet, ffn_active: float, bytes_per_weight: float 
     }
 
 
-def choose_threshold(by_threshold: pd.DataFrame, max_sparsity_gap: float = 0.05) -> dict | None:
-    """Among thresholds (index) whose mean predicted sparsity is within ``max_sparsity_gap`` of the true sparsity,
-    the one with the best recall (None if none qualifies). ``by_threshold``: mean recall, predicted_sparsity and
-    true_sparsity per threshold, as ``layer_metrics(...).groupby('threshold').mean()`` gives."""
-    ok = by_threshold[(by_threshold.true_sparsity - by_threshold.predicted_sparsity).abs() <= max_sparsity_gap]
-    if ok.empty:
-        return None
-    t = ok.recall.idxmax()
-    return {"threshold": float(t), **{k: float(v) for k, v in ok.loc[t].items()}}
-
-
 # bounds on the missed mass per layer that ``operating_point`` tries, from the most careful up
 MISSED_MASS_BOUNDS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 # probability thresholds ``layer_thresholds_for`` chooses from: fine enough to give each layer its own
@@ -180,7 +161,7 @@ def operating_point(
 
     if budget < 0:
         raise ValueError(f"budget is a relative perplexity increase >= 0; got {budget}")
-    if "missed_mass" not in table or table.missed_mass.isna().all():
+    if "missed_mass" not in table:
         raise ValueError("the table has no missed mass: capture with contributions (predictors.data.capture)")
     exact = perplexity(model, calibration_ids, context_length=context_length)
     before, rows = ps.layer_thresholds, []

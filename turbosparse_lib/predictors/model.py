@@ -80,17 +80,13 @@ class PredictorSet(nn.Module):
         self.layer_thresholds = thresholds
         return self
 
-    def threshold_of(self, layer: int, threshold: float | None = None) -> float:
-        """The probability threshold ``layer`` uses: ``threshold`` if given, else its own, else the set's."""
-        if threshold is not None:
-            return threshold
-        return self.layer_thresholds[layer] if self.layer_thresholds is not None else self.threshold
-
     def logit_threshold(self, threshold: float | None = None, layer: int | None = None) -> float:
-        """The logit a neuron's must reach: of ``threshold`` if given, else of ``layer``'s own (or the set's)."""
-        if layer is None:
-            return _logit(self.threshold if threshold is None else threshold)
-        return _logit(self.threshold_of(layer, threshold))
+        """The logit a neuron's must reach: of ``threshold`` if given, else of ``layer``'s own threshold (when the set
+        has per-layer ones), else of the set's."""
+        if threshold is None:
+            own = self.layer_thresholds is not None and layer is not None
+            threshold = self.layer_thresholds[layer] if own else self.threshold
+        return _logit(threshold)
 
     @torch.no_grad()
     def predict(self, layer: int, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:

@@ -18,15 +18,13 @@ class PredictorMaskProvider:
     """``(layer_idx, x_H) -> active neuron indices`` from a ``PredictorSet``, float32 NumPy copies of its weights."""
 
     def __init__(self, ps: PredictorSet, threshold: float | None = None, fmt: str = "f32"):
-        """``threshold``: one probability for every layer; None: the set's own (per layer when it has them)."""
-        """``fmt``: the format of the predictors' matrices ('f32', 'q8_0', 'q4_0'): a quantised engine reads
+        """``threshold``: one probability for every layer; None: the set's own (per layer when it has them).
+        ``fmt``: the format of the predictors' matrices ('f32', 'q8_0', 'q4_0'): a quantised engine reads
         its predictors in its own format, or a float32 predictor would cost as many bytes as several layers."""
         if fmt not in quant.FORMATS:
             raise ValueError(f"fmt must be one of {', '.join(quant.FORMATS)}; got {fmt!r}")
         self.input = ps.source  # "residual" or "normed"
         self.fmt = fmt
-        # one threshold for every layer if given, else the set's (per layer when it has them)
-        self.threshold = threshold if threshold is not None else (ps.layer_thresholds or ps.threshold)
         self.logit_thresholds = [np.float32(ps.logit_threshold(threshold, i)) for i in range(len(ps.layers))]
         self.w1 = [quant.quantize(p.down.weight.detach().float().numpy(), fmt) for p in ps.layers]  # (r, H)
         self.w2 = [quant.quantize(p.up.weight.detach().float().numpy(), fmt) for p in ps.layers]  # (N, r)

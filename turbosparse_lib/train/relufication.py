@@ -124,7 +124,7 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 # the split warm start ended x2.06 [1.96, 2.16] of the original's perplexity against x2.25 [2.14, 2.37] for the sign
-# flip, on the same 122,880 tokens at the cpu preset, and 85% top-k sparse at the latter's quality (notebook 05)
+# flip, on the same 122,880 tokens at the cpu preset (notebook 05, 05_table1_analogue.csv)
 DEFAULT_RECIPE = "lstsq-split+hidden"
 BASE_MODELS = ("smollm2-135m", "scratch-swiglu")  # or the folder of any supported Hugging Face model
 WARM_FILE = "warm_start.json"
