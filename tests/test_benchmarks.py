@@ -396,6 +396,43 @@ def test_decoding_runs_are_labelled_by_model_precision_and_masks():
     assert runs[keys[("q4_0", "oracle")]].engine.fmt == "q4_0" and runs[keys[("q4_0", "oracle")]].masks == "oracle"
 
 
+class _ScriptedRun:
+    """A decoding run whose seconds come from a script (one per timed round), to test the round logic."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls, self.profile = list(seconds), 0, {}
+
+    def decode(self, prompt, new_tokens, profile=None):
+        self.calls += 1
+        return np.zeros(new_tokens, np.int64), 1.0 if self.calls == 1 else self.seconds[
+            (self.calls - 2) % len(self.seconds)
+        ]
+
+
+def test_speedup_interval_is_paired_and_reproducible():
+    base, new = np.array([2.0, 4.0, 2.0, 4.0, 2.0]), np.array([1.0, 2.0, 1.0, 2.0, 1.0])
+    assert timing.speedup_interval(base, new) == (2.0, 2.0)  # a slow round slows both: paired, no spread
+    lo, hi = timing.speedup_interval(base, np.array([2.0, 1.0, 2.0, 1.0, 2.0]))  # against the machine's rhythm
+    assert lo <= 1.0 < hi and lo < hi
+    assert timing.speedup_interval(base, new + [0, 1, 0, 0, 0]) == timing.speedup_interval(base, new + [0, 1, 0, 0, 0])
+    with pytest.raises(ValueError, match="paired"):
+        timing.speedup_interval(base, new[:3])
+
+
+def test_bench_decoding_repeats_until_the_ratio_interval_is_narrow_or_the_cap():
+    steady = {"base": _ScriptedRun([1.0]), "run": _ScriptedRun([0.5])}
+    table, _ = decoding.bench_decoding(steady, np.arange(3), 4, repeats=3, against={"run": "base"}, max_repeats=9)
+    assert table.loc["run", "repeats"] == 3 and table.loc["run", "ratio"] == 2.0 and table.loc["run", "converged"]
+    assert (table.loc["run", "ratio_lo"], table.loc["run", "ratio_hi"]) == (2.0, 2.0)
+    noisy = {"base": _ScriptedRun([1.0]), "run": _ScriptedRun([0.3, 0.9, 0.5])}
+    table, _ = decoding.bench_decoding(noisy, np.arange(3), 4, repeats=3, against={"run": "base"}, max_repeats=9)
+    assert table.loc["run", "repeats"] == 9 and not table.loc["run", "converged"]
+    assert table.loc["run", "ratio_lo"] < table.loc["run", "ratio"] < table.loc["run", "ratio_hi"]
+    assert np.isnan(table.loc["base", "ratio"])
+    with pytest.raises(ValueError, match="not benchmarked"):
+        decoding.bench_decoding(steady, np.arange(3), 4, repeats=2, against={"run": "llama"})
+
+
 def test_quality_scores_every_token_after_the_first_of_its_chunk():
     from turbosparse_lib.bench import quality
 
@@ -410,6 +447,33 @@ def test_quality_scores_every_token_after_the_first_of_its_chunk():
     assert list(table.index) == ["f32", "q8_0"] and (table.tokens == 8).all() and "ppl_llama_cpp" not in table
     with pytest.raises(ValueError, match="chunk"):
         quality.engine_nll(engine, ids, 1)
+
+
+def test_model_in_format_carries_the_engines_quantised_weights():
+    """The PyTorch copy in a format holds the engine's dequantised weights: its logits sit closer to the quantised
+    engine's than the float model's do (what remains is the engine's Q8_0 rounding of activations, which on a
+    32-wide toy is as large as Q8_0's weight rounding but far below Q4_0's), the float model is untouched, and
+    f32 is the model itself."""
+    import torch
+
+    from turbosparse_lib.bench import quality
+
+    model = tiny_models.ours("drelu", seed=1, intermediate_size=48)
+    engine, ids = Engine.from_transformers(model), np.arange(3, 30) * 5 % 64
+    before = [p.detach().clone() for p in model.parameters()]
+    assert quality.model_in_format(model, "f32") is model
+    for fmt, nearer in (("q8_0", 0.75), ("q4_0", 0.1)):
+        copy_ = quality.model_in_format(model, fmt, engine)
+        with torch.no_grad():
+            fake = copy_(torch.as_tensor(ids)[None]).logits[0].numpy()
+            exact = model(torch.as_tensor(ids)[None]).logits[0].numpy()
+        ref = engine.quantized(fmt).reference_logits(ids)
+        assert np.abs(fake - ref).max() < nearer * np.abs(exact - ref).max()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="format"):
+        quality.model_in_format(model, "q5_k")
+    # the PyTorch model and the engine score the same tokens of the same chunks
+    np.testing.assert_allclose(quality.pytorch_nll(model, ids, 8), quality.engine_nll(engine, ids, 8), rtol=1e-4)
 
 
 def test_agreement_reports_top1_the_first_difference_and_the_largest_logit_gap():

@@ -138,6 +138,17 @@ def test_speed_claim_needs_equal_quality(tmp_path):
     _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
     row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
     assert row.verdict == claims.HOLDS and "x2.50 llama.cpp at q4_0" in row.ours
+    # a ratio whose 95% interval reaches 1 is not "faster"
+    rows[1] |= {"over_llama_cpp_lo": 0.95, "over_llama_cpp_hi": 4.0}
+    _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
+    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
+    assert row.verdict == claims.FAILS and "[0.95, 4.00]" in row.ours and "interval" in row.why
+    rows[1] |= {"over_llama_cpp_lo": 2.3, "over_llama_cpp_hi": 2.7}
+    # the predicted run answers to the exact masks of its own format, not to a better format's
+    rows.insert(0, {**rows[0], "run": "ours exact f32", "precision": "f32", "heldout_ppl": 29.0})
+    _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
+    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
+    assert row.verdict == claims.HOLDS
 
 
 def test_readme_table_is_current_and_backed_by_committed_results():

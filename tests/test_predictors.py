@@ -88,11 +88,12 @@ def test_predictors_train_save_load_and_mask(tiny, ids, tmp_path):
     runs, keys, legend = decoding.predicted_decoding_runs(
         engine, ps, (1e-9, 0.5), "tiny", precisions=("f32", "q8_0"), points={"all kept": every}
     )
-    assert len(runs) == len(legend) == 2 * 5 and runs[keys[("q8_0", "predicted", 0.5)]].provider.fmt == "q8_0"
+    assert len(runs) == len(legend) == 2 * 6 and runs[keys[("q8_0", "predicted", 0.5)]].provider.fmt == "q8_0"
     assert legend.loc[keys[("f32", "point", "all kept")], "point"] == "all kept"
     speed, tokens = decoding.bench_decoding(runs, prompt, 4, 1)
     assert np.array_equal(tokens[keys[("q8_0", "predicted", 1e-9)]], tokens[keys[("q8_0", "dense", None)]])
     assert np.array_equal(tokens[keys[("q8_0", "point", "all kept")]], tokens[keys[("q8_0", "dense", None)]])
+    assert np.array_equal(tokens[keys[("q8_0", "gatefirst", None)]], tokens[keys[("q8_0", "dense", None)]])
     limits = decoding.decoding_limits(
         ModelShape.of_engine(engine, "tiny"),
         runs,

@@ -89,6 +89,10 @@ class PredictSection:
     source: str = "residual"  # the predictors' input: the residual stream before the FFN norm, or "normed"
     losses: tuple[str, ...] = ("bce", "contribution")  # predictor losses compared (predictors.train.LOSSES)
     calibration_tokens: int = 4096  # training-split tokens after the captured ones: the operating point's perplexity
+    # the sparse output layer (predictors.output_layer), fitted on the captured tokens' final hidden states
+    head_clusters: int = 256  # clusters of contexts, each with its own candidate vocabulary rows
+    head_rows: tuple[int, ...] = (512, 1024, 2048, 4096)  # candidate rows per cluster, swept
+    head_confidences: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)  # below this candidate probability: the full lm_head
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ class BenchSection:
     prompt_tokens: int = 16  # end to end: prompt length (prefill is not timed)
     new_tokens: int = 8  # tokens generated per decoding run (the first comes from prefill)
     decode_repeats: int = 2  # timed decoding runs per engine configuration
+    max_decode_repeats: int | None = None  # ... and more, up to this, until every ratio's 95% interval is narrow
+    ratio_halfwidth: float = 0.05  # narrow: within this fraction of the ratio, either side
     topk_sparsity: float = 0.9  # the lossy top-k run end to end
     quality_tokens: int = 512  # held-out tokens scored for the perplexity of each format (ours and llama.cpp's)
     quality_chunk: int = 128  # ... in chunks of this many tokens, each from an empty cache
@@ -197,7 +203,15 @@ PRESETS: dict[str, Preset] = {
         ),
         # seconds in CI: notebook 02's tiny model, not SmolLM2
         predict=PredictSection(
-            capture_tokens=2048, tokens_per_shard=512, rank=16, epochs=2, thresholds=(0.2, 0.5), calibration_tokens=512
+            capture_tokens=2048,
+            tokens_per_shard=512,
+            rank=16,
+            epochs=2,
+            thresholds=(0.2, 0.5),
+            calibration_tokens=512,
+            head_clusters=16,
+            head_rows=(64, 256),
+            head_confidences=(0.0, 0.5),
         ),
         eval=EvalSection(
             eval_tokens=1024,
@@ -292,6 +306,7 @@ PRESETS: dict[str, Preset] = {
             prompt_tokens=32,
             new_tokens=65,
             decode_repeats=7,
+            max_decode_repeats=21,
             max_load=0.35,
             load_wait_s=600,
         ),
@@ -359,6 +374,7 @@ PRESETS: dict[str, Preset] = {
             prompt_tokens=64,
             new_tokens=129,
             decode_repeats=7,
+            max_decode_repeats=21,
             max_load=0.35,
             load_wait_s=1800,
         ),

@@ -2,8 +2,10 @@
 
 Sparse runs are labelled by their mask source: ``exact`` and ``topk`` replay masks recorded on a
 first pass (``inference.masks.RecordedMasks``: the cost of an ideal, free predictor); ``oracle``
-computes the exact mask in line from the weights (``ExactZeroOracle``, inside the FFN kernel), so
-it reads every gate row. Every run of ours decodes a token in one compiled call (``inference.step``).
+computes the exact mask in line from the weights (``ExactZeroOracle``, inside the FFN kernel): gate-first,
+every gate row read, then the up rows only where the gate fired and the down rows only where the
+combined value is not zero. It is exact and needs no predictor: the baseline a predictor must beat.
+Every run of ours decodes a token in one compiled call (``inference.step``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .. import paths
 from ..inference.engine import Engine
 from ..inference.masks import ExactZeroOracle, MaskProvider, RecordedMasks, TopKOracle
 from ..inference.quant import FORMATS
+from . import timing
 from .bytes_model import ModelShape, bytes_per_token, engine_precision, llama_cpp_precision, measured_bytes_per_token
 from .timing import median
 
@@ -28,7 +31,7 @@ MASK_SOURCES = {
     None: "dense",
     "exact": "exact zeros, recorded then replayed at no cost (an ideal predictor)",
     "topk": "top-k oracle, recorded then replayed at no cost (an ideal predictor, lossy)",
-    "oracle": "exact zeros computed in line from the weights (every gate row read each token)",
+    "oracle": "gate-first: every gate row read, then up and down rows only where the gate fired (exact, no predictor)",
     "provider": "a mask provider run in line each token (e.g. trained predictors), its cost counted",
 }
 PROFILE_PARTS = ("embed", "attention", "mask", "ffn", "lm_head", "other")
@@ -88,24 +91,54 @@ class EngineRun:
         return np.array(tokens, dtype=np.int64), perf_counter() - t0
 
 
-def bench_decoding(runs: dict, prompt_ids, new_tokens: int, repeats: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def bench_decoding(
+    runs: dict,
+    prompt_ids,
+    new_tokens: int,
+    repeats: int,
+    against: dict[str, str] | None = None,
+    max_repeats: int | None = None,
+    halfwidth: float = 0.05,
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Decode with every run ``repeats`` times, round-robin, after one untimed warm-up run each.
 
     ``runs``: name -> ``EngineRun`` / ``LlamaCppRun``. Returns a table (one row per run: median
     tokens/s and ms/token over ``new_tokens - 1`` decode steps, the spread, whether every timed
     run gave the warm-up run's tokens) and the tokens each run produced. Engine runs accumulate
     their profile over the timed runs in ``run.profile``.
+
+    ``against`` (run -> baseline run) adds each run's speed over its baseline's with a 95% interval
+    (``timing.speedup_interval``, rounds paired) as ``ratio``, ``ratio_lo``, ``ratio_hi``; rounds then go on
+    past ``repeats`` until every interval lies within ``halfwidth`` of its ratio (relative) or ``max_repeats``
+    rounds are done (``converged`` says which).
     """
-    if new_tokens < 2 or repeats < 1:
-        raise ValueError(f"need new_tokens >= 2 and repeats >= 1; got {new_tokens}, {repeats}")
+    against = against or {}
+    max_repeats = repeats if max_repeats is None else max_repeats
+    if new_tokens < 2 or repeats < 1 or max_repeats < repeats:
+        raise ValueError(
+            f"need new_tokens >= 2 and 1 <= repeats <= max_repeats; got {new_tokens}, {repeats}, {max_repeats}"
+        )
+    if unknown := {*against, *against.values()} - set(runs):
+        raise ValueError(f"against names runs that are not benchmarked: {sorted(unknown)}")
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
     tokens = {name: run.decode(prompt, new_tokens)[0] for name, run in runs.items()}  # warm-up (and recording)
     secs, stable = {name: [] for name in runs}, dict.fromkeys(runs, True)
-    for _ in range(repeats):
+    ci, wide = {}, []
+    while True:
         for name, run in runs.items():
             toks, s = run.decode(prompt, new_tokens, run.profile)
             stable[name] &= bool(np.array_equal(toks, tokens[name]))
             secs[name].append(s)
+        done = len(secs[name])
+        if done < repeats:
+            continue
+        if against and done >= 2:
+            ci = {r: timing.speedup_interval(secs[b], secs[r]) for r, b in against.items()}
+            wide = [
+                r for r, (lo, hi) in ci.items() if hi - lo > 2 * halfwidth * timing.speedup(secs[against[r]], secs[r])
+            ]
+        if done >= max_repeats or not wide:
+            break
     steps = new_tokens - 1
     rows = [
         {
@@ -118,7 +151,14 @@ def bench_decoding(runs: dict, prompt_ids, new_tokens: int, repeats: int) -> tup
         }
         for name, v in secs.items()
     ]
-    return pd.DataFrame(rows).set_index("run"), tokens
+    table = pd.DataFrame(rows).set_index("run")
+    if against:
+        table["vs"] = pd.Series(against)
+        table["ratio"] = pd.Series({r: timing.speedup(secs[b], secs[r]) for r, b in against.items()})
+        table["ratio_lo"] = pd.Series({r: lo for r, (lo, _) in ci.items()})
+        table["ratio_hi"] = pd.Series({r: hi for r, (_, hi) in ci.items()})
+        table["converged"] = pd.Series({r: r in ci and r not in wide for r in against})
+    return table, tokens
 
 
 def profile_table(runs: dict) -> pd.DataFrame:
@@ -295,13 +335,14 @@ def predicted_decoding_runs(
 ) -> tuple[dict, dict, pd.DataFrame]:
     """The configurations of notebook 07's speed-at-equal-quality table, for every precision: ``engine``
     (a float32 engine of the sparse model) dense, sparse with exact masks replayed (an ideal, free predictor),
-    sparse with ``predictors`` (a ``PredictorSet``) in line at each threshold, its matrices in the engine's
-    format; sparse at each operating point (``points``: label -> ``PredictorSet`` with its per-layer thresholds,
+    gate-first (the exact masks computed in line: every gate row, the rest where the gate fired), sparse with
+    ``predictors`` (a ``PredictorSet``) in line at each threshold, its matrices in the engine's format; sparse at
+    each operating point (``points``: label -> ``PredictorSet`` with its per-layer thresholds,
     ``predictors.metrics.operating_point``); and llama.cpp (``llama``: precision -> ``LlamaCppRun``) at that
     precision on the model it can run.
 
     Returns the runs, a (precision, kind, threshold or point label) -> run-name map (kinds: dense, exact,
-    predicted, point, llama; None for dense, exact and llama) and a legend table.
+    gatefirst, predicted, point, llama; None for all kinds but predicted and point) and a legend table.
     """
     from ..predictors.provider import PredictorMaskProvider
 
@@ -311,6 +352,8 @@ def predicted_decoding_runs(
         spec[name] = (p, None, None, None)
         keys[(p, "exact", None)] = name = f"{model_label} · sparse {p} · exact replayed"
         spec[name] = (p, "exact", None, None)
+        keys[(p, "gatefirst", None)] = name = f"{model_label} · sparse {p} · gate-first"
+        spec[name] = (p, "oracle", None, None)
         for t in thresholds:
             keys[(p, "predicted", t)] = name = f"{model_label} · sparse {p} · predicted, threshold {t:g}"
             spec[name] = (p, "provider", PredictorMaskProvider(predictors, t, fmt=p), t)

@@ -40,6 +40,23 @@ def engine_nll(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
     return np.concatenate([next_token_nll(z, nxt) for z, nxt in engine_chunk_logits(engine, ids, chunk)])
 
 
+def pytorch_nll(model, ids: np.ndarray, chunk: int) -> np.ndarray:
+    """As ``engine_nll``, by a PyTorch causal LM: the same chunks, each from scratch, the same tokens scored."""
+    import torch
+
+    if chunk < 2:
+        raise ValueError(f"chunk must hold at least 2 tokens; got {chunk}")
+    ids, out = np.asarray(ids, dtype=np.int64).reshape(-1), []
+    for lo in range(0, len(ids) - 1, chunk):
+        part = ids[lo : lo + chunk]
+        if len(part) < 2:
+            break
+        with torch.inference_mode():
+            logits = model(torch.as_tensor(part[None])).logits[0, :-1].double().numpy()
+        out.append(next_token_nll(logits, part[1:]))
+    return np.concatenate(out)
+
+
 def agreement(ours, theirs) -> dict:
     """Teacher-forced agreement of two iterables of (logits (n, V), next tokens (n,)) chunks on the same tokens:
     both negative log-likelihoods, top-1 agreement, the first differing position (None if none) and the largest
@@ -87,3 +104,45 @@ def quality_table(engines: dict[str, Engine], ggufs: dict, ids: np.ndarray, chun
             }
         )
     return pd.DataFrame(rows).set_index("fmt")
+
+
+def model_in_format(model, fmt: str, engine: Engine | None = None):
+    """A copy of the PyTorch ``model`` whose weight matrices are the ones our engine decodes with in ``fmt``
+    (quantised as ``Engine.quantized`` does, then dequantised): the perplexity of a format on long held-out
+    text at PyTorch's speed, with the same hooks (masks, predictors) as the float model. What it leaves out is
+    the Q8_0 rounding of the activations that the engine's (and llama.cpp's) quantised dot products add;
+    ``engine_nll`` scores the engine itself, token by token. ``f32`` returns ``model`` itself."""
+    import copy
+
+    import torch
+
+    from ..inference import quant
+
+    quant.format_code(fmt)
+    if fmt == "f32":
+        return model
+    w = (engine if engine is not None else Engine.from_transformers(model)).quantized(fmt).weights
+    qkv, o, lm_head = quant.dequantize(w.qkv), quant.dequantize(w.o), quant.dequantize(w.lm_head)
+    gate, up, down_NH = (w.ffn.dequantized(k) for k in range(3))
+    copy_ = copy.deepcopy(model)
+
+    def put(param, array):
+        param.copy_(torch.as_tensor(np.ascontiguousarray(array), dtype=param.dtype))
+
+    with torch.no_grad():
+        for li, block in enumerate(copy_.model.layers):
+            att, q_k_v = block.self_attn, np.cumsum([0, *(p.weight.shape[0] for p in _qkv(block.self_attn))])
+            for proj, lo, hi in zip(_qkv(att), q_k_v[:-1], q_k_v[1:], strict=True):
+                put(proj.weight, qkv[li, lo:hi])
+            put(att.o_proj.weight, o[li])
+            put(block.mlp.gate_proj.weight, gate[li])
+            put(block.mlp.up_proj.weight, up[li])
+            put(block.mlp.down_proj.weight, down_NH[li].T)
+        put(copy_.lm_head.weight, lm_head)  # a tied embedding is the same tensor
+        if not w.tied:
+            put(copy_.model.embed_tokens.weight, quant.dequantize(w.embed))
+    return copy_
+
+
+def _qkv(attention) -> tuple:
+    return attention.q_proj, attention.k_proj, attention.v_proj

@@ -70,6 +70,20 @@ def speedup(base_times, new_times) -> float:
     return median(base_times) / new
 
 
+def speedup_interval(base_times, new_times, level: float = 0.95, samples: int = 2000, seed: int = 0) -> tuple:
+    """Bootstrap interval of ``speedup(base_times, new_times)`` for times taken in pairs (round i of both runs
+    measured side by side, so a slow minute of the machine slows both): the rounds are resampled together,
+    percentile interval at ``level``, a fixed seed so a rerun on the same times gives the same interval."""
+    base, new = np.asarray(base_times, np.float64), np.asarray(new_times, np.float64)
+    if base.shape != new.shape or base.ndim != 1 or len(base) < 2:
+        raise ValueError(f"need paired rounds of equal count (at least 2); got {base.shape} and {new.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1); got {level}")
+    pick = np.random.default_rng(seed).integers(0, len(base), size=(samples, len(base)))
+    ratios = np.median(base[pick], axis=1) / np.median(new[pick], axis=1)
+    return tuple(float(q) for q in np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2]))
+
+
 def llc_bytes() -> int:
     """Size of the last-level cache from sysfs (the largest cache of cpu0), else 32 MB."""
     best = 0

@@ -1,3 +1,4 @@
 """Activation predictors (paper section 7): captured training data (``data``), the low-rank predictor and its
-saving beside the model (``model``), layer-by-layer training (``train``), accuracy and cost (``metrics``), and
-the engine's mask provider (``provider``)."""
+saving beside the model (``model``), layer-by-layer training (``train``), accuracy and cost (``metrics``),
+the engine's mask provider (``provider``), and, beyond the paper, a sparse output layer that computes a few candidate
+vocabulary rows per token (``output_layer``)."""
