@@ -193,8 +193,10 @@ def test_evaluate_matches_the_sparse_logits_and_bytes_fall_with_the_rows(data):
     hidden_TH, lm_head_VH, targets_T, valid_T = data
     cands = _fit(data, rows=12)
     table = evaluate(cands, hidden_TH, lm_head_VH, targets_T, valid_T, confidences=(0.0, 0.5, 1.01))
+    for _, row in table.iterrows():
+        assert output_layer.bytes_fraction_in_format(row, V, H, 4.0) == pytest.approx(row.bytes_fraction)
     assert list(table.columns) == [
-        "confidence", "tokens", "clusters", "rows_per_cluster", "mean_rows", "top1_agreement",
+        "method", "confidence", "tokens", "clusters", "rows_per_cluster", "mean_rows", "top1_agreement",
         "target_in_candidates", "ppl_full", "ppl_sparse", "ppl_ratio", "fallback_rate", "rows_read_fraction",
         "bytes_fraction",
     ]  # fmt: skip
@@ -224,5 +226,45 @@ def test_cheapest_within_picks_the_fewest_bytes_inside_the_budget():
     assert output_layer.cheapest_within(table, 0.02).bytes_fraction == 0.3
     assert output_layer.cheapest_within(table, 0.0).bytes_fraction == 1.0
     assert output_layer.cheapest_within(table[table.ppl_ratio > 1.02], 0.02) is None
+    table["top1_agreement"] = [1.0, 0.995, 0.98, 0.999]
+    assert output_layer.cheapest_within(table, min_top1=0.99).bytes_fraction == 0.3
     with pytest.raises(ValueError, match="budget"):
         output_layer.cheapest_within(table, -0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        output_layer.cheapest_within(table, 0.02, min_top1=0.99)
+
+
+def test_svd_preview_is_exact_at_full_rank_or_full_refinement(data):
+    hidden_TH, lm_head_VH, targets_T, valid_T = data
+    preview = output_layer.SVDPreview.fit(lm_head_VH)
+    torch.testing.assert_close(preview.rotated_VH @ preview.basis_HH, lm_head_VH, atol=1e-5, rtol=1e-5)
+    full_TV = hidden_TH @ lm_head_VH.T
+    for rank, top_n in ((H, 1), (1, V)):
+        logits_TV, _ = preview.logits(hidden_TH, rank, top_n)
+        torch.testing.assert_close(logits_TV, full_TV, atol=1e-4, rtol=1e-4)
+    table = output_layer.evaluate_svd(preview, hidden_TH, lm_head_VH, targets_T, valid_T, ranks=(H,), top_ns=(4,))
+    assert table.ppl_ratio.iloc[0] == pytest.approx(1.0, abs=1e-5) and table.top1_agreement.iloc[0] == 1.0
+    assert table.tokens.iloc[0] == int(valid_T.sum())
+
+
+def test_svd_preview_refines_its_top_rows_and_previews_the_rest(data):
+    hidden_TH, lm_head_VH, targets_T, valid_T = data
+    preview, rank, top_n = output_layer.SVDPreview.fit(lm_head_VH), 3, 10
+    logits_TV, refined_TN = preview.logits(hidden_TH, rank, top_n)
+    z_TH = hidden_TH @ preview.basis_HH.T
+    rough_TV = z_TH[:, :rank] @ preview.rotated_VH[:, :rank].T
+    for t in range(0, T, 37):  # per token, from the definition
+        top = rough_TV[t].topk(top_n).indices
+        assert set(top.tolist()) == set(refined_TN[t].tolist())
+        want = rough_TV[t].clone()
+        want[top] = hidden_TH[t] @ lm_head_VH[top].T
+        torch.testing.assert_close(logits_TV[t], want, atol=1e-4, rtol=1e-4)
+    table = output_layer.evaluate_svd(preview, hidden_TH, lm_head_VH, targets_T, valid_T, ranks=(2, 8), top_ns=(10,))
+    assert table.bytes_fraction.is_monotonic_increasing and (table.method == "svd preview").all()
+    for _, row in table.iterrows():  # the float32 count, recounted by the format-aware rule
+        assert output_layer.bytes_fraction_in_format(row, V, H, 4.0) == pytest.approx(row.bytes_fraction)
+    assert table.ppl_ratio.iloc[1] < table.ppl_ratio.iloc[0]  # more of the spectrum, a closer distribution
+    with pytest.raises(ValueError, match="rank"):
+        preview.logits(hidden_TH, H + 1, 4)
+    with pytest.raises(ValueError, match="fitted on"):
+        output_layer.evaluate_svd(preview, hidden_TH, lm_head_VH[:-1], targets_T, valid_T)

@@ -91,8 +91,10 @@ class PredictSection:
     calibration_tokens: int = 4096  # training-split tokens after the captured ones: the operating point's perplexity
     # the sparse output layer (predictors.output_layer), fitted on the captured tokens' final hidden states
     head_clusters: int = 256  # clusters of contexts, each with its own candidate vocabulary rows
-    head_rows: tuple[int, ...] = (512, 1024, 2048, 4096)  # candidate rows per cluster, swept
-    head_confidences: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)  # below this candidate probability: the full lm_head
+    head_rows: tuple[int, ...] = (256, 512, 1024)  # candidate rows per cluster, swept
+    head_confidences: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 0.9)  # below this candidate probability: full lm_head
+    head_ranks: tuple[int, ...] = (64, 192)  # the SVD-softmax preview's ranks, compared
+    head_top_n: tuple[int, ...] = (512, 2048)  # ... and the rows it refines
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,8 @@ PRESETS: dict[str, Preset] = {
             head_clusters=16,
             head_rows=(64, 256),
             head_confidences=(0.0, 0.5),
+            head_ranks=(8,),
+            head_top_n=(64,),
         ),
         eval=EvalSection(
             eval_tokens=1024,

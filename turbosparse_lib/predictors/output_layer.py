@@ -471,6 +471,7 @@ def _confidence_row(candidates: OutputCandidates, full: dict, cand: dict, confid
     rows_read_T = torch.where(fallback_T, V, cand["rows"])
     bytes_T = candidates.bytes_read(rows_read_T, weight_bytes) / candidates.full_bytes(weight_bytes)
     return {
+        "method": "clusters",
         "confidence": float(confidence),
         "tokens": len(fallback_T),
         "clusters": candidates.n_clusters,
@@ -526,11 +527,124 @@ def evaluate(
     return pd.DataFrame([_confidence_row(candidates, full, cand, c, weight_bytes) for c in confidences])
 
 
-def cheapest_within(table: pd.DataFrame, budget: float) -> pd.Series | None:
-    """The row of ``evaluate`` tables (concatenated over fits) that reads the fewest bytes while its perplexity
-    stays within ``budget`` (0.02: 2%) of the full lm_head's; None when no row does. One rule, so the notebook and
-    any report name the same point."""
-    if not 0 <= budget:
-        raise ValueError(f"budget must be >= 0; got {budget}")
-    ok = table[table.ppl_ratio <= 1 + budget]
+def cheapest_within(
+    table: pd.DataFrame, ppl_budget: float | None = None, min_top1: float | None = None
+) -> pd.Series | None:
+    """The row of ``evaluate`` / ``evaluate_svd`` tables (concatenated) that reads the fewest bytes while its
+    perplexity stays within ``ppl_budget`` (0.02: 2%) of the full lm_head's, or while its top-1 agreement with
+    the full layer is at least ``min_top1`` (what greedy decoding keeps): give one of the two. None when no row
+    qualifies. One rule, so the notebook and any report name the same point."""
+    if (ppl_budget is None) == (min_top1 is None):
+        raise ValueError("give exactly one of ppl_budget and min_top1")
+    if ppl_budget is not None and ppl_budget < 0:
+        raise ValueError(f"ppl_budget must be >= 0; got {ppl_budget}")
+    ok = table[table.ppl_ratio <= 1 + ppl_budget] if min_top1 is None else table[table.top1_agreement >= min_top1]
     return None if ok.empty else ok.loc[ok.bytes_fraction.idxmin()]
+
+
+def bytes_fraction_in_format(row, vocab_size: int, hidden_size: int, bytes_per_weight: float) -> float:
+    """A table row's (or a dict's with its fields) bytes over the full lm_head's, the rows in a weight format of
+    ``bytes_per_weight`` (the tables count float32): the selector (centroids, or the SVD basis) stays float32
+    whatever the format."""
+    full = vocab_size * hidden_size * bytes_per_weight
+    if row["method"] == "clusters":
+        return float(row["rows_read_fraction"]) + row["clusters"] * hidden_size * CENTROID_BYTES / full
+    rank, top_n = int(row["rank"]), int(row["top_n"])
+    return (
+        (vocab_size * rank + top_n * (hidden_size - rank)) * bytes_per_weight + hidden_size**2 * CENTROID_BYTES
+    ) / full
+
+
+# ------------------------------------------------------------------------------------------ SVD-softmax preview
+@dataclass(eq=False, repr=False)
+class SVDPreview:
+    """SVD-softmax (Shim et al., NeurIPS 2017): the lm_head rotated by its SVD, ``W = B @ basis`` with
+    ``B = U S`` (V, H) and ``basis = Vt`` (H, H), so ``W h = B (basis h)`` exactly. A token reads the first
+    ``rank`` columns of every row (a preview of all V logits), then the remaining columns of the ``top_n`` rows
+    the preview ranks highest (their exact logits). Every other row keeps its preview logit: an estimate of the
+    tail rather than a floor. It works when the leading singular directions carry most of every logit, which
+    depends on the matrix's spectrum (notebook 07 measures it). Bytes per token: ``V * rank + top_n * (H - rank)``
+    weights and the H x H basis.
+    """
+
+    basis_HH: torch.Tensor  # float32, orthonormal rows: the right singular vectors
+    rotated_VH: torch.Tensor  # float32, U S: columns in decreasing singular value
+
+    @classmethod
+    def fit(cls, lm_head_VH: torch.Tensor) -> SVDPreview:
+        _check_matrix("lm_head_VH", lm_head_VH)
+        U, S, Vt = torch.linalg.svd(lm_head_VH.double(), full_matrices=False)
+        return cls(Vt.float().contiguous(), (U * S).float().contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.rotated_VH.shape)
+
+    def logits(self, hidden_TH: torch.Tensor, rank: int, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_TV, refined_TN)``: preview logits from the first ``rank`` columns, exact ones on the
+        ``top_n`` rows the preview ranks first (``refined_TN``). The exact values come from one full product
+        here, for simplicity; a kernel would read only the refined rows' remaining columns, which is what
+        ``bytes_fraction`` counts."""
+        V, H = self.shape
+        if not (1 <= rank <= H and 1 <= top_n <= V):
+            raise ValueError(f"need 1 <= rank <= {H} and 1 <= top_n <= {V}; got rank={rank}, top_n={top_n}")
+        z_TH = hidden_TH.float() @ self.basis_HH.T
+        preview_TV = z_TH[:, :rank] @ self.rotated_VH[:, :rank].T
+        refined_TN = preview_TV.topk(top_n, dim=1).indices
+        exact_TN = (z_TH @ self.rotated_VH.T).gather(1, refined_TN)
+        return preview_TV.scatter(1, refined_TN, exact_TN), refined_TN
+
+
+@torch.no_grad()
+def evaluate_svd(
+    preview: SVDPreview,
+    hidden_TH: torch.Tensor,
+    lm_head_VH: torch.Tensor,
+    targets_T: torch.Tensor,
+    valid_T: torch.Tensor | None = None,
+    ranks: Sequence[int] = (32, 64, 128),
+    top_ns: Sequence[int] = (256, 1024),
+    weight_bytes: float = 4.0,
+    chunk: int = 256,
+) -> pd.DataFrame:
+    """``evaluate``'s columns for the SVD preview, one row per (rank, top_n): top-1 agreement, whether the target
+    was refined (``target_in_candidates``), perplexities and their paired ratio, rows read in full (``top_n``) and
+    bytes over the full lm_head's."""
+    if preview.shape != tuple(lm_head_VH.shape):
+        raise ValueError(
+            f"the preview was fitted on an lm_head of shape {preview.shape}, not {tuple(lm_head_VH.shape)}"
+        )
+    valid_T = torch.ones(len(hidden_TH), dtype=torch.bool) if valid_T is None else torch.as_tensor(valid_T).bool()
+    hidden_TH, targets_T = hidden_TH[valid_T].float(), torch.as_tensor(targets_T, dtype=torch.long)[valid_T]
+    full = _full_stats(hidden_TH, lm_head_VH.float(), targets_T, chunk)
+    nll_full_T = (full["lse"] - full["target"]).double()
+    V, H = preview.shape
+    rows = []
+    for rank in ranks:
+        for top_n in top_ns:
+            nll, top, hit = [], [], []
+            for h_TH, t_T in zip(hidden_TH.split(chunk), targets_T.split(chunk)):
+                logits_TV, refined_TN = preview.logits(h_TH, rank, top_n)
+                nll.append(torch.logsumexp(logits_TV, 1) - logits_TV.gather(1, t_T[:, None])[:, 0])
+                top.append(logits_TV.argmax(1))
+                hit.append((refined_TN == t_T[:, None]).any(1))
+            nll_T = torch.cat(nll).double()
+            rows.append(
+                {
+                    "method": "svd preview",
+                    "rank": rank,
+                    "top_n": top_n,
+                    "tokens": len(nll_T),
+                    "top1_agreement": (torch.cat(top) == full["top"]).double().mean().item(),
+                    "target_in_candidates": torch.cat(hit).double().mean().item(),
+                    "ppl_full": math.exp(nll_full_T.mean().item()),
+                    "ppl_sparse": math.exp(nll_T.mean().item()),
+                    "ppl_ratio": math.exp((nll_T - nll_full_T).mean().item()),
+                    "fallback_rate": 0.0,
+                    "rows_read_fraction": top_n / V,
+                    "bytes_fraction": bytes_fraction_in_format(
+                        {"method": "svd preview", "rank": rank, "top_n": top_n}, V, H, weight_bytes
+                    ),
+                }
+            )
+    return pd.DataFrame(rows)
