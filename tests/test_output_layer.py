@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import hf_llama
 
-from turbosparse_lib.predictors import output_layer
+from turbosparse_lib.predictors import output_layer, svd_preview
 from turbosparse_lib.predictors.output_layer import (
     CONFIG_FILE,
     TENSORS_FILE,
@@ -236,20 +236,20 @@ def test_cheapest_within_picks_the_fewest_bytes_inside_the_budget():
 
 def test_svd_preview_is_exact_at_full_rank_or_full_refinement(data):
     hidden_TH, lm_head_VH, targets_T, valid_T = data
-    preview = output_layer.SVDPreview.fit(lm_head_VH)
+    preview = svd_preview.SVDPreview.fit(lm_head_VH)
     torch.testing.assert_close(preview.rotated_VH @ preview.basis_HH, lm_head_VH, atol=1e-5, rtol=1e-5)
     full_TV = hidden_TH @ lm_head_VH.T
     for rank, top_n in ((H, 1), (1, V)):
         logits_TV, _ = preview.logits(hidden_TH, rank, top_n)
         torch.testing.assert_close(logits_TV, full_TV, atol=1e-4, rtol=1e-4)
-    table = output_layer.evaluate_svd(preview, hidden_TH, lm_head_VH, targets_T, valid_T, ranks=(H,), top_ns=(4,))
+    table = svd_preview.evaluate_svd(preview, hidden_TH, lm_head_VH, targets_T, valid_T, ranks=(H,), top_ns=(4,))
     assert table.ppl_ratio.iloc[0] == pytest.approx(1.0, abs=1e-5) and table.top1_agreement.iloc[0] == 1.0
     assert table.tokens.iloc[0] == int(valid_T.sum())
 
 
 def test_svd_preview_refines_its_top_rows_and_previews_the_rest(data):
     hidden_TH, lm_head_VH, targets_T, valid_T = data
-    preview, rank, top_n = output_layer.SVDPreview.fit(lm_head_VH), 3, 10
+    preview, rank, top_n = svd_preview.SVDPreview.fit(lm_head_VH), 3, 10
     logits_TV, refined_TN = preview.logits(hidden_TH, rank, top_n)
     z_TH = hidden_TH @ preview.basis_HH.T
     rough_TV = z_TH[:, :rank] @ preview.rotated_VH[:, :rank].T
@@ -259,7 +259,7 @@ def test_svd_preview_refines_its_top_rows_and_previews_the_rest(data):
         want = rough_TV[t].clone()
         want[top] = hidden_TH[t] @ lm_head_VH[top].T
         torch.testing.assert_close(logits_TV[t], want, atol=1e-4, rtol=1e-4)
-    table = output_layer.evaluate_svd(preview, hidden_TH, lm_head_VH, targets_T, valid_T, ranks=(2, 8), top_ns=(10,))
+    table = svd_preview.evaluate_svd(preview, hidden_TH, lm_head_VH, targets_T, valid_T, ranks=(2, 8), top_ns=(10,))
     assert table.bytes_fraction.is_monotonic_increasing and (table.method == "svd preview").all()
     for _, row in table.iterrows():  # the float32 count, recounted by the format-aware rule
         assert output_layer.bytes_fraction_in_format(row, V, H, 4.0) == pytest.approx(row.bytes_fraction)
@@ -267,4 +267,4 @@ def test_svd_preview_refines_its_top_rows_and_previews_the_rest(data):
     with pytest.raises(ValueError, match="rank"):
         preview.logits(hidden_TH, H + 1, 4)
     with pytest.raises(ValueError, match="fitted on"):
-        output_layer.evaluate_svd(preview, hidden_TH, lm_head_VH[:-1], targets_T, valid_T)
+        svd_preview.evaluate_svd(preview, hidden_TH, lm_head_VH[:-1], targets_T, valid_T)

@@ -84,7 +84,8 @@ def final_hidden_states(
 
 
 # ---------------------------------------------------------------------------------------------- spherical k-means
-def _check_matrix(name: str, x, hidden_size: int | None = None) -> None:
+def check_matrix(name: str, x, hidden_size: int | None = None) -> None:
+    """Refuse anything but a non-empty 2-D tensor (with ``hidden_size`` columns when given), saying what it was."""
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a non-empty 2-D tensor; got {shape}")
@@ -160,8 +161,8 @@ def _largest_mass_rows(mass_CV: torch.Tensor, rows_per_cluster: int) -> tuple[to
 
 
 def _check_fit_args(hidden_TH, lm_head_VH, n_clusters, rows_per_cluster, top_k, iterations, chunk) -> None:
-    _check_matrix("hidden_TH", hidden_TH)
-    _check_matrix("lm_head_VH", lm_head_VH, hidden_TH.shape[1])
+    check_matrix("hidden_TH", hidden_TH)
+    check_matrix("lm_head_VH", lm_head_VH, hidden_TH.shape[1])
     (T, _), V = hidden_TH.shape, lm_head_VH.shape[0]
     if not 1 <= n_clusters <= T:
         raise ValueError(
@@ -263,7 +264,7 @@ class OutputCandidates:
     def assign(self, hidden_TH: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """(T,) int64 cluster of each context: argmax of ``h @ centroids.T``, cosine up to |h|, which does not move
         the argmax."""
-        _check_matrix("hidden_TH", hidden_TH, self.hidden_size)
+        check_matrix("hidden_TH", hidden_TH, self.hidden_size)
         return nearest_centroid(hidden_TH, self.centroids_CH, chunk)[0]
 
     def n_params(self) -> int:
@@ -358,8 +359,8 @@ def _read_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------------- inference
 def _check_inputs(candidates: OutputCandidates, hidden_TH, lm_head_VH) -> None:
-    _check_matrix("hidden_TH", hidden_TH, candidates.hidden_size)
-    _check_matrix("lm_head_VH", lm_head_VH, candidates.hidden_size)
+    check_matrix("hidden_TH", hidden_TH, candidates.hidden_size)
+    check_matrix("lm_head_VH", lm_head_VH, candidates.hidden_size)
     if lm_head_VH.shape[0] != candidates.vocab_size:
         raise ValueError(
             f"lm_head_VH has {lm_head_VH.shape[0]} rows but the candidates were fitted for V={candidates.vocab_size}"
@@ -429,7 +430,7 @@ def sparse_logits(
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
-def _full_stats(hidden_TH, lm_head_VH, targets_T, chunk: int) -> dict[str, torch.Tensor]:
+def full_logit_stats(hidden_TH, lm_head_VH, targets_T, chunk: int) -> dict[str, torch.Tensor]:
     """Per token, from the exact logits (built ``chunk`` tokens at a time, once): log-partition, top-1, target
     logit."""
     lse, top, target = [], [], []
@@ -522,7 +523,7 @@ def evaluate(
         raise ValueError("no valid position to score: valid_T is all False")
     if targets_T.min() < 0 or targets_T.max() >= V:
         raise ValueError(f"valid targets must lie in [0, {V}); mark positions without a next token invalid")
-    full = _full_stats(hidden_TH, lm_head_VH, targets_T, chunk)
+    full = full_logit_stats(hidden_TH, lm_head_VH, targets_T, chunk)
     cand = _candidate_stats(candidates, hidden_TH, lm_head_VH, targets_T, chunk)
     return pd.DataFrame([_confidence_row(candidates, full, cand, c, weight_bytes) for c in confidences])
 
@@ -530,10 +531,10 @@ def evaluate(
 def cheapest_within(
     table: pd.DataFrame, ppl_budget: float | None = None, min_top1: float | None = None
 ) -> pd.Series | None:
-    """The row of ``evaluate`` / ``evaluate_svd`` tables (concatenated) that reads the fewest bytes while its
-    perplexity stays within ``ppl_budget`` (0.02: 2%) of the full lm_head's, or while its top-1 agreement with
-    the full layer is at least ``min_top1`` (what greedy decoding keeps): give one of the two. None when no row
-    qualifies. One rule, so the notebook and any report name the same point."""
+    """The row of ``evaluate`` / ``svd_preview.evaluate_svd`` tables (concatenated) that reads the fewest bytes
+    while its perplexity stays within ``ppl_budget`` (0.02: 2%) of the full lm_head's, or while its top-1
+    agreement with the full layer is at least ``min_top1`` (what greedy decoding keeps): give one of the two.
+    None when no row qualifies. One rule, so the notebook and any report name the same point."""
     if (ppl_budget is None) == (min_top1 is None):
         raise ValueError("give exactly one of ppl_budget and min_top1")
     if ppl_budget is not None and ppl_budget < 0:
@@ -553,98 +554,3 @@ def bytes_fraction_in_format(row, vocab_size: int, hidden_size: int, bytes_per_w
     return (
         (vocab_size * rank + top_n * (hidden_size - rank)) * bytes_per_weight + hidden_size**2 * CENTROID_BYTES
     ) / full
-
-
-# ------------------------------------------------------------------------------------------ SVD-softmax preview
-@dataclass(eq=False, repr=False)
-class SVDPreview:
-    """SVD-softmax (Shim et al., NeurIPS 2017): the lm_head rotated by its SVD, ``W = B @ basis`` with
-    ``B = U S`` (V, H) and ``basis = Vt`` (H, H), so ``W h = B (basis h)`` exactly. A token reads the first
-    ``rank`` columns of every row (a preview of all V logits), then the remaining columns of the ``top_n`` rows
-    the preview ranks highest (their exact logits). Every other row keeps its preview logit: an estimate of the
-    tail rather than a floor. It works when the leading singular directions carry most of every logit, which
-    depends on the matrix's spectrum (notebook 07 measures it). Bytes per token: ``V * rank + top_n * (H - rank)``
-    weights and the H x H basis.
-    """
-
-    basis_HH: torch.Tensor  # float32, orthonormal rows: the right singular vectors
-    rotated_VH: torch.Tensor  # float32, U S: columns in decreasing singular value
-
-    @classmethod
-    def fit(cls, lm_head_VH: torch.Tensor) -> SVDPreview:
-        _check_matrix("lm_head_VH", lm_head_VH)
-        U, S, Vt = torch.linalg.svd(lm_head_VH.double(), full_matrices=False)
-        return cls(Vt.float().contiguous(), (U * S).float().contiguous())
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.rotated_VH.shape)
-
-    def logits(self, hidden_TH: torch.Tensor, rank: int, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits_TV, refined_TN)``: preview logits from the first ``rank`` columns, exact ones on the
-        ``top_n`` rows the preview ranks first (``refined_TN``). The exact values come from one full product
-        here, for simplicity; a kernel would read only the refined rows' remaining columns, which is what
-        ``bytes_fraction`` counts."""
-        V, H = self.shape
-        if not (1 <= rank <= H and 1 <= top_n <= V):
-            raise ValueError(f"need 1 <= rank <= {H} and 1 <= top_n <= {V}; got rank={rank}, top_n={top_n}")
-        z_TH = hidden_TH.float() @ self.basis_HH.T
-        preview_TV = z_TH[:, :rank] @ self.rotated_VH[:, :rank].T
-        refined_TN = preview_TV.topk(top_n, dim=1).indices
-        exact_TN = (z_TH @ self.rotated_VH.T).gather(1, refined_TN)
-        return preview_TV.scatter(1, refined_TN, exact_TN), refined_TN
-
-
-@torch.no_grad()
-def evaluate_svd(
-    preview: SVDPreview,
-    hidden_TH: torch.Tensor,
-    lm_head_VH: torch.Tensor,
-    targets_T: torch.Tensor,
-    valid_T: torch.Tensor | None = None,
-    ranks: Sequence[int] = (32, 64, 128),
-    top_ns: Sequence[int] = (256, 1024),
-    weight_bytes: float = 4.0,
-    chunk: int = 256,
-) -> pd.DataFrame:
-    """``evaluate``'s columns for the SVD preview, one row per (rank, top_n): top-1 agreement, whether the target
-    was refined (``target_in_candidates``), perplexities and their paired ratio, rows read in full (``top_n``) and
-    bytes over the full lm_head's."""
-    if preview.shape != tuple(lm_head_VH.shape):
-        raise ValueError(
-            f"the preview was fitted on an lm_head of shape {preview.shape}, not {tuple(lm_head_VH.shape)}"
-        )
-    valid_T = torch.ones(len(hidden_TH), dtype=torch.bool) if valid_T is None else torch.as_tensor(valid_T).bool()
-    hidden_TH, targets_T = hidden_TH[valid_T].float(), torch.as_tensor(targets_T, dtype=torch.long)[valid_T]
-    full = _full_stats(hidden_TH, lm_head_VH.float(), targets_T, chunk)
-    nll_full_T = (full["lse"] - full["target"]).double()
-    V, H = preview.shape
-    rows = []
-    for rank in ranks:
-        for top_n in top_ns:
-            nll, top, hit = [], [], []
-            for h_TH, t_T in zip(hidden_TH.split(chunk), targets_T.split(chunk)):
-                logits_TV, refined_TN = preview.logits(h_TH, rank, top_n)
-                nll.append(torch.logsumexp(logits_TV, 1) - logits_TV.gather(1, t_T[:, None])[:, 0])
-                top.append(logits_TV.argmax(1))
-                hit.append((refined_TN == t_T[:, None]).any(1))
-            nll_T = torch.cat(nll).double()
-            rows.append(
-                {
-                    "method": "svd preview",
-                    "rank": rank,
-                    "top_n": top_n,
-                    "tokens": len(nll_T),
-                    "top1_agreement": (torch.cat(top) == full["top"]).double().mean().item(),
-                    "target_in_candidates": torch.cat(hit).double().mean().item(),
-                    "ppl_full": math.exp(nll_full_T.mean().item()),
-                    "ppl_sparse": math.exp(nll_T.mean().item()),
-                    "ppl_ratio": math.exp((nll_T - nll_full_T).mean().item()),
-                    "fallback_rate": 0.0,
-                    "rows_read_fraction": top_n / V,
-                    "bytes_fraction": bytes_fraction_in_format(
-                        {"method": "svd preview", "rank": rank, "top_n": top_n}, V, H, weight_bytes
-                    ),
-                }
-            )
-    return pd.DataFrame(rows)
