@@ -1,11 +1,19 @@
 """The CPU decode engine against transformers on tiny random Llama/Mistral models."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import tiny_models
 import torch
 from torch import nn
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -106,7 +114,8 @@ def test_attention_bias_and_rope_theta_match_transformers(prompt):
 @pytest.mark.parametrize("tied", [False, True])
 def test_qwen2_matches_transformers(prompt, tied):
     """Qwen2: biases on q, k and v (drawn non-zero: transformers initialises them to zero) and none on o; the
-    sliding window it records beside use_sliding_window=False is not applied; per-layer windows are refused."""
+    sliding window it records beside use_sliding_window=False is not applied; with use_sliding_window=True the
+    layers from max_window_layers on slide and the ones before do not."""
     model = _tiny(Qwen2ForCausalLM, Qwen2Config, tie_word_embeddings=tied)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -116,8 +125,8 @@ def test_qwen2_matches_transformers(prompt, tied):
     _check_against_hf(model, prompt)
     _check_against_hf(_tiny(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=False, sliding_window=3), prompt)
     mixed = _tiny(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, sliding_window=3, max_window_layers=1)
-    with pytest.raises(NotImplementedError, match="layer_types"):
-        Engine.from_transformers(mixed)
+    assert list(Engine.from_transformers(mixed).config.windows_L) == [0, 3]
+    _check_against_hf(mixed, prompt)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -132,7 +141,13 @@ def test_qwen3_matches_transformers(prompt, tied):
     _check_against_hf(model, prompt)
     drelu = apply_variant(model, "drelu")
     _check_against_hf(drelu, prompt)
-    base, ids = Engine.from_transformers(drelu), prompt[0].numpy()
+    _check_every_path(Engine.from_transformers(drelu), prompt)
+
+
+def _check_every_path(base: Engine, prompt):
+    """In f32 and Q8_0: the fused step (dense, in-line exact zeros, a Python provider) equals the unfused engine bit
+    for bit, and the engine matches its NumPy reference."""
+    ids = prompt[0].numpy()
     for fmt in ("f32", "q8_0"):
         engine = base.quantized(fmt)
         dense_tokens, dense_logits = engine.generate(ids, NEW_TOKENS, return_logits=True, fused=False)
@@ -141,6 +156,62 @@ def test_qwen3_matches_transformers(prompt, tied):
             np.testing.assert_array_equal(logits, dense_logits, err_msg=f"{fmt} {kw}")
         ref = engine.reference_logits(np.concatenate([ids, dense_tokens[:-1]]))[PROMPT_LEN - 1 :]
         np.testing.assert_allclose(dense_logits, ref, rtol=0, atol=1e-3 * np.abs(ref).max())
+
+
+GEMMA = {  # a window shorter than prompt + new tokens, and every layer kind; soft-caps low enough to bite
+    "gemma": (GemmaForCausalLM, GemmaConfig, {}),
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config,
+        dict(sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, query_pre_attn_scalar=12),
+    ),
+    "gemma3": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        dict(sliding_window=5, sliding_window_pattern=2, final_logit_softcapping=4.0, query_pre_attn_scalar=12),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", GEMMA)
+def test_gemma_matches_transformers(prompt, name):
+    """Gemma 1/2/3 (text): norms of 1 + weight (weights drawn away from 0), the embedding scaled by sqrt(hidden),
+    GeGLU; Gemma 2/3: norms after attention and after the FFN, query_pre_attn_scalar, sliding and full layers
+    (Gemma 3: each kind with its own RoPE theta), soft-capped logits; Gemma 2: soft-capped scores. Then its dReLU swap
+    dense and sparse in every format, as for Qwen3."""
+    from turbosparse_lib.models.swap import apply_variant
+
+    model_cls, config_cls, extra = GEMMA[name]
+    model = _trained_like_norms(_tiny(model_cls, config_cls, head_dim=16, **extra))
+    engine = Engine.from_transformers(model)
+    assert engine.config.mlp_variant == "geglu" and engine.config.embed_scale == np.float32(8.0)
+    if name != "gemma":
+        assert list(engine.config.windows_L) == [5, 0] and engine.weights.post_ffn_norm_LH is not None
+    if name == "gemma3":
+        assert engine.config.rope_thetas == (1e4, 1e6) and list(engine.config.layer_rope_L) == [0, 1]
+    _check_against_hf(model, prompt)
+    drelu = apply_variant(model, "drelu")
+    _check_against_hf(drelu, prompt)
+    _check_every_path(Engine.from_transformers(drelu), prompt)
+
+
+def test_gemma_settings_change_the_logits(prompt):
+    """Each Gemma setting the engine reads matters on the tiny model, so the test above would catch one ignored."""
+    model_cls, config_cls, extra = GEMMA["gemma2"]
+    model = _trained_like_norms(_tiny(model_cls, config_cls, head_dim=16, **extra))
+    ids = prompt[0].numpy()
+    want = Engine.from_transformers(model).reference_logits(ids)
+    for change in (
+        dict(embed_scale=1.0),
+        dict(attn_softcap=0.0),
+        dict(final_softcap=0.0),
+        dict(attention_scale=None),
+        dict(layer_windows=None, sliding_window=None),
+    ):
+        engine = Engine.from_transformers(model)
+        engine.config = replace(engine.config, **change)
+        engine.reset(len(ids))
+        assert np.abs(engine.reference_logits(ids) - want).max() > 1e-3, change
 
 
 def test_mistral_sliding_window_matches_transformers(prompt):
@@ -306,7 +377,7 @@ def test_unsupported_models_raise_clear_errors():
         Engine.from_transformers(_tiny(rope_parameters=scaled))
     with pytest.raises(NotImplementedError, match="gelu_pytorch_tanh"):  # erf GELU: no variant computes it
         Engine.from_transformers(_tiny(hidden_act="gelu"))
-    with pytest.raises(TypeError, match="Llama, Mistral, Qwen2 and Qwen3"):
+    with pytest.raises(TypeError, match="Llama, Mistral, Qwen2, Qwen3 and Gemma"):
         Engine.from_transformers(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_kv_heads"):
         EngineConfig(64, 128, 1, num_heads=4, num_kv_heads=3, head_dim=16, vocab_size=10)
@@ -362,9 +433,18 @@ def test_both_engines_read_rope_from_one_place_and_refuse_scaling():
     from types import SimpleNamespace
 
     from turbosparse_lib.inference import engine, moe_engine
-    from turbosparse_lib.inference.hf_config import rope_theta
+    from turbosparse_lib.inference.hf_config import layer_rope_thetas, rope_theta
 
-    assert engine.rope_theta is rope_theta and moe_engine.rope_theta is rope_theta
+    assert engine.layer_rope_thetas is layer_rope_thetas and moe_engine.rope_theta is rope_theta
+    per_kind = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}
+    kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+    gemma3 = SimpleNamespace(rope_parameters=per_kind, layer_types=kinds, num_hidden_layers=3)
+    assert layer_rope_thetas(gemma3) == (1e4, 1e6, 1e4)
+    with pytest.raises(NotImplementedError, match="per layer kind"):  # the MoE engine reads one theta
+        rope_theta(gemma3)
+    per_kind["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}  # Gemma 3 4B and up
+    with pytest.raises(NotImplementedError, match="'linear' \\(layers of kind 'full_attention'\\)"):
+        layer_rope_thetas(gemma3)
     assert rope_theta(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e5})) == 1e5
     assert rope_theta(SimpleNamespace(rope_theta=5e5)) == 5e5
     for cfg in (

@@ -274,18 +274,23 @@ def test_every_kernel_states_its_fastmath_flags():
 
 
 @pytest.mark.parametrize(
-    "n_heads,G,E,pos,lo",
-    [(4, 2, 16, 0, 0), (9, 3, 64, 20, 0), (4, 4, 8, 12, 5), (6, 1, 6, 3, 3)],  # lo > 0: a sliding window
+    "n_heads,G,E,pos,lo,softcap",  # lo > 0: a sliding window; softcap > 0: Gemma 2's tanh on the scores
+    [(4, 2, 16, 0, 0, 0.0), (9, 3, 64, 20, 0, 0.0), (4, 4, 8, 12, 5, 0.0), (6, 1, 6, 3, 3, 0.0), (4, 2, 16, 9, 0, 1.5)],
 )
-def test_decode_attention_matches_reference(n_heads, G, E, pos, lo):
+def test_decode_attention_matches_reference(n_heads, G, E, pos, lo, softcap):
     rng = np.random.default_rng(pos)
+    scale = np.float32(0.7 / np.sqrt(E))  # not 1 / sqrt(E): the scale is the caller's (Gemma 2/3 set their own)
     qkv = rng.standard_normal((n_heads + 2 * G) * E, dtype=np.float32)
     angles = rng.uniform(0, 6, E // 2).astype(np.float32)
     cos, sin = np.cos(angles), np.sin(angles)
     k1, v1 = rng.standard_normal((2, G, pos + 2, E), dtype=np.float32)
     k2, v2 = k1.copy(), v1.copy()
-    got = A.decode_attention(qkv, k1, v1, cos, sin, pos, n_heads, lo)
-    _close(got, A.decode_attention_ref(qkv, k2, v2, cos, sin, pos, n_heads, lo))
+    got = A.decode_attention(qkv, k1, v1, cos, sin, pos, n_heads, lo, scale, np.float32(softcap))
+    want = A.decode_attention_ref(qkv, k2, v2, cos, sin, pos, n_heads, lo, scale, softcap)
+    _close(got, want)
+    if softcap:  # the cap changed the result: scores of standard normal q, k reach well past 1.5
+        uncapped = A.decode_attention_ref(qkv, k1.copy(), v1.copy(), cos, sin, pos, n_heads, lo, scale, 0.0)
+        assert np.abs(uncapped - want).max() > 1e-2
     _close(k1, k2)
     np.testing.assert_array_equal(v1, v2)
 
@@ -295,6 +300,61 @@ def test_combine_is_equation_2_for_drelu():
     u = np.array([-3.0, 3.0, -3.0, 3.0, 5.0], np.float32)
     np.testing.assert_array_equal(K.combine_ref(g, u, "drelu"), [0, 0, 0, 6, 0])
     np.testing.assert_array_equal(K.combine_ref(g, u, "reglu"), [0, 0, -6, 6, 0])
+
+
+@pytest.mark.parametrize("n", [0, 5, 32, 64, 77, 576])
+def test_f32_dot_matches_numpy(n):
+    """The fixed-order float32 dot product of every f32 kernel: on a uint8 row at a byte offset (a bundled FFN row)
+    and on float32 arrays; a non-contiguous array is refused at compile time, not read wrongly."""
+    from turbosparse_lib.inference import simd
+
+    @njit
+    def dot(a, off, b, n):
+        return simd.f32_dot(a, off, b, n)
+
+    rng = np.random.default_rng(n)
+    a, b = rng.standard_normal((2, n + 3), dtype=np.float32)
+    want = float(np.dot(a[:n].astype(np.float64), b[:n]))
+    row = np.concatenate([np.zeros(12, np.uint8), a.view(np.uint8)])  # a's values from byte 12
+    for got in (dot(a, 0, b, n), dot(row, 12, b, n)):
+        assert isinstance(got, float) and abs(got - want) <= 1e-5 * (1 + np.abs(a[:n] * b[:n]).sum())
+    with pytest.raises(numba.core.errors.TypingError):
+        dot(a[::2], 0, b, 1)
+
+
+_KERNEL_BITS = """
+import hashlib, numpy as np
+from turbosparse_lib.inference import attention, bundles, quant, step
+rng = np.random.default_rng(0)
+h = hashlib.sha256()
+for fmt in ("f32", "q8_0", "q4_0"):
+    W = quant.quantize(rng.standard_normal((96, 200)).astype(np.float32), fmt)
+    h.update(quant.gemv(W, rng.standard_normal(200).astype(np.float32)).tobytes())
+    gate, up = rng.standard_normal((2, 300, 200)).astype(np.float32)
+    ffn = bundles.FFNBundles.from_weights(gate, up, rng.standard_normal((200, 300)).astype(np.float32), fmt)
+    h.update(bundles.ffn(ffn, rng.standard_normal(200).astype(np.float32), variant="swiglu").tobytes())
+x, out = rng.standard_normal((2, 577)).astype(np.float32)
+step.rms_norm_into(x, np.ones(577, np.float32), 1e-6, out)
+h.update(out.tobytes())
+qkv = rng.standard_normal(8 * 64).astype(np.float32)
+k, v = rng.standard_normal((2, 2, 40, 64)).astype(np.float32)
+cos, sin = rng.standard_normal((2, 32)).astype(np.float32)
+h.update(attention.decode_attention(qkv, k, v, cos, sin, 39, 4, 0, np.float32(0.125), np.float32(0)).tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_kernels_compute_the_same_bits_fresh_and_from_numbas_cache(tmp_path):
+    """A kernel loaded from Numba's cache computes what it computed when compiled. Under reassociation it did not
+    (LLVM chose a reduction's order anew in each compiled copy), so results, and Q8_0 greedy tokens, depended on
+    which kernels a process had compiled and which it had loaded."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", _KERNEL_BITS], env=env, capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    assert list(tmp_path.rglob("*.nbi")), "the first run did not cache its kernels"
+    assert runs[0].stdout == runs[1].stdout
 
 
 def test_int32_indices_work_and_bad_input_raises():

@@ -22,9 +22,9 @@ def sources_digest() -> str:
 # that imported the old sources (a notebook kernel left running) compiles a new signature after the edit and writes
 # old code under the unchanged file's stamp, where every later process loads it. So this package's kernels are
 # stamped with the digest of all its sources taken when the process imported them: an entry written by a process
-# that saw other sources is stale to every other process and recompiled. (Not fixed by this: with identical sources,
-# the fused step and the unfused engine still differ in the last bits when their kernels load from the cache, and
-# agree when compiled fresh; tests/test_engine.py's bit-equality tests need a clean cache.)
+# that saw other sources is stale to every other process and recompiled. Numba's NUMBA_CACHE_DIR, when set, holds
+# them instead of the package's ``__pycache__``. (That a kernel loaded from the cache computes the same bits as one
+# compiled fresh is ``kernels.FASTMATH``'s doing: no reassociation.)
 SOURCES_DIGEST = sources_digest()
 
 
@@ -44,6 +44,11 @@ def _use_package_stamps() -> bool:
 
         def get_source_stamp(self):
             return SOURCES_DIGEST
+
+        def get_cache_path(self):
+            from numba.core import config
+
+            return str(Path(config.CACHE_DIR) / __name__) if config.CACHE_DIR else super().get_cache_path()
 
         @classmethod
         def from_function(cls, py_func, py_file):

@@ -1,4 +1,4 @@
-"""A CPU decode engine for Llama/Mistral/Qwen2/Qwen3-shaped weights: dense or activation-sparse FFN, f32, Q8_0 or Q4_0.
+"""A CPU decode engine for Llama/Mistral/Qwen2/Qwen3/Gemma-shaped weights: dense or sparse FFN, f32, Q8_0 or Q4_0.
 
 This is the laptop-scale stand-in for PowerInfer in the paper's section 7: the same weights
 decoded once with dense FFNs (the llama.cpp baseline) and once with FFNs that read only the
@@ -21,8 +21,12 @@ Design:
 - RoPE matches ``LlamaRotaryEmbedding`` for the default rope type (float32 ``inv_freq`` and
   angles, rotate-half layout); other rope types raise instead of silently decoding wrongly.
 - Qwen2's q/k/v biases and Qwen3's per-head q and k RMSNorms (before RoPE) are applied where the model has them.
+- Gemma (1, 2, 3 text): norms scale by ``1 + weight`` (folded into the weights when copied), the embedding is
+  scaled by sqrt(hidden), Gemma 2/3 normalise each block's output before the residual add and scale scores by
+  ``query_pre_attn_scalar ** -0.5``; Gemma 2 soft-caps the attention scores, Gemma 2/3 the logits.
 - Grouped-query attention: query head ``h`` reads kv head ``h // (heads / kv_heads)``, as
-  ``repeat_kv`` does. Mistral's sliding window is honoured.
+  ``repeat_kv`` does. Sliding windows are honoured per layer (Mistral: every layer; Gemma 2/3 and Qwen2's
+  ``max_window_layers``: some), and so is a RoPE theta per layer (Gemma 3's local and global layers).
 - Prefill: float32 engines run all prompt tokens at once with NumPy matmuls (``reference``, also
   the reference every engine is tested against); quantised engines prefill token by token with the
   fused step, so prefill and decoding see exactly one model. The speed tables time decoding only.
@@ -37,6 +41,7 @@ Design:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from time import perf_counter
 
@@ -44,15 +49,16 @@ import numba
 import numpy as np
 
 from ..models.registration import family
-from ..models.variants import get_variant, variant_of_hf_act
+from ..models.variants import get_variant
 from . import bundles, kernels, quant
 from . import step as step_kernels
 from .attention import decode_attention
-from .hf_config import rope_theta
+from .hf_config import layer_rope_thetas, layer_windows
 from .masks import ExactZeroOracle, MaskProvider
-from .reference import forward_numpy
+from .reference import forward_numpy, soft_cap
 
-_SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+_SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
 @dataclass
@@ -70,6 +76,14 @@ class EngineConfig:
     mlp_variant_kwargs: dict = field(default_factory=dict)  # e.g. {"b": 1.0} for shifted_relu
     sliding_window: int | None = None  # Mistral: a query sees only the last `sliding_window` keys
     max_positions: int | None = None  # the model's max_position_embeddings: RoPE was trained no further
+    # per layer, where layers differ (Gemma 2/3, Qwen2's max_window_layers): the window (0: full attention) and the
+    # RoPE theta; None: every layer has ``sliding_window`` and ``rope_theta``
+    layer_windows: tuple[int, ...] | None = None
+    layer_rope_thetas: tuple[float, ...] | None = None
+    embed_scale: float = 1.0  # Gemma: the embedding row times sqrt(hidden_size)
+    attention_scale: float | None = None  # scores times this; None: 1 / sqrt(head_dim) (Gemma 2/3: its own)
+    attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax; 0: none
+    final_softcap: float = 0.0  # Gemma 2/3: the same on the logits; 0: none
 
     def __post_init__(self):
         self.act = kernels.variant_code(self.mlp_variant, **self.mlp_variant_kwargs)  # (code, shift); fails early
@@ -77,22 +91,27 @@ class EngineConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         self.n_rep = self.num_heads // self.num_kv_heads  # query heads per kv head
         self.qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        L = self.num_layers
+        windows = self.layer_windows or ((self.sliding_window or 0),) * L
+        thetas = self.layer_rope_thetas or (self.rope_theta,) * L
+        if len(windows) != L or len(thetas) != L or min(windows) < 0:
+            raise ValueError(f"need {L} layer windows (>= 0) and RoPE thetas; got {windows} and {thetas}")
+        self.windows_L = np.array(windows, np.int64)
+        self.rope_thetas = tuple(sorted(set(thetas)))  # one RoPE table each; layer l reads table layer_rope_L[l]
+        self.layer_rope_L = np.array([self.rope_thetas.index(t) for t in thetas], np.int64)
+        scale = 1.0 / math.sqrt(self.head_dim) if self.attention_scale is None else self.attention_scale
+        self.scale = np.float32(scale)
 
     @classmethod
     def from_hf_config(cls, config) -> EngineConfig:
-        """Read a transformers Llama/Mistral/Qwen2/Qwen3 config, refusing what the engine would get wrong."""
+        """Read a transformers Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3 config, refusing what the engine would
+        get wrong."""
         if getattr(config, "mlp_bias", False):
             raise NotImplementedError("mlp_bias=True is not supported by the engine")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise NotImplementedError("use_bidirectional_attention=True: the engine decodes causal models only")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        window = getattr(config, "sliding_window", None)
-        kinds = set(getattr(config, "layer_types", None) or ())
-        if kinds == {"full_attention"}:  # Qwen2 keeps a sliding_window beside use_sliding_window=False
-            window = None
-        elif len(kinds) > 1:
-            raise NotImplementedError(
-                f"layer_types mixes {sorted(kinds)}: layers with different attention windows (Qwen2's "
-                "max_window_layers) are not supported by the engine"
-            )
+        windows, thetas = layer_windows(config), layer_rope_thetas(config)
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -102,19 +121,40 @@ class EngineConfig:
             head_dim=head_dim,
             vocab_size=config.vocab_size,
             rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta(config),
+            rope_theta=thetas[0],
             mlp_variant=mlp_variant_of(config),
             mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
-            sliding_window=window,
+            sliding_window=(windows[0] or None) if len(set(windows)) == 1 else None,
             max_positions=getattr(config, "max_position_embeddings", None),
+            layer_windows=None if len(set(windows)) == 1 else windows,
+            layer_rope_thetas=None if len(set(thetas)) == 1 else thetas,
+            **_gemma_settings(config),
         )
 
 
+def _gemma_settings(config) -> dict:
+    """What Gemma adds to a Llama-shaped decoder: the embedding scaled by sqrt(hidden), Gemma 2/3's attention scale
+    from ``query_pre_attn_scalar``, Gemma 2's attention soft-capping (Gemma 3 keeps the field but never applies
+    it) and the logits' soft-capping. Empty for other families."""
+    model_type = family(getattr(config, "model_type", None))
+    if model_type not in _GEMMA:
+        return {}
+    settings = {"embed_scale": float(np.float32(config.hidden_size**0.5))}  # a float32 tensor in transformers
+    if model_type != "gemma":
+        settings["attention_scale"] = config.query_pre_attn_scalar**-0.5
+        settings["final_softcap"] = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+    if model_type == "gemma2":
+        settings["attn_softcap"] = float(getattr(config, "attn_logit_softcapping", None) or 0.0)
+    return settings
+
+
 def mlp_variant_of(config) -> str:
-    """``config.mlp_variant`` (set by ``models.swap.apply_variant``) or the variant implied by hidden_act,
-    both from the one registry of ``models.variants``."""
+    """``config.mlp_variant`` (set by ``models.swap.apply_variant``) or the variant the family's own activation field
+    implies (``hidden_act``; Gemma 2/3: ``hidden_activation``), both from the one registry of ``models.variants``."""
+    from ..models.swap import native_variant  # torch only when a config is read
+
     variant = getattr(config, "mlp_variant", None)
-    return get_variant(variant).name if variant is not None else variant_of_hf_act(config.hidden_act)
+    return get_variant(variant).name if variant is not None else native_variant(config)
 
 
 def _reads_residual(provider) -> bool:
@@ -123,8 +163,53 @@ def _reads_residual(provider) -> bool:
     return getattr(provider, "input", "normed") == "residual"
 
 
+def _hf_weights(model, fmt: str, norm_offset: bool) -> step_kernels.ModelWeights:
+    """A transformers decoder's weights as the engine's, in ``fmt``. Gemma's RMSNorms scale by ``1 + weight``: that
+    sum is taken here once, in float32 as transformers does, so the kernels read a plain norm weight. Gemma 2/3's
+    extra norms (after attention and after the FFN, ``pre_feedforward_layernorm`` being the FFN's input norm) are
+    read where the layers have them."""
+    import torch
+
+    def f32(t: torch.Tensor) -> np.ndarray:  # a private float32 copy, never a view of torch memory
+        return np.array(t.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
+
+    def norm(module) -> np.ndarray:
+        return f32(module.weight) + np.float32(1.0) if norm_offset else f32(module.weight)
+
+    layers, att = model.model.layers, lambda b: b.self_attn
+    first = layers[0]
+
+    def stack(get, present: bool = True) -> np.ndarray | None:
+        return np.stack([get(block) for block in layers]) if present else None
+
+    sandwich = hasattr(first, "pre_feedforward_layernorm")  # Gemma 2/3: norms before and after each block
+    qkv_bias = lambda b: np.concatenate([f32(att(b).q_proj.bias), f32(att(b).k_proj.bias), f32(att(b).v_proj.bias)])
+    qkv = lambda b: np.concatenate([f32(att(b).q_proj.weight), f32(att(b).k_proj.weight), f32(att(b).v_proj.weight)])
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return step_kernels.ModelWeights.quantize(
+        fmt,
+        attn_norm_LH=stack(lambda b: norm(b.input_layernorm)),
+        ffn_norm_LH=stack(lambda b: norm(b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm)),
+        w_qkv_LQH=stack(qkv),
+        w_o_LHD=stack(lambda b: f32(att(b).o_proj.weight)),
+        w_gate_LNH=stack(lambda b: f32(b.mlp.gate_proj.weight)),
+        w_up_LNH=stack(lambda b: f32(b.mlp.up_proj.weight)),
+        w_down_LHN=stack(lambda b: f32(b.mlp.down_proj.weight)),
+        final_norm_H=norm(model.model.norm),
+        lm_head_VH=f32(model.lm_head.weight),
+        embed_VH=None if tied else f32(model.model.embed_tokens.weight),  # one matrix when the embedding is tied
+        b_qkv_LQ=stack(qkv_bias, att(first).q_proj.bias is not None),
+        b_o_LH=stack(lambda b: f32(att(b).o_proj.bias), att(first).o_proj.bias is not None),
+        qk_norm_L2E=stack(
+            lambda b: np.stack([norm(att(b).q_norm), norm(att(b).k_norm)]), hasattr(att(first), "q_norm")
+        ),
+        post_attn_norm_LH=stack(lambda b: norm(b.post_attention_layernorm), sandwich),
+        post_ffn_norm_LH=stack(lambda b: norm(b.post_feedforward_layernorm), sandwich),
+    )
+
+
 class Engine:
-    """Greedy decoding of a Llama/Mistral/Qwen2/Qwen3 model with Numba kernels, dense or sparse FFN, f32 or
+    """Greedy decoding of a Llama/Mistral/Qwen2/Qwen3/Gemma model with Numba kernels, dense or sparse FFN, f32 or
     quantised."""
 
     def __init__(self, config: EngineConfig, weights: step_kernels.ModelWeights):
@@ -158,54 +243,17 @@ class Engine:
 
     @classmethod
     def from_transformers(cls, model, fmt: str = "f32") -> Engine:
-        """Copy the weights of a transformers Llama / Mistral / Qwen2 / Qwen3 causal LM, in format ``fmt``."""
-        import torch
-
+        """Copy the weights of a transformers Llama / Mistral / Qwen2 / Qwen3 / Gemma / Gemma2 / Gemma3 causal LM, in
+        format ``fmt``."""
         config = getattr(model, "config", None)
         model_type = family(getattr(config, "model_type", None))
         if model_type not in _SUPPORTED_ARCHITECTURES or not hasattr(model, "lm_head"):
             raise TypeError(
-                f"Engine.from_transformers supports Llama, Mistral, Qwen2 and Qwen3 causal LMs "
-                f"(model_type in {_SUPPORTED_ARCHITECTURES}); got {type(model).__name__} "
+                f"Engine.from_transformers supports Llama, Mistral, Qwen2, Qwen3 and Gemma (1, 2, 3 text) causal "
+                f"LMs (model_type in {_SUPPORTED_ARCHITECTURES}); got {type(model).__name__} "
                 f"with model_type {model_type!r}"
             )
-        cfg = EngineConfig.from_hf_config(config)
-
-        def f32(t: torch.Tensor) -> np.ndarray:  # a private float32 copy, never a view of torch memory
-            return np.array(t.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
-
-        def stack(get) -> np.ndarray:
-            return np.stack([get(block) for block in model.model.layers])
-
-        att = lambda b: b.self_attn
-        has_bias = att(model.model.layers[0]).q_proj.bias is not None
-        qkv_bias = lambda b: np.concatenate([f32(att(b).q_proj.bias), f32(att(b).k_proj.bias), f32(att(b).v_proj.bias)])
-        tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-        weights = step_kernels.ModelWeights.quantize(
-            fmt,
-            attn_norm_LH=stack(lambda b: f32(b.input_layernorm.weight)),
-            ffn_norm_LH=stack(lambda b: f32(b.post_attention_layernorm.weight)),
-            w_qkv_LQH=stack(
-                lambda b: np.concatenate(
-                    [f32(att(b).q_proj.weight), f32(att(b).k_proj.weight), f32(att(b).v_proj.weight)]
-                )
-            ),
-            w_o_LHD=stack(lambda b: f32(att(b).o_proj.weight)),
-            w_gate_LNH=stack(lambda b: f32(b.mlp.gate_proj.weight)),
-            w_up_LNH=stack(lambda b: f32(b.mlp.up_proj.weight)),
-            w_down_LHN=stack(lambda b: f32(b.mlp.down_proj.weight)),
-            final_norm_H=f32(model.model.norm.weight),
-            lm_head_VH=f32(model.lm_head.weight),
-            embed_VH=None if tied else f32(model.model.embed_tokens.weight),  # one matrix when the embedding is tied
-            b_qkv_LQ=stack(qkv_bias) if has_bias else None,
-            b_o_LH=stack(lambda b: f32(att(b).o_proj.bias))
-            if att(model.model.layers[0]).o_proj.bias is not None
-            else None,
-            qk_norm_L2E=stack(lambda b: np.stack([f32(att(b).q_norm.weight), f32(att(b).k_norm.weight)]))
-            if hasattr(att(model.model.layers[0]), "q_norm")
-            else None,
-        )
-        return cls(cfg, weights)
+        return cls(EngineConfig.from_hf_config(config), _hf_weights(model, fmt, norm_offset=model_type in _GEMMA))
 
     def quantized(self, fmt: str) -> Engine:
         """This model with every matrix in ``fmt`` ('f32', 'q8_0', 'q4_0'), made once from the float32 weights
@@ -232,6 +280,8 @@ class Engine:
                 w.b_qkv_LQ,
                 w.b_o_LH,
                 w.qk_norm_L2E,
+                w.post_attn_norm_LH,
+                w.post_ffn_norm_LH,
             )
             self._quantized[fmt] = Engine(self.config, weights)
         return self._quantized[fmt]
@@ -249,20 +299,25 @@ class Engine:
             shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
             self.k_cache = np.zeros(shape, dtype=np.float32)
             self.v_cache = np.zeros(shape, dtype=np.float32)
-            # LlamaRotaryEmbedding, default type: float32 inv_freq and angles, cos/sin of them
+            # LlamaRotaryEmbedding, default type: float32 inv_freq and angles, cos/sin of them; one table per theta
             exponent = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
-            inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
-            angles_PR = np.arange(capacity, dtype=np.float32)[:, None] * inv_freq[None, :]
-            self.cos_PR, self.sin_PR = np.cos(angles_PR), np.sin(angles_PR)  # R = head_dim / 2
+            inv_freq_KR = np.stack([(1.0 / (np.float32(t) ** exponent)).astype(np.float32) for t in cfg.rope_thetas])
+            angles_KPR = np.arange(capacity, dtype=np.float32)[None, :, None] * inv_freq_KR[:, None, :]
+            self.cos_KPR, self.sin_KPR = np.cos(angles_KPR), np.sin(angles_KPR)  # R = head_dim / 2
             self.capacity = capacity
         self.pos = 0
 
     # -- prefill (NumPy, float32 engines) ----------------------------------------------------
 
-    def window_start(self, first_query_pos: int) -> int:
-        """The first cached position any query from ``first_query_pos`` on may attend to."""
-        window = self.config.sliding_window
-        return 0 if window is None else max(0, first_query_pos - window + 1)
+    def window_start(self, layer_idx: int, first_query_pos: int) -> int:
+        """The first cached position any query of layer ``layer_idx`` from ``first_query_pos`` on may attend to."""
+        window = int(self.config.windows_L[layer_idx])
+        return 0 if window == 0 else max(0, first_query_pos - window + 1)
+
+    def rope_tables(self, layer_idx: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``layer_idx``'s RoPE (cos, sin) tables, (capacity, head_dim / 2)."""
+        k = self.config.layer_rope_L[layer_idx]
+        return self.cos_KPR[k], self.sin_KPR[k]
 
     def prefill(self, token_ids, all_logits: bool = False) -> np.ndarray:
         """Run the prompt after the cached positions (dense FFN); the last logits (V,), or (T, V) with ``all_logits``.
@@ -335,6 +390,7 @@ class Engine:
             )
         else:
             logits_V, active = self._step_layers(int(token_id), mask_provider, times, rows_read)
+        logits_V = soft_cap(logits_V, cfg.final_softcap)
         self.pos += 1
         if profile is not None:
             for key, seconds in times.items():
@@ -363,15 +419,19 @@ class Engine:
             w.final_norm_H,
             w.lm_head.data,
             w.embed.data,
+            np.float32(cfg.embed_scale),
             w.qkv.code,
             cfg.num_heads,
             cfg.head_dim,
             cfg.rms_norm_eps,
+            cfg.scale,
+            np.float32(cfg.attn_softcap),
             self.k_cache,
             self.v_cache,
-            self.cos_PR,
-            self.sin_PR,
-            cfg.sliding_window or 0,
+            self.cos_KPR,
+            self.sin_KPR,
+            cfg.layer_rope_L,
+            cfg.windows_L,
             *cfg.act,
             *masks,
             numba.get_num_threads(),
@@ -394,17 +454,20 @@ class Engine:
         return (
             li,
             x_H,
-            *self._args[:10],
+            *self._args[: step_kernels.ATTENTION_ARGS],
             self.weights.qkv.code,
             cfg.num_heads,
             cfg.head_dim,
             cfg.rms_norm_eps,
+            cfg.scale,
+            np.float32(cfg.attn_softcap),
             self.k_cache,
             self.v_cache,
-            self.cos_PR,
-            self.sin_PR,
+            self.cos_KPR,
+            self.sin_KPR,
+            cfg.layer_rope_L,
             self.pos,
-            cfg.sliding_window or 0,
+            cfg.windows_L,
             h_H,
         )
 
@@ -418,7 +481,7 @@ class Engine:
         """Two compiled calls per layer, the mask provider (Python) between them."""
         cfg, w, code = self.config, self.weights, self.weights.qkv.code
         t0 = perf_counter()
-        x_H = step_kernels.embed_row(w.embed.data, code, token_id, cfg.hidden_size)
+        x_H = step_kernels.embed_row(w.embed.data, code, token_id, cfg.hidden_size, np.float32(cfg.embed_scale))
         active = 0
         t1 = perf_counter()
         times["embed"] += t1 - t0
@@ -433,8 +496,8 @@ class Engine:
                 li,
                 x_H,
                 h_H,
-                w.ffn.data,
-                w.ffn.down_scale,
+                *self._args[step_kernels.ATTENTION_ARGS :],
+                cfg.rms_norm_eps,
                 code,
                 idx_K,
                 len(idx_K),
@@ -460,7 +523,7 @@ class Engine:
         cfg, w = self.config, self.weights
         H, eps, code = cfg.hidden_size, cfg.rms_norm_eps, w.qkv.code
         t0 = perf_counter()
-        x_H = step_kernels.embed_row(w.embed.data, code, token_id, H)
+        x_H = step_kernels.embed_row(w.embed.data, code, token_id, H, np.float32(cfg.embed_scale))
         active = 0
         t1 = perf_counter()
         times["embed"] += t1 - t0
@@ -473,24 +536,34 @@ class Engine:
             if w.qk_norm_L2E is not None:
                 qk_norm = w.qk_norm_L2E[li]
                 step_kernels.head_norms_into(qkv_Q, qk_norm, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, eps)
+            cos_PR, sin_PR = self.rope_tables(li)
             out_D = decode_attention(
                 qkv_Q,
                 self.k_cache[li],
                 self.v_cache[li],
-                self.cos_PR[self.pos],
-                self.sin_PR[self.pos],
+                cos_PR[self.pos],
+                sin_PR[self.pos],
                 self.pos,
                 cfg.num_heads,
-                self.window_start(self.pos),
+                self.window_start(li, self.pos),
+                cfg.scale,
+                np.float32(cfg.attn_softcap),
             )
             y_H = quant.gemv(w.o[li], out_D)
-            x_H += y_H if w.b_o_LH is None else y_H + w.b_o_LH[li]
+            if w.b_o_LH is not None:
+                y_H += w.b_o_LH[li]
+            if w.post_attn_norm_LH is not None:
+                step_kernels.rms_norm_into(y_H, w.post_attn_norm_LH[li], eps, y_H)
+            x_H += y_H
             step_kernels.rms_norm_into(x_H, w.ffn_norm_LH[li], eps, h_H)
             t2 = perf_counter()
             idx_K = self._provider_masks(provider, li, x_H if _reads_residual(provider) else h_H) if sparse else None
             active += cfg.intermediate_size if idx_K is None else len(idx_K)
             t3 = perf_counter()
-            x_H += bundles.ffn(w.ffn[li], h_H, idx_K, cfg.act, rows_read=rows_read)
+            y_H = bundles.ffn(w.ffn[li], h_H, idx_K, cfg.act, rows_read=rows_read)
+            if w.post_ffn_norm_LH is not None:
+                step_kernels.rms_norm_into(y_H, w.post_ffn_norm_LH[li], eps, y_H)
+            x_H += y_H
             t4 = perf_counter()
             times["attention"] += t2 - t1
             times["mask"] += t3 - t2

@@ -6,8 +6,11 @@ FFN in bundled-neuron layout, dense and sparse), ``attention`` (RoPE and grouped
 for one token) and ``step`` (a whole decode step in one compiled call). This module holds what
 they share:
 
-- ``FASTMATH``: every LLVM fast-math flag except 'nnan' and 'ninf': dot products vectorise,
-  while NaN/Inf semantics stay intact, so ``g > 0`` and ``c != 0`` tests stay exact.
+- ``FASTMATH``: contraction only (a multiply and an add may fuse into one FMA). Not reassociation: under it LLVM
+  chooses a reduction's order anew wherever a kernel is compiled, and a kernel compiled fresh, one loaded from
+  Numba's cache and its copy inlined into the fused step rounded differently, so results depended on the cache's
+  history (greedy tokens at Q8_0 changed with it). Reductions are vectorised explicitly instead, in a fixed order
+  (``simd.f32_dot`` and the block dots). NaN/Inf semantics stay intact, so ``g > 0`` and ``c != 0`` stay exact.
 - The gate and up activations of every gated-MLP variant of the one registry,
   ``models.variants.VARIANTS``: each is a gate activation and an up activation, and kernels take
   the integer code the registry derives (``variant_code``), since an integer branch inside a
@@ -27,9 +30,8 @@ from numba import njit
 
 from ..models.variants import get_variant
 
-# Every LLVM fast-math flag except 'nnan' and 'ninf': reductions may be reordered and fused,
-# but comparisons with zero keep their IEEE meaning.
-FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+# Contraction only: a sum's order is the code's, the same in every compiled copy of a kernel (see above).
+FASTMATH = {"contract"}
 
 
 def variant_code(variant, **variant_kwargs) -> tuple[int, np.float32]:

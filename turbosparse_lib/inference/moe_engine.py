@@ -39,7 +39,7 @@ from ..models.registration import family
 from ..models.variants import get_variant, variant_of_hf_act
 from . import bundles, kernels
 from .attention import decode_attention
-from .hf_config import rope_theta
+from .hf_config import layer_windows, rope_theta
 from .reference import rms_norm
 
 MOE_ENGINE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -161,12 +161,12 @@ class MoEEngineConfig:
 
 def _sliding_window(config) -> int | None:
     """The attention window every layer uses, or None; a mix of full and sliding layers raises."""
-    types = set(getattr(config, "layer_types", None) or [])
-    if types - {"full_attention", "sliding_attention"} or len(types) > 1:
-        raise NotImplementedError(f"layer types {sorted(types)}: only all-full or all-sliding attention is supported")
-    if types == {"full_attention"}:
-        return None
-    return getattr(config, "sliding_window", None) or None  # Qwen2-MoE stores 0 for "none"
+    windows = set(layer_windows(config))
+    if len(windows) > 1:
+        raise NotImplementedError(
+            f"layer_types {sorted(set(config.layer_types))}: only all-full or all-sliding attention is supported"
+        )
+    return windows.pop() or None
 
 
 class ExpertExactZeroOracle:
@@ -310,6 +310,8 @@ class MoEEngine:
             self.pos,
             cfg.num_heads,
             lo,
+            np.float32(1.0 / math.sqrt(cfg.head_dim)),
+            np.float32(0.0),  # no soft-capping
         )
         y_H = _gemv(layer.w_o_HD, out_D)
         return y_H if layer.b_o_H is None else y_H + layer.b_o_H

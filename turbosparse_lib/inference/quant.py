@@ -242,12 +242,7 @@ def row_dot(row, offset, code, cols, x, x16, xd):
     """Weights ``row[offset:]`` (``cols`` of them in format ``code``) dotted with the activation:
     ``x`` (float32) for f32, ``(x16, xd)`` from ``quantize_activation`` for Q formats."""
     if code == F32:
-        # slice, then view: indices from 0 let LLVM vectorise (an offset index may be negative to it)
-        w = row[offset : offset + 4 * cols].view(np.float32)
-        acc = np.float32(0.0)
-        for j in range(cols):
-            acc += w[j] * x[j]
-        return acc
+        return simd.f32_dot(row, offset, x, cols)
     if code == Q8_0:
         return simd.q8_dot(row, offset, x16, xd, xd.shape[0])
     return simd.q4_dot(row, offset, x16, xd, xd.shape[0])

@@ -1,10 +1,10 @@
 """The decode engine's model in NumPy: prefill of a float32 engine, and the reference of every engine.
 
 All prompt tokens at once with matmuls on the (dequantised) weights, causal attention with the
-same RoPE tables, sliding window and grouped-query layout as the decode kernels. For the Q formats
-every matrix input is first rounded to Q8_0 blocks per token, as the kernels do, so this is the
-quantised model itself, not its float original: what ``Engine.reference_logits`` compares the
-compiled decode step with.
+same RoPE tables, sliding windows, grouped-query layout, scale, soft-caps and extra norms as the
+decode kernels. For the Q formats every matrix input is first rounded to Q8_0 blocks per token, as
+the kernels do, so this is the quantised model itself, not its float original: what
+``Engine.reference_logits`` compares the compiled decode step with.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ def rms_norm(x_TH: np.ndarray, w_H: np.ndarray, eps: float) -> np.ndarray:
     return w_H * (x_TH / np.sqrt(var_T1 + np.float32(eps)))
 
 
-def _rope(engine: Engine, x_TnE: np.ndarray, positions_T: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE on (T, heads, head_dim) at the given positions."""
+def _rope(engine: Engine, li: int, x_TnE: np.ndarray, positions_T: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE on (T, heads, head_dim) at the given positions, with layer ``li``'s tables."""
     R = engine.config.head_dim // 2
-    cos, sin = engine.cos_PR[positions_T][:, None, :], engine.sin_PR[positions_T][:, None, :]
+    cos_PR, sin_PR = engine.rope_tables(li)
+    cos, sin = cos_PR[positions_T][:, None, :], sin_PR[positions_T][:, None, :]
     x1, x2 = x_TnE[..., :R], x_TnE[..., R:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -46,25 +47,37 @@ def _attention(engine: Engine, li: int, h_TH: np.ndarray, w_qkv_QH, w_o_HD, act)
     if w.qk_norm_L2E is not None:  # Qwen3: each head normalised before RoPE
         q_TnE = rms_norm(q_TnE, w.qk_norm_L2E[li, 0], cfg.rms_norm_eps)
         k_TgE = rms_norm(k_TgE, w.qk_norm_L2E[li, 1], cfg.rms_norm_eps)
-    q_TnE, k_TgE = _rope(engine, q_TnE, positions_T), _rope(engine, k_TgE, positions_T)
+    q_TnE, k_TgE = _rope(engine, li, q_TnE, positions_T), _rope(engine, li, k_TgE, positions_T)
     engine.k_cache[li, :, engine.pos : engine.pos + T] = k_TgE.transpose(1, 0, 2)
     engine.v_cache[li, :, engine.pos : engine.pos + T] = qkv_TQ[:, k_end:].reshape(T, G, E).transpose(1, 0, 2)
 
     # keys lo..end-1 can be seen by some new query; the mask narrows that per query
-    lo, end = engine.window_start(engine.pos), engine.pos + T
+    lo, end, window = engine.window_start(li, engine.pos), engine.pos + T, int(cfg.windows_L[li])
     K_gSE, V_gSE = engine.k_cache[li, :, lo:end], engine.v_cache[li, :, lo:end]
     q_grTE = q_TnE.reshape(T, G, rep, E).transpose(1, 2, 0, 3)  # head h reads kv head h // rep
-    scores_grTS = (q_grTE @ K_gSE[:, None].transpose(0, 1, 3, 2)) * np.float32(E**-0.5)
+    scores_grTS = (q_grTE @ K_gSE[:, None].transpose(0, 1, 3, 2)) * cfg.scale
+    if cfg.attn_softcap:
+        scores_grTS = np.tanh(scores_grTS / np.float32(cfg.attn_softcap)) * np.float32(cfg.attn_softcap)
     key_S, query_T1 = np.arange(lo, end), positions_T[:, None]
     visible_TS = key_S <= query_T1
-    if cfg.sliding_window is not None:
-        visible_TS &= key_S > query_T1 - cfg.sliding_window
+    if window:
+        visible_TS &= key_S > query_T1 - window
     scores_grTS = np.where(visible_TS, scores_grTS, -np.inf)
     p_grTS = np.exp(scores_grTS - scores_grTS.max(axis=-1, keepdims=True))
     p_grTS /= p_grTS.sum(axis=-1, keepdims=True)
     out_TD = (p_grTS @ V_gSE[:, None]).transpose(2, 0, 1, 3).reshape(T, cfg.num_heads * E)
     y_TH = act(out_TD) @ w_o_HD.T
-    return y_TH if w.b_o_LH is None else y_TH + w.b_o_LH[li]
+    if w.b_o_LH is not None:
+        y_TH = y_TH + w.b_o_LH[li]
+    return y_TH if w.post_attn_norm_LH is None else rms_norm(y_TH, w.post_attn_norm_LH[li], cfg.rms_norm_eps)
+
+
+def soft_cap(logits: np.ndarray, cap: float) -> np.ndarray:
+    """``cap * tanh(logits / cap)`` in float32 (Gemma 2/3's final_logit_softcapping); ``logits`` when ``cap`` is 0."""
+    if not cap:
+        return logits
+    c = np.float32(cap)
+    return (np.tanh(logits / c) * c).astype(np.float32)
 
 
 def forward_numpy(engine: Engine, ids_T: np.ndarray, all_logits: bool) -> np.ndarray:
@@ -79,15 +92,20 @@ def forward_numpy(engine: Engine, ids_T: np.ndarray, all_logits: bool) -> np.nda
             else np.stack([quant.activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
         )
 
-    x_TH = quant.dequantize(quant.QMatrix(w.embed.data[ids_T], w.embed.fmt, H))
+    x_TH = quant.dequantize(quant.QMatrix(w.embed.data[ids_T], w.embed.fmt, H)) * np.float32(cfg.embed_scale)
     for li in range(cfg.num_layers):
         h_TH = rms_norm(x_TH, w.attn_norm_LH[li], cfg.rms_norm_eps)
         x_TH = x_TH + _attention(engine, li, h_TH, quant.dequantize(w.qkv[li]), quant.dequantize(w.o[li]), act)
         h_TH = act(rms_norm(x_TH, w.ffn_norm_LH[li], cfg.rms_norm_eps))
         ffn = w.ffn[li]
         c_TN = kernels.combine_ref(h_TH @ ffn.dequantized(0).T, h_TH @ ffn.dequantized(1).T, cfg.act)
-        x_TH = x_TH + c_TN @ ffn.dequantized(2)
+        y_TH = c_TN @ ffn.dequantized(2)
+        if w.post_ffn_norm_LH is not None:
+            y_TH = rms_norm(y_TH, w.post_ffn_norm_LH[li], cfg.rms_norm_eps)
+        x_TH = x_TH + y_TH
     engine.pos += len(ids_T)
     h_TH = act(rms_norm(x_TH if all_logits else x_TH[-1:], w.final_norm_H, cfg.rms_norm_eps))
-    logits_TV = np.ascontiguousarray(h_TH, dtype=np.float32) @ quant.dequantize(w.lm_head).T
+    logits_TV = soft_cap(
+        np.ascontiguousarray(h_TH, dtype=np.float32) @ quant.dequantize(w.lm_head).T, cfg.final_softcap
+    )
     return logits_TV if all_logits else logits_TV[0]

@@ -35,7 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_FAST = ("fast",)  # reassociation and contraction for the float accumulator (as the kernels' FASTMATH)
+_FAST = ("contract",)  # reassociation and contraction for the float accumulator (as the kernels' FASTMATH)
 
 Q8_BLOCK_BYTES, Q4_BLOCK_BYTES, BLOCK = 34, 18, 32
 
@@ -271,6 +271,55 @@ def _make_block_axpy(block_bytes: int):
         return sig, codegen
 
     return block_axpy
+
+
+F32_LANES = 32  # f32_dot's accumulator: lane l sums elements l, l + 32, l + 64, ...
+
+
+@intrinsic
+def f32_dot(typingctx, a, a_offset, b, n):
+    """``a``'s float32 values from byte ``a_offset`` (any C-contiguous array: a uint8 row or float32 values) dotted
+    with float32 ``b[:n]``, in an order fixed here: a <32 x float> accumulator whose lane l sums elements l, l + 32,
+    ...; its lanes added 32 -> 16 -> 8 -> 1; the n % 32 tail added last, one by one. Numba's own loop would need
+    reassociation to vectorise, and under it LLVM picks the order anew wherever the kernel is compiled or inlined,
+    so two copies of one kernel (fresh and from Numba's cache) rounded differently."""
+    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.layout == "C" and b.layout == "C"):
+        return None  # a typing error: the pointers below assume contiguous data
+    if b.dtype != types.float32:
+        return None
+    sig = types.float32(a, types.intp, b, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a_ty, _, b_ty, _ = signature.args
+        a_arr, off, b_arr, n = args
+        a_ptr = builder.bitcast(_byte_ptr(context, builder, a_ty, a_arr, off), _F32.as_pointer())
+        b_ptr = _elem_ptr(context, builder, b_ty, b_arr, ir.Constant(_I64, 0), _F32)
+        lanes = ir.Constant(_I64, F32_LANES)
+        chunks = builder.sdiv(n, lanes)
+
+        def load(ptr, i, k):
+            return builder.load(builder.bitcast(builder.gep(ptr, [i]), _vec(_F32, k).as_pointer()), align=4)
+
+        def chunk(c, acc):
+            i = builder.mul(c, lanes)
+            prod = builder.fmul(load(a_ptr, i, F32_LANES), load(b_ptr, i, F32_LANES), flags=_FAST)
+            return builder.fadd(acc, prod, flags=_FAST)
+
+        acc = _counted_loop(builder, chunks, chunk, _const_vec(_F32, F32_LANES, 0.0))
+        s16 = builder.fadd(_lanes(builder, acc, range(16)), _lanes(builder, acc, range(16, 32)), flags=_FAST)
+        total = _hsum8(builder, builder.fadd(_lanes(builder, s16, range(8)), _lanes(builder, s16, range(8, 16))))
+        start = builder.mul(chunks, lanes)
+
+        def one(t, acc):
+            j = builder.add(start, t)
+            prod = builder.fmul(
+                builder.load(builder.gep(a_ptr, [j])), builder.load(builder.gep(b_ptr, [j])), flags=_FAST
+            )
+            return builder.fadd(acc, prod, flags=_FAST)
+
+        return _counted_loop(builder, builder.sub(n, start), one, total)
+
+    return sig, codegen
 
 
 q8_dot = _make_block_dot(Q8_BLOCK_BYTES)

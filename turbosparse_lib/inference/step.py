@@ -37,6 +37,7 @@ from .simd import BLOCK
 MASKS_DENSE, MASKS_PACKED, MASKS_EXACT_IN_LINE = 0, 1, 2
 # profile slots of decode_token's ``ticks``
 TICKS = ("embed", "attention", "mask", "ffn", "lm_head")
+ATTENTION_ARGS = 12  # ModelWeights.kernel_args()[:12] are attention_half's weights, the rest ffn_half's
 
 
 @dataclass
@@ -59,6 +60,8 @@ class ModelWeights:
     b_qkv_LQ: np.ndarray | None = None  # attention_bias models only
     b_o_LH: np.ndarray | None = None
     qk_norm_L2E: np.ndarray | None = None  # Qwen3: RMSNorm weights of each q head, then of each k head, before RoPE
+    post_attn_norm_LH: np.ndarray | None = None  # Gemma 2/3: RMSNorm of the attention's output, before the residual
+    post_ffn_norm_LH: np.ndarray | None = None  # ... and of the FFN's output
 
     @classmethod
     def quantize(
@@ -77,6 +80,8 @@ class ModelWeights:
         b_qkv_LQ=None,
         b_o_LH=None,
         qk_norm_L2E=None,
+        post_attn_norm_LH=None,
+        post_ffn_norm_LH=None,
     ) -> ModelWeights:
         """From float weights in ``nn.Linear`` layout, stacked over layers; ``embed_VH=None``: tied to lm_head."""
         lm_head = quant.quantize(lm_head_VH, fmt)
@@ -94,6 +99,8 @@ class ModelWeights:
             f32(b_qkv_LQ),
             f32(b_o_LH),
             f32(qk_norm_L2E),
+            f32(post_attn_norm_LH),
+            f32(post_ffn_norm_LH),
         )
 
     @property
@@ -104,16 +111,19 @@ class ModelWeights:
     def nbytes(self) -> int:
         """Bytes held (a tied embedding once)."""
         mats = [self.qkv, self.o, self.ffn, self.lm_head] + ([] if self.tied else [self.embed])
-        return sum(m.nbytes for m in mats) + sum(
-            a.nbytes for a in (self.attn_norm_LH, self.ffn_norm_LH, self.final_norm_H)
-        )
+        norms = (self.attn_norm_LH, self.ffn_norm_LH, self.final_norm_H, self.post_attn_norm_LH, self.post_ffn_norm_LH)
+        return sum(m.nbytes for m in mats) + sum(a.nbytes for a in norms if a is not None)
 
     def kernel_args(self) -> tuple:
-        """The arrays ``decode_token`` and the layer halves take, in their order (biases as zeros when absent)."""
+        """The arrays ``decode_token`` takes, in its order (absent biases and norms as placeholders, each with a
+        flag): ``attention_half`` takes the first ``ATTENTION_ARGS``, ``ffn_half`` the rest."""
         L, Q, H = self.qkv.data.shape[0], self.qkv.rows, self.o.rows
         b_qkv = np.zeros((L, Q), np.float32) if self.b_qkv_LQ is None else self.b_qkv_LQ
         b_o = np.zeros((L, H), np.float32) if self.b_o_LH is None else self.b_o_LH
         qk_norm = np.ones((L, 2, 1), np.float32) if self.qk_norm_L2E is None else self.qk_norm_L2E
+        no_norm = np.ones((L, 1), np.float32)
+        post_attn = no_norm if self.post_attn_norm_LH is None else self.post_attn_norm_LH
+        post_ffn = no_norm if self.post_ffn_norm_LH is None else self.post_ffn_norm_LH
         return (
             self.attn_norm_LH,
             self.qkv.data,
@@ -124,18 +134,20 @@ class ModelWeights:
             self.o.data,
             b_o,
             self.b_o_LH is not None,
+            post_attn,
+            self.post_attn_norm_LH is not None,
             self.ffn_norm_LH,
             self.ffn.data,
             self.ffn.down_scale,
+            post_ffn,
+            self.post_ffn_norm_LH is not None,
         )
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def rms_norm_into(x, w, eps, out):
     """out = w * x / sqrt(mean(x^2) + eps), as LlamaRMSNorm in float32."""
-    ss = np.float32(0.0)
-    for j in range(x.shape[0]):
-        ss += x[j] * x[j]
+    ss = simd.f32_dot(x, 0, x, x.shape[0])
     inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[0]) + np.float32(eps))
     for j in range(x.shape[0]):
         out[j] = w[j] * (x[j] * inv)
@@ -168,34 +180,17 @@ def matvec(data, code, cols, x, y):
     quant.gemv_into(data, code, cols, x, x16, xd, y)
 
 
+# fmt: off
+# not formatted: one argument a line would stretch these Numba kernels (flat arrays, as Numba compiles best) over
+# a hundred lines
 @njit(fastmath=FASTMATH, cache=True)
-def attention_half(
-    li,
-    x,
-    attn_norm,
-    qkv,
-    b_qkv,
-    has_b_qkv,
-    qk_norm,
-    has_qk_norm,
-    o,
-    b_o,
-    has_b_o,
-    ffn_norm,
-    code,
-    n_heads,
-    head_dim,
-    eps,
-    k_cache,
-    v_cache,
-    cos,
-    sin,
-    pos,
-    window,
-    h_out,
-):
+def attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, post_attn_norm,
+                   has_post_attn_norm, ffn_norm, code, n_heads, head_dim, eps, scale, softcap, k_cache, v_cache, cos,
+                   sin, layer_rope, pos, windows, h_out):
     """Layer ``li``'s attention block on the residual stream ``x`` (updated in place); ``h_out`` gets
-    the FFN's input, RMSNorm(x). Writes this position's k and v into the layer's cache."""
+    the FFN's input, RMSNorm(x). Writes this position's k and v into the layer's cache. ``cos``/``sin``
+    are RoPE tables (tables, positions, head_dim / 2), layer ``li`` reading table ``layer_rope[li]``;
+    ``windows[li]`` is its sliding window (0: none). Gemma 2/3 normalise the block's output (``post_attn_norm``)."""
     H = x.shape[0]
     h = np.empty(H, np.float32)
     rms_norm_into(x, attn_norm[li], eps, h)
@@ -205,51 +200,49 @@ def attention_half(
         qkv_Q += b_qkv[li]
     if has_qk_norm:
         head_norms_into(qkv_Q, qk_norm[li], n_heads, k_cache.shape[1], head_dim, eps)
+    window, r = windows[li], layer_rope[li]
     lo = max(0, pos - window + 1) if window > 0 else 0
-    out_D = decode_attention(qkv_Q, k_cache[li], v_cache[li], cos[pos], sin[pos], pos, n_heads, lo)
+    out_D = decode_attention(qkv_Q, k_cache[li], v_cache[li], cos[r, pos], sin[r, pos], pos, n_heads, lo, scale,
+                             softcap)
     y_H = np.empty(H, np.float32)
     matvec(o[li], code, n_heads * head_dim, out_D, y_H)
+    if has_b_o:
+        for j in range(H):
+            y_H[j] += b_o[li, j]
+    if has_post_attn_norm:
+        rms_norm_into(y_H, post_attn_norm[li], eps, y_H)
     for j in range(H):
-        x[j] += y_H[j] + b_o[li, j] if has_b_o else y_H[j]
+        x[j] += y_H[j]
     rms_norm_into(x, ffn_norm[li], eps, h_out)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def ffn_half(li, x, h, ffn, ffn_scale, code, idx, n, use_idx, skip_zeros, act, shift, n_threads, rows_read):
-    """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x``."""
+def ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, code, idx, n, use_idx, skip_zeros, act,
+             shift, n_threads, rows_read):
+    """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x`` (Gemma 2/3:
+    normalised first by ``post_ffn_norm``)."""
     H = x.shape[0]
     x16, xd = activation_buffers(code, H)
     if code != quant.F32:
         quant.quantize_activation_into(h, x16, xd)
     y = np.empty(H, np.float32)
-    ffn_into(
-        ffn[li],
-        ffn_scale[li],
-        code,
-        H,
-        h,
-        x16,
-        xd,
-        idx,
-        n,
-        use_idx,
-        skip_zeros,
-        act,
-        shift,
-        n_threads,
-        y,
-        rows_read,
-        prefetch_bytes_for(ffn.shape[2]),
-    )
+    ffn_into(ffn[li], ffn_scale[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
+             rows_read, prefetch_bytes_for(ffn.shape[2]))
+    if has_post_ffn_norm:
+        rms_norm_into(y, post_ffn_norm[li], eps, y)
     x += y
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def embed_row(embed, code, token, H):
-    """The float32 embedding of ``token`` (a dequantised row for the Q formats)."""
+def embed_row(embed, code, token, H, scale):
+    """The float32 embedding of ``token`` (a dequantised row for the Q formats), times ``scale`` (Gemma: sqrt(H))."""
     x = np.zeros((H + BLOCK - 1) // BLOCK * BLOCK, np.float32)
     quant.row_axpy(embed[token], 0, code, H, np.float32(1.0), x)
-    return x[:H].copy()
+    out = x[:H].copy()
+    if scale != np.float32(1.0):
+        for j in range(H):
+            out[j] *= scale
+    return out
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -262,13 +255,11 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
     return logits
 
 
-# fmt: off
-# not formatted: one argument a line would stretch this 34-argument Numba kernel (flat arrays, as Numba compiles
-# best) over 90 lines
 @njit(fastmath=FASTMATH, cache=True)
-def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, ffn_norm, ffn,
-                 ffn_scale, final_norm, lm_head, embed, code, n_heads, head_dim, eps, k_cache, v_cache, cos, sin,
-                 window, act, shift, masks_mode, mask_offsets, mask_idx, n_threads, ticks, rows_read):
+def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, post_attn_norm,
+                 has_post_attn_norm, ffn_norm, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, final_norm, lm_head,
+                 embed, embed_scale, code, n_heads, head_dim, eps, scale, softcap, k_cache, v_cache, cos, sin,
+                 layer_rope, windows, act, shift, masks_mode, mask_offsets, mask_idx, n_threads, ticks, rows_read):
     """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
 
     ``masks_mode``: ``MASKS_DENSE``, ``MASKS_PACKED`` (layer l reads neurons
@@ -278,26 +269,27 @@ def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_n
     """
     H, N = attn_norm.shape[1], ffn.shape[1]
     t0 = simd.cycle_counter()
-    x = embed_row(embed, code, token, H)
+    x = embed_row(embed, code, token, H, embed_scale)
     h = np.empty(H, np.float32)
     active = 0
     t1 = simd.cycle_counter()
     ticks[0] += t1 - t0
     for li in range(attn_norm.shape[0]):
-        attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, ffn_norm, code,
-                       n_heads, head_dim, eps, k_cache, v_cache, cos, sin, pos, window, h)
+        attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, post_attn_norm,
+                       has_post_attn_norm, ffn_norm, code, n_heads, head_dim, eps, scale, softcap, k_cache, v_cache,
+                       cos, sin, layer_rope, pos, windows, h)
         t2 = simd.cycle_counter()
         ticks[1] += t2 - t1
         if masks_mode == MASKS_PACKED:
             lo, hi = mask_offsets[li], mask_offsets[li + 1]
-            ffn_half(
-                li, x, h, ffn, ffn_scale, code, mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads, rows_read
-            )
+            ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, code, mask_idx[lo:hi], hi - lo,
+                     True, True, act, shift, n_threads, rows_read)
             active += hi - lo
         else:
             before = rows_read[2]
             in_line = masks_mode == MASKS_EXACT_IN_LINE
-            ffn_half(li, x, h, ffn, ffn_scale, code, mask_idx, N, False, in_line, act, shift, n_threads, rows_read)
+            ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, code, mask_idx, N, False,
+                     in_line, act, shift, n_threads, rows_read)
             active += rows_read[2] - before if in_line else N
         t1 = simd.cycle_counter()
         ticks[3] += t1 - t2
