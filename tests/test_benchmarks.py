@@ -7,6 +7,7 @@ Nothing here asserts on a timing; tests that time things or need llama.cpp are m
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import tiny_models
 import torch
@@ -431,6 +432,31 @@ def test_bench_decoding_repeats_until_the_ratio_interval_is_narrow_or_the_cap():
     assert np.isnan(table.loc["base", "ratio"])
     with pytest.raises(ValueError, match="not benchmarked"):
         decoding.bench_decoding(steady, np.arange(3), 4, repeats=2, against={"run": "llama"})
+
+
+def test_dense_over_llama_verdict_needs_the_interval_above_095():
+    """Our dense engine over llama.cpp: a paired ratio at or above 1 is met only with its interval's lower end at or
+    above 0.95, and the line prints the interval; without paired rounds the plain ratio of medians is judged."""
+    from turbosparse_lib.bench import verdicts
+
+    keys = {("q8_0", "swiglu"): "ours", ("q8_0", "llama"): "llama"}
+    speed = pd.DataFrame(
+        {
+            "tokens_per_s": [40.0, 38.0],
+            "ratio": [1.04, np.nan],
+            "ratio_lo": [0.93, np.nan],
+            "ratio_hi": [1.1, np.nan],
+            "repeats": [21, 21],
+        },
+        index=["ours", "llama"],
+    )
+    ratio, low = verdicts.dense_over_llama_lines("q8_0", speed, keys)
+    assert ratio.endswith("-> met (same model as shipped, same threads)") and ": 1.04 " in ratio
+    assert "MISSED" in low and "[0.93, 1.10], 21 paired rounds" in low
+    speed.loc["ours", "ratio_lo"] = 0.97
+    assert "-> met" in verdicts.dense_over_llama_lines("q8_0", speed, keys)[1]
+    (plain,) = verdicts.dense_over_llama_lines("q8_0", speed.drop(columns=["ratio", "ratio_lo", "ratio_hi"]), keys)
+    assert f": {40 / 38:.2f} " in plain
 
 
 def test_quality_scores_every_token_after_the_first_of_its_chunk():

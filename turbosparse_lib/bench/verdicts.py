@@ -38,6 +38,22 @@ def _ffn_lines(ffn: pd.DataFrame) -> list[str]:
     ]
 
 
+def dense_over_llama_lines(p: str, speed: pd.DataFrame, keys: dict) -> list[str]:
+    """Our dense engine on the model as shipped over llama.cpp, both at ``p``: the paired ratio and, where the rounds
+    were timed against each other (``bench_decoding(against=...)``), its 95% interval's lower end as a target too."""
+    ours, llama = speed.loc[keys[(p, "swiglu")]], speed.loc[keys[(p, "llama")]]
+    paired = "ratio" in speed and pd.notna(ours.get("ratio"))
+    ratio = ours.ratio if paired else ours.tokens_per_s / llama.tokens_per_s
+    lines = [check(f"ours_over_llama_cpp_{p}", ratio, ".2f") + " (same model as shipped, same threads)"]
+    if paired:
+        lines.append(
+            f"[{p}] "
+            + check("ours_over_llama_cpp_interval_lo", ours.ratio_lo, ".2f")
+            + f" (95% interval [{ours.ratio_lo:.2f}, {ours.ratio_hi:.2f}], {ours.repeats:.0f} paired rounds)"
+        )
+    return lines
+
+
 def speed_verdicts(
     gemv: pd.DataFrame,
     ffn: pd.DataFrame,
@@ -68,8 +84,7 @@ def speed_verdicts(
             f"{fixed:.0%} of a sparse token"
         )
         if (p, "llama") in keys:
-            ratio = speed.loc[keys[(p, "swiglu")], "tokens_per_s"] / speed.loc[keys[(p, "llama")], "tokens_per_s"]
-            lines.append(check(f"ours_over_llama_cpp_{p}", ratio, ".2f") + " (same model as shipped, same threads)")
+            lines += dense_over_llama_lines(p, speed, keys)
         else:
             lines.append(
                 f"our dense {p} against llama.cpp: not measured (llama-cpp-python not installed; smoke preset)"

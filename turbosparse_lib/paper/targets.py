@@ -78,6 +78,13 @@ _T = [
         "issue #11: at least llama.cpp's speed at the same precision",
     ),
     Target(
+        "ours_over_llama_cpp_interval_lo",
+        0.95,
+        ">=",
+        "the lower end of the 95% interval of that ratio (paired rounds)",
+        "issue #19: a ratio near 1 must be told from parity; the interval excludes values below 0.95",
+    ),
+    Target(
         "ppl_ours_over_llama_cpp",
         1.02,
         "<=",
