@@ -25,7 +25,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "03": ("02",),
     "04": ("02",),
     "05": ("02",),
-    "06": ("02",),
+    "06": ("02", "05"),  # a model trained with dReLU: 02's from-scratch models, else 05's ReLUfied SmolLM2
     "07": ("02", "05"),
     "99": ("00", "01", "02", "03", "04", "05", "06", "07"),  # reads every result; reports what is missing
 }
