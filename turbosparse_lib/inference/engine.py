@@ -49,16 +49,21 @@ import numba
 import numpy as np
 
 from ..models.registration import family
-from ..models.variants import get_variant
 from . import bundles, kernels, quant
 from . import step as step_kernels
 from .attention import decode_attention
-from .hf_config import layer_rope_thetas, layer_windows
+from .hf_config import (
+    GEMMA,
+    gemma_settings,
+    layer_rope_thetas,
+    layer_windows,
+    mlp_variant_of,
+    weights_from_transformers,
+)
 from .masks import ExactZeroOracle, MaskProvider
 from .reference import forward_numpy, soft_cap
 
-_SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
-_GEMMA = ("gemma", "gemma2", "gemma3_text")
+_SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", *GEMMA)
 
 
 @dataclass
@@ -128,84 +133,14 @@ class EngineConfig:
             max_positions=getattr(config, "max_position_embeddings", None),
             layer_windows=None if len(set(windows)) == 1 else windows,
             layer_rope_thetas=None if len(set(thetas)) == 1 else thetas,
-            **_gemma_settings(config),
+            **gemma_settings(config),
         )
-
-
-def _gemma_settings(config) -> dict:
-    """What Gemma adds to a Llama-shaped decoder: the embedding scaled by sqrt(hidden), Gemma 2/3's attention scale
-    from ``query_pre_attn_scalar``, Gemma 2's attention soft-capping (Gemma 3 keeps the field but never applies
-    it) and the logits' soft-capping. Empty for other families."""
-    model_type = family(getattr(config, "model_type", None))
-    if model_type not in _GEMMA:
-        return {}
-    settings = {"embed_scale": float(np.float32(config.hidden_size**0.5))}  # a float32 tensor in transformers
-    if model_type != "gemma":
-        settings["attention_scale"] = config.query_pre_attn_scalar**-0.5
-        settings["final_softcap"] = float(getattr(config, "final_logit_softcapping", None) or 0.0)
-    if model_type == "gemma2":
-        settings["attn_softcap"] = float(getattr(config, "attn_logit_softcapping", None) or 0.0)
-    return settings
-
-
-def mlp_variant_of(config) -> str:
-    """``config.mlp_variant`` (set by ``models.swap.apply_variant``) or the variant the family's own activation field
-    implies (``hidden_act``; Gemma 2/3: ``hidden_activation``), both from the one registry of ``models.variants``."""
-    from ..models.swap import native_variant  # torch only when a config is read
-
-    variant = getattr(config, "mlp_variant", None)
-    return get_variant(variant).name if variant is not None else native_variant(config)
 
 
 def _reads_residual(provider) -> bool:
     """Whether a mask provider wants the residual stream entering the FFN's norm (PowerInfer-style predictors)
     instead of the normalised FFN input: its ``input`` attribute says so."""
     return getattr(provider, "input", "normed") == "residual"
-
-
-def _hf_weights(model, fmt: str, norm_offset: bool) -> step_kernels.ModelWeights:
-    """A transformers decoder's weights as the engine's, in ``fmt``. Gemma's RMSNorms scale by ``1 + weight``: that
-    sum is taken here once, in float32 as transformers does, so the kernels read a plain norm weight. Gemma 2/3's
-    extra norms (after attention and after the FFN, ``pre_feedforward_layernorm`` being the FFN's input norm) are
-    read where the layers have them."""
-    import torch
-
-    def f32(t: torch.Tensor) -> np.ndarray:  # a private float32 copy, never a view of torch memory
-        return np.array(t.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
-
-    def norm(module) -> np.ndarray:
-        return f32(module.weight) + np.float32(1.0) if norm_offset else f32(module.weight)
-
-    layers, att = model.model.layers, lambda b: b.self_attn
-    first = layers[0]
-
-    def stack(get, present: bool = True) -> np.ndarray | None:
-        return np.stack([get(block) for block in layers]) if present else None
-
-    sandwich = hasattr(first, "pre_feedforward_layernorm")  # Gemma 2/3: norms before and after each block
-    qkv_bias = lambda b: np.concatenate([f32(att(b).q_proj.bias), f32(att(b).k_proj.bias), f32(att(b).v_proj.bias)])
-    qkv = lambda b: np.concatenate([f32(att(b).q_proj.weight), f32(att(b).k_proj.weight), f32(att(b).v_proj.weight)])
-    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    return step_kernels.ModelWeights.quantize(
-        fmt,
-        attn_norm_LH=stack(lambda b: norm(b.input_layernorm)),
-        ffn_norm_LH=stack(lambda b: norm(b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm)),
-        w_qkv_LQH=stack(qkv),
-        w_o_LHD=stack(lambda b: f32(att(b).o_proj.weight)),
-        w_gate_LNH=stack(lambda b: f32(b.mlp.gate_proj.weight)),
-        w_up_LNH=stack(lambda b: f32(b.mlp.up_proj.weight)),
-        w_down_LHN=stack(lambda b: f32(b.mlp.down_proj.weight)),
-        final_norm_H=norm(model.model.norm),
-        lm_head_VH=f32(model.lm_head.weight),
-        embed_VH=None if tied else f32(model.model.embed_tokens.weight),  # one matrix when the embedding is tied
-        b_qkv_LQ=stack(qkv_bias, att(first).q_proj.bias is not None),
-        b_o_LH=stack(lambda b: f32(att(b).o_proj.bias), att(first).o_proj.bias is not None),
-        qk_norm_L2E=stack(
-            lambda b: np.stack([norm(att(b).q_norm), norm(att(b).k_norm)]), hasattr(att(first), "q_norm")
-        ),
-        post_attn_norm_LH=stack(lambda b: norm(b.post_attention_layernorm), sandwich),
-        post_ffn_norm_LH=stack(lambda b: norm(b.post_feedforward_layernorm), sandwich),
-    )
 
 
 class Engine:
@@ -253,7 +188,7 @@ class Engine:
                 f"LMs (model_type in {_SUPPORTED_ARCHITECTURES}); got {type(model).__name__} "
                 f"with model_type {model_type!r}"
             )
-        return cls(EngineConfig.from_hf_config(config), _hf_weights(model, fmt, norm_offset=model_type in _GEMMA))
+        return cls(EngineConfig.from_hf_config(config), weights_from_transformers(model, fmt))
 
     def quantized(self, fmt: str) -> Engine:
         """This model with every matrix in ``fmt`` ('f32', 'q8_0', 'q4_0'), made once from the float32 weights

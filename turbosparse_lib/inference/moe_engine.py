@@ -36,10 +36,10 @@ from time import perf_counter
 import numpy as np
 
 from ..models.registration import family
-from ..models.variants import get_variant, variant_of_hf_act
+from ..models.variants import get_variant
 from . import bundles, kernels
 from .attention import decode_attention
-from .hf_config import layer_windows, rope_theta
+from .hf_config import layer_windows, mlp_variant_of, rope_theta
 from .reference import rms_norm
 
 MOE_ENGINE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -139,7 +139,6 @@ class MoEEngineConfig:
         if getattr(config, "mlp_bias", False):
             raise NotImplementedError("mlp_bias=True is not supported by the MoE engine")
         moe = moe_settings(config)
-        variant = getattr(config, "mlp_variant", None)
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=moe.expert_intermediate_size,
@@ -153,7 +152,7 @@ class MoEEngineConfig:
             norm_topk_prob=model_type == "mixtral" or bool(getattr(config, "norm_topk_prob", False)),
             rms_norm_eps=config.rms_norm_eps,
             rope_theta=rope_theta(config),
-            mlp_variant=get_variant(variant).name if variant is not None else variant_of_hf_act(config.hidden_act),
+            mlp_variant=mlp_variant_of(config),
             mlp_variant_kwargs=dict(getattr(config, "mlp_variant_kwargs", None) or {}),
             sliding_window=_sliding_window(config),
         )
