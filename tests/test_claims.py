@@ -251,3 +251,45 @@ def test_predictor_claim_needs_the_predicted_sparsity_to_follow_the_true_one(tmp
         _write(tmp_path, "07_operating_points.csv", [{**rows[0], "predicted_sparsity": skipped}])
         row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc[claim]
         assert row.verdict == verdict and "dead ones" in row.why
+
+
+def _activation_stats(folder, reglu_neg, zeros):
+    """Notebook 01's two files: ReGLU's fraction of up < 0 per layer, and exact zeros of combined per variant."""
+    per_layer = [{"layer": i, "kind": "up", "neg_frac": f, "variant": "reglu"} for i, f in enumerate(reglu_neg)]
+    _write(folder, "01_activation_stats_per_layer.csv", per_layer)
+    _write(
+        folder,
+        "01_activation_stats_overall.csv",
+        [{"kind": "combined", "zero_frac": z, "variant": v} for v, z in zip(("swiglu", "reglu", "drelu"), zeros)],
+    )
+
+
+@pytest.mark.parametrize(
+    "reglu_neg,zeros,verdict",
+    [
+        ((0.49, 0.5, 0.51), (0.0, 0.64, 0.82), claims.HOLDS),
+        ((0.3, 0.5, 0.51), (0.0, 0.64, 0.82), claims.QUALITATIVE),  # one layer's up skewed
+        ((0.49, 0.5, 0.51), (0.0, 0.64, 0.60), claims.FAILS),  # masking up zeroes no more
+    ],
+)
+def test_up_symmetry_claim(tmp_path, reglu_neg, zeros, verdict):
+    _activation_stats(tmp_path, reglu_neg, zeros)
+    t = claims.claims_table("cpu", results_dir=tmp_path, notebook="01")
+    assert list(t.claim) == ["after ReGLU, about half of up is still negative"] and t.verdict.iloc[0] == verdict
+
+
+def test_a_notebook_reads_its_staged_results_before_the_committed_ones(tmp_path):
+    """A notebook prints its claim's verdict from the files it has just staged; files it did not write (another
+    notebook's) come from the results folder, and a notebook that decides no claim is refused."""
+    committed, staged = tmp_path / "results", tmp_path / "results" / ".staging-01"
+    staged.mkdir(parents=True)
+    _activation_stats(committed, (0.49, 0.5), (0.0, 0.64, 0.60))
+    _activation_stats(staged, (0.49, 0.5), (0.0, 0.64, 0.82))
+    assert claims.claims_table("cpu", results_dir=committed, notebook="01").verdict.iloc[0] == claims.FAILS
+    t = claims.claims_table("cpu", results_dir=committed, notebook="01", staged=staged)
+    assert t.verdict.iloc[0] == claims.HOLDS
+    (staged / "01_activation_stats_overall.csv").unlink()  # only one of the two staged: the other is the committed
+    t = claims.claims_table("cpu", results_dir=committed, notebook="01", staged=staged)
+    assert t.verdict.iloc[0] == claims.FAILS
+    with pytest.raises(ValueError, match="no claim is decided by notebook '00'"):
+        claims.claims_table("cpu", results_dir=committed, notebook="00")

@@ -40,6 +40,7 @@ SOME_SPARSITY = 0.6  # below this, short of even table 1's ReLU baselines (67-71
 RELUFIED_PPL_RATIO = get_target("relufied_ppl_ratio").threshold  # the ReLUfied model counts as recovered
 PREDICTOR_RECALL = get_target("predictor_recall").threshold
 PREDICTED_MASK_PPL = get_target("predicted_mask_ppl_ratio").threshold  # "equal quality" for predicted masks
+UP_SYMMETRIC = (0.45, 0.55)  # the fraction of up < 0 in every layer that counts as "symmetric around zero"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,30 @@ def _pct(key: str) -> str:
 
 
 # -- rules -------------------------------------------------------------------------------------
+
+
+def _up_stays_symmetric(read: Read) -> Finding:
+    """Section 3.1: after ReGLU (a ReLU on the gate only) about half of ``up`` is still negative, in every layer, so
+    masking it as well (dReLU) zeroes more of combined. Judged on the untrained swaps of notebook 01."""
+    pl, overall = read("01_activation_stats_per_layer.csv"), read("01_activation_stats_overall.csv")
+    neg = pl[(pl.variant == "reglu") & (pl.kind == "up")].neg_frac
+    zeros = overall[overall.kind == "combined"].set_index("variant").zero_frac
+    gain = zeros["drelu"] - zeros["reglu"]
+    symmetric = neg.between(*UP_SYMMETRIC).all()
+    verdict = HOLDS if symmetric and gain > 0 else QUALITATIVE if neg.min() >= 0.25 and gain > 0 else FAILS
+    ours = (
+        f"up < 0: {neg.min():.1%}-{neg.max():.1%} per layer; exact zeros of combined ReGLU {zeros['reglu']:.1%} -> "
+        f"dReLU {zeros['drelu']:.1%}"
+    )
+    why = (
+        f"ReGLU leaves up symmetric in every layer ({UP_SYMMETRIC[0]:g}-{UP_SYMMETRIC[1]:g} negative); masking it "
+        f"as well zeroes {100 * gain:.1f} points more of combined"
+        if verdict == HOLDS
+        else "some layers' up is skewed, but masking it still zeroes more"
+        if verdict == QUALITATIVE
+        else "masking the negative up does not zero more of combined"
+    )
+    return Finding(ours, "SmolLM2-135M, untrained swaps, held-out text", verdict, why)
 
 
 def _trains_as_well(read: Read) -> Finding:
@@ -382,6 +407,14 @@ _TABLE3_AT_90 = (
 
 CLAIMS = (
     Claim(
+        "after ReGLU, about half of up is still negative",
+        "section 3.1, figure 3",
+        "a significant share of up < 0 (figure 3c, f)",
+        "01",
+        ("01_activation_stats_per_layer.csv", "01_activation_stats_overall.csv"),
+        _up_stays_symmetric,
+    ),
+    Claim(
         "dReLU trains as well as SwiGLU (perplexity)",
         "table 2, figure 4",
         f"ppl {get('table2/dReLU/wikitext2_ppl'):g} vs {get('table2/SwiGLU/wikitext2_ppl'):g}",
@@ -499,31 +532,45 @@ CLAIMS = (
 )
 
 
-def claims_table(preset: str = "cpu", results_dir: Path | None = None) -> pd.DataFrame:
+def _finding(c: Claim, folders: list[Path], preset: str) -> tuple[Finding, list[str]]:
+    """The claim's finding from the first folder holding each file, and the files that were missing."""
+
+    def locate(name: str) -> Path:
+        return next((f / name for f in folders if (f / name).exists()), folders[-1] / name)
+
+    missing = [f for f in c.files if not locate(f).exists()]
+    if missing:
+        return Finding(
+            "-", "-", NOT_HERE, f"no committed result: run notebook {c.notebook} at the {preset} preset"
+        ), missing
+    try:
+        return c.rule(lambda name: pd.read_csv(locate(name))), []
+    except FileNotFoundError as e:
+        why = f"no committed result ({Path(e.filename).name}): run notebook {c.notebook} at the {preset} preset"
+        return Finding("-", "-", NOT_HERE, why), [Path(e.filename).name]
+    except (KeyError, AttributeError, IndexError) as e:  # a file written by an older notebook
+        raise ValueError(
+            f"claim {c.claim!r}: {', '.join(c.files)} in {folders[-1]} lack what the rule reads "
+            f"({type(e).__name__}: {e}); rerun notebook {c.notebook} at the {preset} preset"
+        ) from e
+
+
+def claims_table(
+    preset: str = "cpu", results_dir: Path | None = None, notebook: str | None = None, staged: Path | None = None
+) -> pd.DataFrame:
     """One row per claim: the claim, where, the paper's number, ours, our setting, the verdict, why, and the
-    result files it rests on (relative to the results folder)."""
+    result files it rests on (relative to the results folder).
+
+    ``notebook``: only the claims that notebook's results decide. ``staged``: a folder read before the results
+    folder, so a notebook can print its claims' verdicts from the files it has just written (``NotebookOutputs``
+    stages them until its last cell), by the same rules as the report."""
     folder = Path(results_dir) if results_dir is not None else paths.results_dir(preset)
+    folders = ([Path(staged)] if staged is not None else []) + [folder]
     rows = []
     for c in CLAIMS:
-        missing = [f for f in c.files if not (folder / f).exists()]
-        if missing:
-            f = Finding("-", "-", NOT_HERE, f"no committed result: run notebook {c.notebook} at the {preset} preset")
-        else:
-            try:
-                f = c.rule(lambda name: pd.read_csv(folder / name))
-            except FileNotFoundError as e:
-                f = Finding(
-                    "-",
-                    "-",
-                    NOT_HERE,
-                    f"no committed result ({Path(e.filename).name}): run notebook {c.notebook} at the {preset} preset",
-                )
-                missing = [Path(e.filename).name]
-            except (KeyError, AttributeError, IndexError) as e:  # a file written by an older notebook
-                raise ValueError(
-                    f"claim {c.claim!r}: {', '.join(c.files)} in {folder} lack what the rule reads "
-                    f"({type(e).__name__}: {e}); rerun notebook {c.notebook} at the {preset} preset"
-                ) from e
+        if notebook is not None and c.notebook != notebook:
+            continue
+        f, missing = _finding(c, folders, preset)
         if f.verdict not in VERDICTS:
             raise ValueError(f"claim {c.claim!r}: unknown verdict {f.verdict!r}")
         rows.append(
@@ -538,5 +585,10 @@ def claims_table(preset: str = "cpu", results_dir: Path | None = None) -> pd.Dat
                 "notebook": c.notebook,
                 "evidence": " ".join(c.files) if not missing else "",
             }
+        )
+    if notebook is not None and not rows:
+        raise ValueError(
+            f"no claim is decided by notebook {notebook!r}; notebooks with claims: "
+            f"{', '.join(sorted({c.notebook for c in CLAIMS}))}"
         )
     return pd.DataFrame(rows)
