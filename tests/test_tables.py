@@ -30,3 +30,23 @@ def test_claims_summary_colours_every_verdict_by_its_kind():
         tables.verdict_colour("maybe")
     with pytest.raises(KeyError, match="not a claims table"):
         tables.claims_summary(pd.DataFrame({"claim": ["x"]}))
+
+
+def test_targets_summary_judges_each_value_by_its_target_and_refuses_an_unknown_key():
+    from turbosparse_lib.paper.targets import get_target
+
+    ratio = get_target("relufied_ppl_ratio")  # <= threshold
+    zeros = get_target("relufied_zero_fraction")  # >= threshold
+    table = tables.targets_summary(
+        {
+            "relufied_ppl_ratio": (ratio.threshold + 0.5, "too high"),
+            "relufied_zero_fraction": (zeros.threshold, "on it"),
+        }
+    )
+    data = table.data.set_index("note")
+    assert data.loc["too high", "met"] == "missed" and data.loc["on it", "met"] == "met"
+    assert data.loc["too high", "threshold"] == f"<= {ratio.threshold:g}"
+    html = table.to_html()
+    assert tables.MET_COLOURS[True] in html and tables.MET_COLOURS[False] in html
+    with pytest.raises(KeyError, match="no target"):
+        tables.targets_summary({"speed_of_light": (1.0, "")})

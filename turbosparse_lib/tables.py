@@ -71,3 +71,29 @@ def claims_summary(claims: pd.DataFrame, caption: str = "The paper's claims, and
         raise KeyError(f"not a claims table (from paper.claims.claims_table): it lacks {missing}")
     table = claims[cols].rename(columns={"paper": "the paper", "ours": "ours (this run)"})
     return styled(table, caption=caption, hide_index=True).map(verdict_colour, subset=["verdict"])
+
+
+MET_COLOURS = {True: VERDICT_COLOURS["holds"], False: VERDICT_COLOURS["does not hold"]}
+
+
+def targets_summary(measured: Mapping[str, tuple[float, str]], caption: str = "Our targets (not the paper's)"):
+    """This companion's targets (``paper.targets``) beside the measured values, as a styled table: what each target
+    measures, its threshold, ours, met or missed (coloured), and a note. ``measured``: target key -> (value, note);
+    the value is judged by ``Target.met``, the same rule ``paper.targets.check`` prints."""
+    from .paper.targets import get_target
+
+    rows = []
+    for key, (value, note) in measured.items():
+        t = get_target(key)
+        rows.append(
+            {
+                "our target": t.what,
+                "threshold": f"{t.direction} {t.threshold:g}",
+                "ours": float(value),
+                "met": "met" if t.met(value) else "missed",
+                "note": note,
+            }
+        )
+    table = pd.DataFrame(rows)
+    colour = {"met": f"background-color: {MET_COLOURS[True]}", "missed": f"background-color: {MET_COLOURS[False]}"}
+    return styled(table, {"ours": "{:.4g}"}, caption=caption, hide_index=True).map(colour.get, subset=["met"])

@@ -159,7 +159,7 @@ def ffn_into(
     ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
     ``prefetch_bytes`` of the next listed neuron's bundle are prefetched (``prefetch_bytes_for``)."""
     seg = B.shape[1] // 3
-    width = (H + BLOCK - 1) // BLOCK * BLOCK
+    width = quant.n_blocks(H) * BLOCK
     partial = np.zeros((n_threads, width), dtype=np.float32)
     counts = np.zeros((n_threads, 3), dtype=np.int64)
     ahead = min(B.shape[1], prefetch_bytes)
@@ -310,8 +310,8 @@ def ffn_layers_into(
 ):
     """The FFN of every layer of a stack ``B`` (L, N, bytes) in turn, layer l on ``x_LH[l]`` over neurons
     ``idx[offsets[l]:offsets[l + 1]]`` (``use_idx``) or all: one token's FFNs in one call."""
-    nb = (H + BLOCK - 1) // BLOCK
-    x16, xd = np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
+    nb = quant.n_blocks(H)
+    x16, xd = np.empty(nb * BLOCK, np.int16), np.empty(nb, np.float32)
     for li in range(B.shape[0]):
         if code != quant.F32:
             quant.quantize_activation_into(x_LH[li], x16, xd)

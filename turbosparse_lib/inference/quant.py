@@ -48,8 +48,11 @@ def format_code(fmt: str) -> int:
         raise ValueError(f"unknown weight format {fmt!r}; valid: {', '.join(FORMATS)}") from None
 
 
-def n_blocks(cols: int) -> int:
-    return -(-cols // BLOCK)
+@njit(cache=True, fastmath=False, inline="always")
+def n_blocks(cols):
+    """Blocks of 32 that hold ``cols`` values (the last one zero-padded): the one place that rounds up, for Python
+    callers and compiled kernels alike."""
+    return (cols + BLOCK - 1) // BLOCK
 
 
 def row_bytes(cols: int, fmt: str) -> int:
@@ -256,9 +259,9 @@ def row_axpy(row, offset, code, cols, coef, y):
         for j in range(cols):
             y[j] += coef * w[j]
     elif code == Q8_0:
-        simd.q8_axpy(row, offset, coef, y, (cols + BLOCK - 1) // BLOCK)
+        simd.q8_axpy(row, offset, coef, y, n_blocks(cols))
     else:
-        simd.q4_axpy(row, offset, coef, y, (cols + BLOCK - 1) // BLOCK)
+        simd.q4_axpy(row, offset, coef, y, n_blocks(cols))
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -292,7 +295,7 @@ def _gather_gemv(data, code, cols, x, x16, xd, idx):
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _axpy_rows(data, code, cols, coef, idx, n_threads):
     # each thread sums its own range of rows into its own partial vector: no race, one short reduction
-    width = (cols + BLOCK - 1) // BLOCK * BLOCK
+    width = n_blocks(cols) * BLOCK
     partial = np.zeros((n_threads, width), dtype=np.float32)
     for t in prange(n_threads):
         lo, hi = thread_range(t, n_threads, idx.shape[0])

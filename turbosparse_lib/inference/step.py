@@ -167,8 +167,8 @@ def activation_buffers(code, n):
     """Q8_0 activation buffers for an input of ``n`` values (empty for f32, which reads x itself)."""
     if code == quant.F32:
         return np.empty(0, np.int16), np.empty(0, np.float32)
-    nb = (n + BLOCK - 1) // BLOCK
-    return np.empty(nb * 32, np.int16), np.empty(nb, np.float32)
+    nb = quant.n_blocks(n)
+    return np.empty(nb * BLOCK, np.int16), np.empty(nb, np.float32)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -236,7 +236,7 @@ def ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, co
 @njit(fastmath=FASTMATH, cache=True)
 def embed_row(embed, code, token, H, scale):
     """The float32 embedding of ``token`` (a dequantised row for the Q formats), times ``scale`` (Gemma: sqrt(H))."""
-    x = np.zeros((H + BLOCK - 1) // BLOCK * BLOCK, np.float32)
+    x = np.zeros(quant.n_blocks(H) * BLOCK, np.float32)
     quant.row_axpy(embed[token], 0, code, H, np.float32(1.0), x)
     out = x[:H].copy()
     if scale != np.float32(1.0):
