@@ -273,7 +273,8 @@ PRESETS: dict[str, Preset] = {
         # first 8k tokens) serves the curves and the tables. The other dReLU recipes (lstsq+hidden, +l1, +anneal) ran
         # at the full budget once (commit c4d2337: x2.25, x2.82 at 81.7% zeros, x2.88 against the default's x2.06)
         # and are not rerun here: 77 more minutes that bought no new evidence, and without them notebook 05 fits a
-        # 2-core session (about 100 minutes). The smoke preset still runs them, so their code stays tested.
+        # 2-core session (164 minutes, training included, measured on a Zen 2 EPYC). The smoke preset still runs
+        # them, so their code stays tested.
         relufy=RelufySection(
             total_tokens=122_880,
             batch_size=2,

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from .paper.targets import get_target
+
 # background of a verdict's cell, by kind (pale, so that the text stays readable in light and dark themes)
 VERDICT_COLOURS = {
     "holds": "#d4edda",
@@ -80,8 +82,6 @@ def targets_summary(measured: Mapping[str, tuple[float, str]], caption: str = "O
     """This companion's targets (``paper.targets``) beside the measured values, as a styled table: what each target
     measures, its threshold, ours, met or missed (coloured), and a note. ``measured``: target key -> (value, note);
     the value is judged by ``Target.met``, the same rule ``paper.targets.check`` prints."""
-    from .paper.targets import get_target
-
     rows = []
     for key, (value, note) in measured.items():
         t = get_target(key)
