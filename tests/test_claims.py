@@ -293,3 +293,36 @@ def test_a_notebook_reads_its_staged_results_before_the_committed_ones(tmp_path)
     assert t.verdict.iloc[0] == claims.FAILS
     with pytest.raises(ValueError, match="no claim is decided by notebook '00'"):
         claims.claims_table("cpu", results_dir=committed, notebook="00")
+
+
+def test_stage_row_counts_training_once(tmp_path):
+    """A notebook's run includes the training of its tagged cells; only recorded training beyond that (done by an
+    earlier command) is added, and 04's rows of notebook 02's dense models are not its own."""
+    import nbformat
+
+    def notebook(minutes_run: float, tagged: list[float], untagged: float) -> nbformat.NotebookNode:
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["papermill"] = {"duration": minutes_run * 60}
+        for m in tagged:
+            c = nbformat.v4.new_code_cell("train()", metadata={"tags": [report.TRAINING_TAG]})
+            c.metadata["papermill"] = {"duration": m * 60}
+            nb.cells.append(c)
+        c = nbformat.v4.new_code_cell("evaluate()")
+        c.metadata["papermill"] = {"duration": untagged * 60}
+        nb.cells.append(c)
+        return nb
+
+    pd.DataFrame({"total_min": [30.0, 20.0]}).to_csv(tmp_path / "05_relufication_runs.csv", index=False)
+    pd.DataFrame({"model": ["moe a", "moe b", "dense a"], "train_minutes": [4.0, 5.0, 50.0]}).to_csv(
+        tmp_path / "04_training_summary.csv", index=False
+    )
+    pd.DataFrame({"train_minutes": [40.0, 60.0]}).to_csv(tmp_path / "02_training_summary.csv", index=False)
+    inside = report.stage_row(notebook(80, [35, 20], 25), "05", tmp_path)  # trained in the run
+    assert inside == pytest.approx(
+        {"notebook_min": 80, "training_in_run_min": 55, "training_min": 50, "training_before_min": 0}
+    )
+    before = report.stage_row(notebook(7, [], 7), "02", tmp_path)  # loaded models trained by a command
+    assert before["training_before_min"] == pytest.approx(100)
+    moe = report.stage_row(notebook(20, [9.5], 10.5), "04", tmp_path)
+    assert moe["training_min"] == pytest.approx(9) and moe["training_before_min"] == 0
+    assert report.stage_row(notebook(3, [], 3), "03", tmp_path)["training_min"] == 0
