@@ -450,13 +450,15 @@ def test_dense_over_llama_verdict_needs_the_interval_above_095():
         },
         index=["ours", "llama"],
     )
-    ratio, low = verdicts.dense_over_llama_lines("q8_0", speed, keys)
-    assert ratio.endswith("-> met (same model as shipped, same threads)") and ": 1.04 " in ratio
+    ratio, low = verdicts.target_lines(verdicts.dense_over_llama_targets("q8_0", speed, keys))
+    assert ratio.endswith("-> met (q8_0, same model as shipped, same threads)") and ": 1.04 " in ratio
     assert "MISSED" in low and "[0.93, 1.10], 21 paired rounds" in low
     speed.loc["ours", "ratio_lo"] = 0.97
-    assert "-> met" in verdicts.dense_over_llama_lines("q8_0", speed, keys)[1]
-    (plain,) = verdicts.dense_over_llama_lines("q8_0", speed.drop(columns=["ratio", "ratio_lo", "ratio_hi"]), keys)
-    assert f": {40 / 38:.2f} " in plain
+    assert "-> met" in verdicts.target_lines(verdicts.dense_over_llama_targets("q8_0", speed, keys))[1]
+    ((key, value, _),) = verdicts.dense_over_llama_targets(
+        "q8_0", speed.drop(columns=["ratio", "ratio_lo", "ratio_hi"]), keys
+    )
+    assert key == "ours_over_llama_cpp_q8_0" and value == pytest.approx(40 / 38)
 
 
 def test_quality_scores_every_token_after_the_first_of_its_chunk():
@@ -596,3 +598,52 @@ def test_llama_cpp_decodes_smollm2_like_our_engine(built_data):
     assert (abs(table.ours_over_llama_cpp - 1) < 0.1).all() and (
         table.ppl_ours < 2 * table.loc["f32", "ppl_ours"]
     ).all()
+
+
+def test_speed_targets_judge_every_format_once_and_lines_print_the_same_rows():
+    from turbosparse_lib.bench import verdicts
+
+    gemv = pd.DataFrame(
+        {
+            "fmt": ["f32", "f32", "q8_0"],
+            "shape": ["small", "big", "big"],
+            "ours_vs_best": [1.1, 1.3, np.nan],
+            "above_cache": [False, True, True],
+            "bw_frac": [0.5, 0.9, 0.6],
+        }
+    )
+    ffn = pd.DataFrame(
+        {"N": [14336], "H": [4096], "sparsity": [0.9], "dtype": ["f32"], "speedup": [7.0], "byte_limit": [9.0]}
+        | {"sparse_bw_frac": [0.7], "layers_cycled": [4], "model_layers": [32]}
+    )
+    limits = pd.DataFrame({"speedup": [1.5], "byte_limit": [2.0], "of_limit": [0.75]}, index=["sparse f32"])
+    keys = {("f32", "dense"): "dense f32", ("f32", "exact"): "sparse f32"}
+    rows = verdicts.speed_targets(gemv, ffn, limits, pd.DataFrame(), keys)
+    assert [(k, round(v, 3)) for k, v, _ in rows] == [
+        ("gemv_vs_blas", 1.3),  # the worst f32 shape, above the cache or not
+        ("gemv_of_bandwidth", 0.9),  # f32's only shape above the cache
+        ("gemv_of_bandwidth", 0.6),
+        ("ffn_sparse_speedup_90", 7.0),
+        ("e2e_of_byte_limit", 0.75),
+    ]
+    lines = verdicts.target_lines(rows)
+    assert [("MISSED" in line) for line in lines] == [True, False, True, True, True]
+
+
+def test_speed_answer_calls_a_ratio_faster_only_where_its_interval_excludes_parity():
+    from turbosparse_lib.bench import verdicts
+
+    assert verdicts.interval_word(1.02, 1.2) == "faster" and verdicts.interval_word(0.8, 0.97) == "slower"
+    assert verdicts.interval_word(0.95, 1.1) == "not told from parity"
+    keys = {("f32", "swiglu"): "ours", ("f32", "llama"): "llama", ("f32", "dense"): "dense", ("f32", "exact"): "exact"}
+    speed = pd.DataFrame(
+        {"ratio": [0.94, np.nan, np.nan, 1.65], "ratio_lo": [0.87, np.nan, np.nan, 1.53]}
+        | {"ratio_hi": [0.99, np.nan, np.nan, 1.77]},
+        index=["ours", "llama", "dense", "exact"],
+    )
+    limits = pd.DataFrame({"ffn_active": [0.183], "of_limit": [0.856], "byte_limit": [1.927]}, index=["exact"])
+    prof = pd.DataFrame({"attention": [6.9], "lm_head": [5.7], "total": [18.0]}, index=["exact"])
+    text = verdicts.speed_answer(speed, limits, prof, keys, "a model")
+    assert "F32 x0.94 [0.87, 0.99], slower" in text
+    assert "x1.65 [1.53, 1.77], faster at 18.3% of FFN neurons active, 86% of the byte limit x1.93" in text
+    assert "are 70% of a sparse token" in text and "the same model, a model.**" in text

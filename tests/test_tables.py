@@ -50,3 +50,13 @@ def test_targets_summary_judges_each_value_by_its_target_and_refuses_an_unknown_
     assert tables.MET_COLOURS[True] in html and tables.MET_COLOURS[False] in html
     with pytest.raises(KeyError, match="no target"):
         tables.targets_summary({"speed_of_light": (1.0, "")})
+
+
+def test_targets_summary_takes_rows_where_one_target_is_measured_per_format():
+    from turbosparse_lib.paper.targets import get_target
+
+    t = get_target("gemv_of_bandwidth")  # >= threshold
+    table = tables.targets_summary(
+        [("gemv_of_bandwidth", t.threshold + 0.01, "f32"), ("gemv_of_bandwidth", 0.1, "q8_0")]
+    )
+    assert list(table.data.met) == ["met", "missed"] and list(table.data.note) == ["f32", "q8_0"]

@@ -9,7 +9,7 @@ verdict a notebook prints is the one the claims report and the README print.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
@@ -78,12 +78,17 @@ def claims_summary(claims: pd.DataFrame, caption: str = "The paper's claims, and
 MET_COLOURS = {True: VERDICT_COLOURS["holds"], False: VERDICT_COLOURS["does not hold"]}
 
 
-def targets_summary(measured: Mapping[str, tuple[float, str]], caption: str = "Our targets (not the paper's)"):
+def targets_summary(
+    measured: Mapping[str, tuple[float, str]] | Iterable[tuple[str, float, str]],
+    caption: str = "Our targets (not the paper's)",
+):
     """This companion's targets (``paper.targets``) beside the measured values, as a styled table: what each target
-    measures, its threshold, ours, met or missed (coloured), and a note. ``measured``: target key -> (value, note);
-    the value is judged by ``Target.met``, the same rule ``paper.targets.check`` prints."""
+    measures, its threshold, ours, met or missed (coloured), and a note. ``measured``: target key -> (value, note),
+    or (key, value, note) rows where one target is measured several times (once per format, say); each value is
+    judged by ``Target.met``, the same rule ``paper.targets.check`` prints."""
+    items = [(k, *v) for k, v in measured.items()] if isinstance(measured, Mapping) else list(measured)
     rows = []
-    for key, (value, note) in measured.items():
+    for key, value, note in items:
         t = get_target(key)
         rows.append(
             {
