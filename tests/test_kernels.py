@@ -232,11 +232,11 @@ def test_activation_quantisation_is_bit_exact_and_pads_with_zeros():
         np.zeros(33, np.float32),
         np.array([0.5, -0.5, 127.0, -1e-30, 3.0], np.float32),
     ):
-        x16, xd = Q.quantize_activation(x)
-        r16, rd = Q.quantize_activation_ref(x)
-        np.testing.assert_array_equal(x16, r16)
+        xq, xd = Q.quantize_activation(x)
+        rq, rd = Q.quantize_activation_ref(x)
+        np.testing.assert_array_equal(xq, rq)
         np.testing.assert_array_equal(xd, rd)
-        assert len(x16) % 32 == 0 and (x16[len(x) :] == 0).all() and np.abs(x16).max(initial=0) <= 127
+        assert len(xq) % 32 == 0 and (xq[len(x) :] == 0).all() and np.abs(xq).max(initial=0) <= 127
 
 
 def test_activation_quantisation_stays_exact_when_first_compiled_by_a_fastmath_kernel(tmp_path):
@@ -320,6 +320,47 @@ def test_f32_dot_matches_numpy(n):
         assert isinstance(got, float) and abs(got - want) <= 1e-5 * (1 + np.abs(a[:n] * b[:n]).sum())
     with pytest.raises(numba.core.errors.TypingError):
         dot(a[::2], 0, b, 1)
+
+
+def _host_runs(isa):
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    need = {"vnni": ("avx512vnni", "avx512vl"), "avx2": ("avx2",), "portable": ()}[isa]
+    return all(features.get(f, False) for f in need)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_every_integer_dot_instruction_set_gives_the_same_bits(fmt):
+    """The block dot product on VNNI, AVX2 and portable IR: the same float32 bits (each block's 8 partial sums are
+    equal lane for lane), equal to exact arithmetic on the dequantised blocks up to float rounding. The host runs
+    ``simd.INT8_DOT``; the sets it lacks are skipped, so a machine without VNNI still checks its own fallback."""
+    rng = np.random.default_rng(3)
+    H = 32 * 37 + 5
+    W = rng.standard_normal((6, H), dtype=np.float32)
+    W[0, :32] = 0  # a zero block
+    x = rng.standard_normal(H, dtype=np.float32) * 4
+    x[40:72] = -np.abs(x[40:72])  # a block of negative activations: the sign trick's case
+    Wq, (xq, xd) = Q.quantize(W, fmt), Q.quantize_activation(x)
+    assert xq.dtype == np.int8
+    block_bytes = {"q8_0": simd.Q8_BLOCK_BYTES, "q4_0": simd.Q4_BLOCK_BYTES}[fmt]
+    results = {}
+    for isa in simd.INT8_DOTS:
+        if not _host_runs(isa):
+            continue
+        dot = simd.block_dot_for(block_bytes, isa)
+
+        @njit
+        def rows(data, xq, xd, dot=dot):
+            return np.array([dot(data[r], 0, xq, xd, xd.shape[0]) for r in range(data.shape[0])], np.float32)
+
+        results[isa] = rows(Wq.data, xq, xd)
+    assert "portable" in results and simd.INT8_DOT in results
+    for isa, got in results.items():
+        np.testing.assert_array_equal(got.view(np.uint32), results["portable"].view(np.uint32), err_msg=isa)
+    _close(results["portable"], Q.gemv_ref(Wq, x), rtol=1e-5)
+    with pytest.raises(ValueError, match="instruction set"):
+        simd.block_dot_for(block_bytes, "sse9")
 
 
 _KERNEL_BITS = """

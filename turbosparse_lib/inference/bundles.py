@@ -153,7 +153,7 @@ def ascending(idx: np.ndarray, n_neurons: int) -> np.ndarray:
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def ffn_into(
-    B, down_scale, code, H, x, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read, prefetch_bytes
+    B, down_scale, code, H, x, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read, prefetch_bytes
 ):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
     ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
@@ -176,11 +176,11 @@ def ffn_into(
             row = B[r]
             # gate, up and down are read in order, one stream (two rows read side by side stream from memory
             # at half the rate); the up row only where the gate fired, with skip_zeros
-            a = gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
+            a = gate_act(quant.row_dot(row, 0, code, H, x, xq, xd), act, shift)
             n_gate += 1
             if skip_zeros and a == 0:
                 continue
-            c = a * up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act)
+            c = a * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
             n_up += 1
             if skip_zeros and c == 0:
                 continue
@@ -199,13 +199,13 @@ def ffn_into(
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def combined_into(B, code, H, x, x16, xd, idx, n, use_idx, act, shift, c):
+def combined_into(B, code, H, x, xq, xd, idx, n, use_idx, act, shift, c):
     """Combined values of neurons ``idx[:n]`` (or ``0..n-1``); the up row is read only where the gate fired."""
     seg = B.shape[1] // 3
     for k in prange(n):
         row = B[idx[k]] if use_idx else B[np.int64(k)]
-        a = gate_act(quant.row_dot(row, 0, code, H, x, x16, xd), act, shift)
-        c[k] = a * up_act(quant.row_dot(row, seg, code, H, x, x16, xd), act) if a != 0 else np.float32(0.0)
+        a = gate_act(quant.row_dot(row, 0, code, H, x, xq, xd), act, shift)
+        c[k] = a * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act) if a != 0 else np.float32(0.0)
 
 
 def _indices(bundles: FFNBundles, idx_K) -> tuple[np.ndarray, int, bool]:
@@ -311,10 +311,10 @@ def ffn_layers_into(
     """The FFN of every layer of a stack ``B`` (L, N, bytes) in turn, layer l on ``x_LH[l]`` over neurons
     ``idx[offsets[l]:offsets[l + 1]]`` (``use_idx``) or all: one token's FFNs in one call."""
     nb = quant.n_blocks(H)
-    x16, xd = np.empty(nb * BLOCK, np.int16), np.empty(nb, np.float32)
+    xq, xd = np.empty(nb * BLOCK, np.int8), np.empty(nb, np.float32)
     for li in range(B.shape[0]):
         if code != quant.F32:
-            quant.quantize_activation_into(x_LH[li], x16, xd)
+            quant.quantize_activation_into(x_LH[li], xq, xd)
         lo, hi = (offsets[li], offsets[li + 1]) if use_idx else (0, B.shape[1])
         ffn_into(
             B[li],
@@ -322,7 +322,7 @@ def ffn_layers_into(
             code,
             H,
             x_LH[li],
-            x16,
+            xq,
             xd,
             idx[lo:hi],
             hi - lo,

@@ -18,7 +18,7 @@ A row whose length is not a multiple of 32 is padded with zero weights to whole 
 activations are padded with zeros to match, so padding never changes a result.
 
 Quantised dot products follow llama.cpp: the activation vector is quantised once to Q8_0
-blocks (``quantize_activation``: int16 values, one float32 scale per block), each block's
+blocks (``quantize_activation``: int8 values, one float32 scale per block), each block's
 product is an exact integer sum, and the float work is one multiply-add per block
 (``inference.simd``). So a quantised kernel's reference is exact arithmetic on the dequantised
 weights and the dequantised activation; the kernels differ from it only by float summation order.
@@ -184,7 +184,7 @@ def dequantize(Wq: QMatrix) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=False)
-def quantize_activation_into(x, x16, xd):
+def quantize_activation_into(x, xq, xd):
     # No fastmath: the rounding must equal the NumPy reference's bit for bit. Say so explicitly:
     # Numba lets a callee that leaves fastmath unset inherit it from a fastmath caller (the
     # engine's kernels), and with 'arcp' amax / 127 becomes amax * (1/127), one ulp off.
@@ -201,17 +201,17 @@ def quantize_activation_into(x, x16, xd):
             if lo + j < hi:
                 v = x[lo + j] * inv
                 q = int(v + np.float32(0.5)) if v >= 0 else -int(np.float32(0.5) - v)
-            x16[lo + j] = q
+            xq[lo + j] = q
         xd[b] = d
 
 
 def quantize_activation(x_H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (H,) float32 -> (int16 values, n_blocks * 32 long, zero-padded; float32 scale per block)."""
+    """x (H,) float32 -> (int8 values, n_blocks * 32 long, zero-padded; float32 scale per block)."""
     x_H = np.ascontiguousarray(x_H, dtype=np.float32)
     nb = n_blocks(x_H.shape[0])
-    x16, xd = np.empty(nb * BLOCK, np.int16), np.empty(nb, np.float32)
-    quantize_activation_into(x_H, x16, xd)
-    return x16, xd
+    xq, xd = np.empty(nb * BLOCK, np.int8), np.empty(nb, np.float32)
+    quantize_activation_into(x_H, xq, xd)
+    return xq, xd
 
 
 def quantize_activation_ref(x_H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -222,11 +222,11 @@ def quantize_activation_ref(x_H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xb = xb.reshape(nb, BLOCK)
     d = np.abs(xb).max(axis=1) / np.float32(127)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
-    return _round_half_away(xb * inv[:, None]).astype(np.int16).reshape(-1), d
+    return _round_half_away(xb * inv[:, None]).astype(np.int8).reshape(-1), d
 
 
-def dequantize_activation(x16: np.ndarray, xd: np.ndarray, cols: int) -> np.ndarray:
-    return (x16.reshape(-1, BLOCK).astype(np.float64) * xd[:, None]).reshape(-1)[:cols]
+def dequantize_activation(xq: np.ndarray, xd: np.ndarray, cols: int) -> np.ndarray:
+    return (xq.reshape(-1, BLOCK).astype(np.float64) * xd[:, None]).reshape(-1)[:cols]
 
 
 def activation_ref(x_H: np.ndarray, code: int) -> np.ndarray:
@@ -241,14 +241,14 @@ def activation_ref(x_H: np.ndarray, code: int) -> np.ndarray:
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def row_dot(row, offset, code, cols, x, x16, xd):
+def row_dot(row, offset, code, cols, x, xq, xd):
     """Weights ``row[offset:]`` (``cols`` of them in format ``code``) dotted with the activation:
-    ``x`` (float32) for f32, ``(x16, xd)`` from ``quantize_activation`` for Q formats."""
+    ``x`` (float32) for f32, ``(xq, xd)`` from ``quantize_activation`` for Q formats."""
     if code == F32:
         return simd.f32_dot(row, offset, x, cols)
     if code == Q8_0:
-        return simd.q8_dot(row, offset, x16, xd, xd.shape[0])
-    return simd.q4_dot(row, offset, x16, xd, xd.shape[0])
+        return simd.q8_dot(row, offset, xq, xd, xd.shape[0])
+    return simd.q4_dot(row, offset, xq, xd, xd.shape[0])
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -275,20 +275,20 @@ def thread_range(t, n_threads, n):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def gemv_into(data, code, cols, x, x16, xd, y):
+def gemv_into(data, code, cols, x, xq, xd, y):
     """y = W x for W = ``data`` (rows, row_bytes) in format ``code``; rows split evenly across threads.
 
     One row at a time: reading two rows side by side saves activation loads but, measured on matrices
     far larger than the cache, streamed from memory at about half the rate (two interleaved streams)."""
     for r in prange(data.shape[0]):
-        y[r] = row_dot(data[r], 0, code, cols, x, x16, xd)
+        y[r] = row_dot(data[r], 0, code, cols, x, xq, xd)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _gather_gemv(data, code, cols, x, x16, xd, idx):
+def _gather_gemv(data, code, cols, x, xq, xd, idx):
     y = np.empty(idx.shape[0], dtype=np.float32)
     for k in prange(idx.shape[0]):
-        y[k] = row_dot(data[idx[k]], 0, code, cols, x, x16, xd)
+        y[k] = row_dot(data[idx[k]], 0, code, cols, x, xq, xd)
     return y
 
 
@@ -309,10 +309,10 @@ def _axpy_rows(data, code, cols, coef, idx, n_threads):
 
 
 def activation_for(code: int, x_H: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(x, x16, xd)`` as the kernels take them: the Q8_0 activation only for Q formats (else empty)."""
+    """``(x, xq, xd)`` as the kernels take them: the Q8_0 activation only for Q formats (else empty)."""
     x_H = np.ascontiguousarray(x_H, dtype=np.float32)
     if code == F32:
-        return x_H, np.empty(0, np.int16), np.empty(0, np.float32)
+        return x_H, np.empty(0, np.int8), np.empty(0, np.float32)
     return (x_H, *quantize_activation(x_H))
 
 

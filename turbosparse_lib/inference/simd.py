@@ -3,10 +3,10 @@
 Numba vectorises a flat float loop well, but not a dot product of 32-element blocks that each
 carry their own scale: it unrolls the 32-element inner loop and then packs it badly (measured
 at a third to a fifth of the flat loop's speed). These intrinsics state the vector shape
-directly in LLVM IR, with generic vector types (``<32 x i8>``, ``<8 x float>``), so LLVM
-lowers them to the host's SIMD instructions (``vpmaddwd`` on AVX2, the same multiply-add
-llama.cpp's kernels use) and to plain SSE or NEON elsewhere. Nothing here names an x86
-instruction, so the code stays portable.
+directly in LLVM IR (``<32 x i8>``, ``<8 x float>``). The integer dot product inside a block
+names the host's instructions where it has them, as llama.cpp's kernels do: ``vpdpbusd`` on
+AVX-512 VNNI, ``vpmaddubsw`` + ``vpmaddwd`` on AVX2; generic IR elsewhere (SSE, NEON). The three
+give the same partial sums lane for lane, so the same float result (a test compiles all three).
 
 Block formats (``quant`` has the layouts, the quantisers and the NumPy references):
 
@@ -14,8 +14,10 @@ Block formats (``quant`` has the layouts, the quantisers and the NumPy reference
 - Q4_0: 18 bytes per 32 weights, ``[fp16 scale d | 16 bytes]``, byte j holds weight j in its
   low nibble and weight j + 16 in its high nibble, weight = d * (nibble - 8).
 
-A dot product takes the activation already quantised to Q8_0 blocks (``quant.quantize_activation``)
-and widened to int16 once per vector, as llama.cpp does: each block is then an exact integer dot
+A dot product takes the activation already quantised to Q8_0 blocks once per vector
+(``quant.quantize_activation``: int8 values and a float32 scale per block), as llama.cpp does. Int8
+keeps a 14,336-wide activation at 14 KB, inside the L1 cache beside the streamed weights (int16
+values took 28 KB, and the long-row GEMVs read at about half the DRAM bandwidth). Each block is an exact integer dot
 product, ``sum_j q_j * x_j``, scaled once by ``d_weight * d_activation`` into an ``<8 x float>``
 accumulator that is reduced only at the end of the row. An axpy (``y += c * row``, the sparse
 down projection) dequantises a block on the fly into ``y``.
@@ -88,6 +90,28 @@ def _host_converts_halves() -> bool:
 NATIVE_HALF = _host_converts_halves()
 
 
+INT8_DOTS = ("vnni", "avx2", "portable")
+
+
+def _host_int8_dot() -> str:
+    """The integer dot product the host runs fastest: AVX-512 VNNI (with its 256-bit forms), else AVX2, else
+    portable IR. AVX-VNNI without AVX-512 (some Intel client CPUs) takes the AVX2 path: not tested here."""
+    import llvmlite.binding as llvm
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "portable"
+    try:
+        features = llvm.get_host_cpu_features()
+    except RuntimeError:  # features unknown
+        return "portable"
+    if features.get("avx512vnni", False) and features.get("avx512vl", False):
+        return "vnni"
+    return "avx2" if features.get("avx2", False) else "portable"
+
+
+INT8_DOT = _host_int8_dot()
+
+
 def _half_to_float(builder, bits16, native=None):
     """IEEE half -> float: one instruction where the host has one (``fpext half``), else integer ops.
 
@@ -129,15 +153,39 @@ def _block_scale(builder, block_ptr):
 
 
 def _pair_sums(builder, v, n):
-    """<n x i32> -> <n/2 x i32>, lane i = v[2i] + v[2i+1] (with a widening multiply: vpmaddwd)."""
+    """<n x i32> -> <n/2 x i32>, lane i = v[2i] + v[2i+1]."""
     return builder.add(_lanes(builder, v, range(0, n, 2)), _lanes(builder, v, range(1, n, 2)))
 
 
-def _int_dot16(builder, w_i16, x_i16):
-    """Exact integer dot product of 16 int16 weights and 16 int16 activations as <8 x i32> partial sums
-    (the widening multiply and pairwise add that SIMD units do in one instruction: ``vpmaddwd``)."""
-    prod = builder.mul(builder.sext(w_i16, _vec(_I32, 16)), builder.sext(x_i16, _vec(_I32, 16)), flags=("nsw",))
-    return _pair_sums(builder, prod, 16)
+def _call_intrinsic(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _int_dot32(builder, w8, x8, isa):
+    """Exact integer dot product of 32 int8 weights and 32 int8 activations as <8 x i32> partial sums, lane i
+    summing products 4i .. 4i + 3 on every ``isa``, so the three give the same lanes and the same float results.
+
+    - ``vnni``: one ``vpdpbusd`` (AVX-512 VNNI, 256-bit form). It multiplies unsigned by signed bytes, so the
+      activation's sign moves onto the weight, as llama.cpp does: |x| * (w * sign(x)). Weights in [-127, 127]
+      (what the Q8_0 and Q4_0 quantisers write) keep the negation exact;
+    - ``avx2``: the same sign trick, then ``vpmaddubsw`` (pairs to int16; 2 x 127 x 127 cannot saturate) and
+      ``vpmaddwd`` with ones (pairs of pairs to int32), llama.cpp's AVX2 kernel;
+    - ``portable``: widen to int32, multiply, add pairs twice; LLVM lowers it to whatever the target has."""
+    v32i8 = _vec(_I8, 32)
+    if isa == "portable":
+        prod = builder.mul(builder.sext(w8, _vec(_I32, 32)), builder.sext(x8, _vec(_I32, 32)), flags=("nsw",))
+        return _pair_sums(builder, _pair_sums(builder, prod, 32), 16)
+    abs_x = _call_intrinsic(builder, "llvm.abs.v32i8", v32i8, [x8, ir.Constant(ir.IntType(1), 0)])
+    if isa == "vnni":
+        negative = builder.icmp_signed("<", x8, _const_vec(_I8, 32, 0))
+        signed_w = builder.select(negative, builder.sub(_const_vec(_I8, 32, 0), w8), w8)
+        v8 = _vec(_I32, 8)
+        args = [_const_vec(_I32, 8, 0), builder.bitcast(abs_x, v8), builder.bitcast(signed_w, v8)]
+        return _call_intrinsic(builder, "llvm.x86.avx512.vpdpbusd.256", v8, args)
+    signed_w = _call_intrinsic(builder, "llvm.x86.avx2.psign.b", v32i8, [w8, x8])
+    pairs = _call_intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [abs_x, signed_w])
+    return _call_intrinsic(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [pairs, _const_vec(_I16, 16, 1)])
 
 
 def _hsum8(builder, v):
@@ -181,50 +229,44 @@ def _counted_loop(builder, n, body, acc_init=None):
 
 
 def _q8_weights(builder, block_ptr):
-    """The 32 weights of a Q8_0 block as two <16 x i16> halves (weights 0-15, 16-31)."""
-    q = _load_vec(builder, builder.gep(block_ptr, [ir.Constant(_I64, 2)]), _I8, 32)
-    return [builder.sext(_lanes(builder, q, range(h * 16, h * 16 + 16)), _vec(_I16, 16)) for h in (0, 1)]
+    """The 32 weights of a Q8_0 block as a <32 x i8>."""
+    return _load_vec(builder, builder.gep(block_ptr, [ir.Constant(_I64, 2)]), _I8, 32)
 
 
 def _q4_weights(builder, block_ptr):
-    """The 32 weights of a Q4_0 block as two <16 x i16> halves in [-8, 7]: low nibbles are weights
-    0-15, high nibbles 16-31. Unpacked on 16-bit lanes, where SIMD units have a shift (not on bytes)."""
-    packed = builder.zext(_load_vec(builder, builder.gep(block_ptr, [ir.Constant(_I64, 2)]), _I8, 16), _vec(_I16, 16))
-    low = builder.and_(packed, _const_vec(_I16, 16, 15))
-    high = builder.lshr(packed, _const_vec(_I16, 16, 4))
-    return [builder.sub(half, _const_vec(_I16, 16, 8)) for half in (low, high)]
+    """The 32 weights of a Q4_0 block as a <32 x i8> in [-8, 7]: low nibbles are weights 0-15, high 16-31."""
+    packed = _load_vec(builder, builder.gep(block_ptr, [ir.Constant(_I64, 2)]), _I8, 16)
+    low = builder.and_(packed, _const_vec(_I8, 16, 15))
+    high = builder.lshr(packed, _const_vec(_I8, 16, 4))
+    both = builder.shuffle_vector(low, high, ir.Constant(_vec(_I32, 32), list(range(32))))
+    return builder.sub(both, _const_vec(_I8, 32, 8))
 
 
 _WEIGHTS = {Q8_BLOCK_BYTES: _q8_weights, Q4_BLOCK_BYTES: _q4_weights}
 
 
-def _make_block_dot(block_bytes: int):
+def block_dot_for(block_bytes: int, isa: str):
+    """The block dot product intrinsic for one weight format and one integer-dot instruction set (``INT8_DOTS``);
+    ``q8_dot`` and ``q4_dot`` are the host's. Tests build the others to check that every set gives the same bits."""
+    if isa not in INT8_DOTS:
+        raise ValueError(f"unknown integer-dot instruction set {isa!r}; choose one of {INT8_DOTS}")
     # One row per call: two rows side by side would share the activation loads, but measured on matrices far
     # larger than the cache they streamed from memory at about half the rate (two interleaved streams).
     weights = _WEIGHTS[block_bytes]
 
     @intrinsic
-    def block_dot(typingctx, w, w_offset, x16, xd, n_blocks):
-        sig = types.float32(w, types.intp, x16, xd, types.intp)
+    def block_dot(typingctx, w, w_offset, xq, xd, n_blocks):
+        sig = types.float32(w, types.intp, xq, xd, types.intp)
 
         def codegen(context, builder, signature, args):
-            w_ty, _, x16_ty, xd_ty, _ = signature.args
-            w_arr, off, x16_arr, xd_arr, nb = args
+            w_ty, _, xq_ty, xd_ty, _ = signature.args
+            w_arr, off, xq_arr, xd_arr, nb = args
             row = _byte_ptr(context, builder, w_ty, w_arr, off)
 
             def body(b, acc):
                 blk = builder.gep(row, [builder.mul(b, ir.Constant(_I64, block_bytes))])
-                x_ptr = builder.bitcast(
-                    _elem_ptr(context, builder, x16_ty, x16_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _I16),
-                    _I8.as_pointer(),
-                )
-                w_lo, w_hi = weights(builder, blk)
-                isum = builder.add(
-                    _int_dot16(builder, w_lo, _load_vec(builder, x_ptr, _I16, 16)),
-                    _int_dot16(
-                        builder, w_hi, _load_vec(builder, builder.gep(x_ptr, [ir.Constant(_I64, 32)]), _I16, 16)
-                    ),
-                )
+                x_ptr = _elem_ptr(context, builder, xq_ty, xq_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _I8)
+                isum = _int_dot32(builder, weights(builder, blk), _load_vec(builder, x_ptr, _I8, 32), isa)
                 scale = builder.fmul(
                     _block_scale(builder, blk), builder.load(_elem_ptr(context, builder, xd_ty, xd_arr, b, _F32))
                 )
@@ -253,10 +295,9 @@ def _make_block_axpy(block_bytes: int):
             def body(b, _):
                 blk = builder.gep(row, [builder.mul(b, ir.Constant(_I64, block_bytes))])
                 a = _splat(builder, builder.fmul(c, _block_scale(builder, blk)), 32)
-                w_lo, w_hi = weights(builder, blk)
-                w_f = builder.sitofp(
-                    builder.shuffle_vector(w_lo, w_hi, ir.Constant(_vec(_I32, 32), list(range(32)))), _vec(_F32, 32)
-                )
+                # through int16, not bytes straight to floats: the direct conversion made the engine's dense Q8_0 and
+                # Q4_0 FFN 15-55% slower inside the fused decode step (notebook 06, three runs), for the same values
+                w_f = builder.sitofp(builder.sext(weights(builder, blk), _vec(_I16, 32)), _vec(_F32, 32))
                 y_ptr = builder.bitcast(
                     _elem_ptr(context, builder, y_ty, y_arr, builder.mul(b, ir.Constant(_I64, BLOCK)), _F32),
                     _vec(_F32, 32).as_pointer(),
@@ -322,10 +363,10 @@ def f32_dot(typingctx, a, a_offset, b, n):
     return sig, codegen
 
 
-q8_dot = _make_block_dot(Q8_BLOCK_BYTES)
-q8_dot.__doc__ = "q8_dot(w_u8, byte_offset, x16, xd, n_blocks) -> float32: Q8_0 row . Q8_0 activation."
-q4_dot = _make_block_dot(Q4_BLOCK_BYTES)
-q4_dot.__doc__ = "q4_dot(w_u8, byte_offset, x16, xd, n_blocks) -> float32: Q4_0 row . Q8_0 activation."
+q8_dot = block_dot_for(Q8_BLOCK_BYTES, INT8_DOT)
+q8_dot.__doc__ = "q8_dot(w_u8, byte_offset, xq, xd, n_blocks) -> float32: Q8_0 row . Q8_0 activation."
+q4_dot = block_dot_for(Q4_BLOCK_BYTES, INT8_DOT)
+q4_dot.__doc__ = "q4_dot(w_u8, byte_offset, xq, xd, n_blocks) -> float32: Q4_0 row . Q8_0 activation."
 q8_axpy = _make_block_axpy(Q8_BLOCK_BYTES)
 q8_axpy.__doc__ = "q8_axpy(w_u8, byte_offset, coef, y, n_blocks): y[:32 n_blocks] += coef * dequantised Q8_0 row."
 q4_axpy = _make_block_axpy(Q4_BLOCK_BYTES)

@@ -166,18 +166,18 @@ def head_norms_into(qkv, qk_norm, n_heads, n_kv_heads, head_dim, eps):
 def activation_buffers(code, n):
     """Q8_0 activation buffers for an input of ``n`` values (empty for f32, which reads x itself)."""
     if code == quant.F32:
-        return np.empty(0, np.int16), np.empty(0, np.float32)
+        return np.empty(0, np.int8), np.empty(0, np.float32)
     nb = quant.n_blocks(n)
-    return np.empty(nb * BLOCK, np.int16), np.empty(nb, np.float32)
+    return np.empty(nb * BLOCK, np.int8), np.empty(nb, np.float32)
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def matvec(data, code, cols, x, y):
     """y = W x for one matrix (rows, row_bytes): quantises x first where the format needs it."""
-    x16, xd = activation_buffers(code, cols)
+    xq, xd = activation_buffers(code, cols)
     if code != quant.F32:
-        quant.quantize_activation_into(x, x16, xd)
-    quant.gemv_into(data, code, cols, x, x16, xd, y)
+        quant.quantize_activation_into(x, xq, xd)
+    quant.gemv_into(data, code, cols, x, xq, xd, y)
 
 
 # fmt: off
@@ -222,11 +222,11 @@ def ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, co
     """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x`` (Gemma 2/3:
     normalised first by ``post_ffn_norm``)."""
     H = x.shape[0]
-    x16, xd = activation_buffers(code, H)
+    xq, xd = activation_buffers(code, H)
     if code != quant.F32:
-        quant.quantize_activation_into(h, x16, xd)
+        quant.quantize_activation_into(h, xq, xd)
     y = np.empty(H, np.float32)
-    ffn_into(ffn[li], ffn_scale[li], code, H, h, x16, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
+    ffn_into(ffn[li], ffn_scale[li], code, H, h, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
              rows_read, prefetch_bytes_for(ffn.shape[2]))
     if has_post_ffn_norm:
         rms_norm_into(y, post_ffn_norm[li], eps, y)
