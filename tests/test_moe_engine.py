@@ -127,3 +127,24 @@ def test_dense_and_sparse_expert_runs_with_bytes_per_token(prompt):
     assert routed_ffn == 2 * 2 * 3 * 32 * 32 * 4  # layers x top-2 experts x 3 matrices x F x H x 4 bytes
     prof = moe_profile_table(runs)
     assert (prof.expert_calls_per_token == 4).all() and prof.loc[names[0], "ffn_active"] == 1.0
+
+
+def test_both_engines_decode_with_one_greedy_loop_and_its_checks(prompt, monkeypatch):
+    """The dense and the MoE engine share ``generation.greedy`` and its prompt checks (the MoE copy had none)."""
+    from turbosparse_lib.inference import engine, generation, moe_engine
+
+    assert engine.generation is moe_engine.generation
+    eng = MoEEngine.from_transformers(sharpened("qwen2_moe", "drelu"))
+    V = eng.config.vocab_size
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        eng.generate([1, 2], -1)
+    with pytest.raises(ValueError, match=r"\[0, "):
+        eng.generate([1, V], 1)
+    with pytest.raises(ValueError, match="integer token ids"):
+        eng.generate([1.5, 2.0], 1)
+    calls = []
+    real = generation.greedy
+    monkeypatch.setattr(generation, "greedy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tokens, logits = eng.generate(prompt[0].numpy(), 3, return_logits=True)
+    assert calls and tokens.shape == (3,) and logits.shape == (3, V)
+    np.testing.assert_array_equal(tokens, logits.argmax(axis=1))

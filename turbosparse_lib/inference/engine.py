@@ -49,7 +49,7 @@ import numba
 import numpy as np
 
 from ..models.registration import family
-from . import bundles, kernels, quant
+from . import bundles, generation, kernels, quant
 from . import step as step_kernels
 from .attention import decode_attention
 from .hf_config import (
@@ -527,39 +527,18 @@ class Engine:
         ``step``. Stops early after ``eos_token_id`` if given. With ``return_logits`` also returns
         the (new tokens, V) logits each token was chosen from.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
-        prompt = np.asarray(prompt_ids)
-        if prompt.size and not np.issubdtype(prompt.dtype, np.integer):
-            raise ValueError(f"prompt_ids must be integer token ids; got dtype {prompt.dtype}")
-        prompt_T = prompt.astype(np.int64).reshape(-1)
-        if prompt_T.size and (prompt_T.min() < 0 or prompt_T.max() >= self.config.vocab_size):
-            raise ValueError(
-                f"prompt_ids must lie in [0, {self.config.vocab_size}); got {prompt_T.min()}..{prompt_T.max()}"
-            )
-        limit = self.config.max_positions
-        if limit is not None and prompt_T.shape[0] + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({prompt_T.shape[0]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                f"{limit} positions"
-            )
+        cfg = self.config
+        prompt_T = generation.prompt_tokens(prompt_ids, max_new_tokens, cfg.vocab_size, cfg.max_positions)
         self.reset(prompt_T.shape[0] + max_new_tokens)
         if sparse and mask_provider is None:
             mask_provider = ExactZeroOracle(self)
-        tokens, all_logits = [], []
-        logits_V = self.prefill(prompt_T)
-        for i in range(max_new_tokens):
-            if i > 0:
-                logits_V = self.step(tokens[-1], sparse, mask_provider, profile, fused)
-            tokens.append(int(np.argmax(logits_V)))
-            if return_logits:
-                all_logits.append(logits_V)
-            if tokens[-1] == eos_token_id:
-                break
-        tokens_T = np.array(tokens, dtype=np.int64)
-        if not return_logits:
-            return tokens_T
-        return tokens_T, np.stack(all_logits) if all_logits else np.empty((0, self.config.vocab_size), np.float32)
+
+        def step(token_id):
+            return self.step(token_id, sparse, mask_provider, profile, fused)
+
+        return generation.greedy(
+            self.prefill, step, prompt_T, max_new_tokens, cfg.vocab_size, eos_token_id, return_logits
+        )
 
 
 def fused_masks(masks, n_neurons: int = 0) -> tuple:

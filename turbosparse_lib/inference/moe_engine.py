@@ -37,7 +37,7 @@ import numpy as np
 
 from ..models.registration import family
 from ..models.variants import get_variant
-from . import bundles, kernels
+from . import bundles, generation, kernels
 from .attention import decode_attention
 from .hf_config import layer_windows, mlp_variant_of, rope_theta
 from .reference import rms_norm
@@ -428,21 +428,13 @@ class MoEEngine:
         return_logits: bool = False,
     ):
         """Greedy decoding from a fresh cache; the new token ids (int64), prompt excluded (as ``Engine.generate``)."""
-        prompt_T = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        vocab = self.config.vocab_size
+        prompt_T = generation.prompt_tokens(prompt_ids, max_new_tokens, vocab)
         self.reset(prompt_T.shape[0] + max_new_tokens)
         if sparse and mask_provider is None:
             mask_provider = ExpertExactZeroOracle(self)
-        tokens, all_logits = [], []
-        logits_V = self.prefill(prompt_T)
-        for i in range(max_new_tokens):
-            if i > 0:
-                logits_V = self.step(tokens[-1], sparse, mask_provider, profile)
-            tokens.append(int(np.argmax(logits_V)))
-            if return_logits:
-                all_logits.append(logits_V)
-            if tokens[-1] == eos_token_id:
-                break
-        tokens_T = np.array(tokens, dtype=np.int64)
-        if not return_logits:
-            return tokens_T
-        return tokens_T, np.stack(all_logits) if all_logits else np.empty((0, self.config.vocab_size), np.float32)
+
+        def step(token_id):
+            return self.step(token_id, sparse, mask_provider, profile)
+
+        return generation.greedy(self.prefill, step, prompt_T, max_new_tokens, vocab, eos_token_id, return_logits)
