@@ -1,7 +1,8 @@
 """Decoding on the CPU: weight formats (``quant``) and their SIMD loops (``simd``), the bundled FFN
-(``bundles``), attention (``attention``), the fused decode step (``step``), the decode engines
-(``engine``, ``moe_engine``; their greedy loop in ``generation``) and their model in NumPy (``reference``), mask
-providers (``masks``) and thread control (``threads``); ``kernels`` holds the activations they share, ``validate`` checks every kernel against NumPy."""
+(``bundles``), attention (``attention``), the fused decode step (``step``), the decode engines (``engine``,
+``moe_engine``; their greedy loop in ``generation``) and their model in NumPy (``reference``), mask providers
+(``masks``) and thread control (``threads``); ``kernels`` holds the activations they share, ``validate`` checks
+every kernel against NumPy."""
 
 from __future__ import annotations
 

@@ -49,6 +49,9 @@ from .simd import BLOCK
 PREFETCH_BYTES = 8192  # default, of the next neuron's bundle; the hardware streams a long bundle on its own
 
 
+GATE_AHEAD = 4  # neurons ahead whose gate row the in-line exact path prefetches
+
+
 @njit(cache=True, fastmath=False, inline="always")
 def prefetch_bytes_for(bundle_bytes):
     """How much of the next listed neuron's bundle to prefetch (into L2) while working on the current one."""
@@ -151,41 +154,83 @@ def ascending(idx: np.ndarray, n_neurons: int) -> np.ndarray:
     return idx
 
 
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def fired_gates(B, code, H, x, xq, xd, lo, hi, act, shift, fired, gates):
+    """Gate-first's first pass over neurons [lo, hi): every gate row, the one ``GATE_AHEAD`` neurons further
+    prefetched (reading only gate rows breaks the hardware prefetcher's stream through the bundles). The neurons
+    whose gate fired go to ``fired``, their gate values to ``gates``, in ascending order; returns their count."""
+    seg = B.shape[1] // 3
+    m = 0
+    for k in range(lo, hi):
+        if k + GATE_AHEAD < hi:
+            nxt = B[k + GATE_AHEAD]
+            for off in range(0, seg, 64):
+                simd.prefetch(nxt, off)
+        a = gate_act(quant.row_dot(B[k], 0, code, H, x, xq, xd), act, shift)
+        if a != 0:
+            fired[m] = k
+            gates[m] = a
+            m += 1
+    return m
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def ffn_into(
     B, down_scale, code, H, x, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read, prefetch_bytes
 ):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
     ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
-    ``prefetch_bytes`` of the next listed neuron's bundle are prefetched (``prefetch_bytes_for``)."""
+    ``prefetch_bytes`` of the next listed neuron's bundle are prefetched (``prefetch_bytes_for``).
+
+    ``skip_zeros`` without ``use_idx`` is gate-first, the exact mask computed in line: each thread first reads the
+    gate rows of its neurons (``fired_gates``), then the up and down rows of those whose gate fired, the next one's
+    prefetched, in the same order as the other paths, so the result is theirs bit for bit."""
     seg = B.shape[1] // 3
     width = quant.n_blocks(H) * BLOCK
     partial = np.zeros((n_threads, width), dtype=np.float32)
     counts = np.zeros((n_threads, 3), dtype=np.int64)
     ahead = min(B.shape[1], prefetch_bytes)
+    gate_first = skip_zeros and not use_idx
+    fired = np.empty((n_threads, B.shape[0] if gate_first else 0), dtype=np.int64)
+    gates = np.empty((n_threads, B.shape[0] if gate_first else 0), dtype=np.float32)
     for t in prange(n_threads):
         lo, hi = thread_neurons(t, n_threads, B.shape[0], idx, n, use_idx)
         p = partial[t]
         n_gate, n_up, n_down = 0, 0, 0
-        for k in range(lo, hi):
-            r = idx[k] if use_idx else k
-            if use_idx and k + 1 < hi:
-                nxt = B[idx[k + 1]]
-                for off in range(0, ahead, 64):
-                    simd.prefetch(nxt, off)
-            row = B[r]
-            # gate, up and down are read in order, one stream (two rows read side by side stream from memory
-            # at half the rate); the up row only where the gate fired, with skip_zeros
-            a = gate_act(quant.row_dot(row, 0, code, H, x, xq, xd), act, shift)
-            n_gate += 1
-            if skip_zeros and a == 0:
-                continue
-            c = a * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
-            n_up += 1
-            if skip_zeros and c == 0:
-                continue
-            quant.row_axpy(row, 2 * seg, code, H, c, p)
-            n_down += 1
+        if gate_first:
+            m = fired_gates(B, code, H, x, xq, xd, lo, hi, act, shift, fired[t], gates[t])
+            n_gate = hi - lo
+            for j in range(m):
+                if j + 1 < m:
+                    nxt = B[fired[t, j + 1]]
+                    for off in range(seg, min(3 * seg, seg + ahead), 64):
+                        simd.prefetch(nxt, off)
+                row = B[fired[t, j]]
+                c = gates[t, j] * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
+                n_up += 1
+                if c != 0:
+                    quant.row_axpy(row, 2 * seg, code, H, c, p)
+                    n_down += 1
+        else:
+            for k in range(lo, hi):
+                r = idx[k] if use_idx else k
+                if use_idx and k + 1 < hi:
+                    nxt = B[idx[k + 1]]
+                    for off in range(0, ahead, 64):
+                        simd.prefetch(nxt, off)
+                row = B[r]
+                # gate, up and down are read in order, one stream (two rows read side by side stream from memory
+                # at half the rate); the up row only where the gate fired, with skip_zeros
+                a = gate_act(quant.row_dot(row, 0, code, H, x, xq, xd), act, shift)
+                n_gate += 1
+                if skip_zeros and a == 0:
+                    continue
+                c = a * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
+                n_up += 1
+                if skip_zeros and c == 0:
+                    continue
+                quant.row_axpy(row, 2 * seg, code, H, c, p)
+                n_down += 1
         counts[t, 0], counts[t, 1], counts[t, 2] = n_gate, n_up, n_down
     scaled = down_scale.shape[0] > 0
     for j in range(H):
