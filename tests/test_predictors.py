@@ -268,14 +268,17 @@ def test_operating_point_is_the_sparsest_within_the_perplexity_budget(tiny, ids,
     acc = layer_metrics(ps, tmp_path / "cap", thresholds=(0.05, 0.2, 0.5, 0.8, 0.95))
     assert acc.missed_mass.between(0, 1).all()
     calib = ids[:512]
-    point, sweep = operating_point(tiny, ps, acc, calib, 64, budget=0.02, bounds=(0.001, 0.05, 0.5))
+    point, sweep = operating_point(tiny, ps, acc, calib, 64, budget=0.02, bounds=(0.001, 0.05, 0.5), uniform=())
     assert 2 <= len(sweep) <= 3 and ps.layer_thresholds is None  # stops after two bounds over the budget
     ok = sweep[sweep.calibration_ratio <= 1.02]
     if point is None:
         assert ok.empty
     else:
         assert point["calibration_ratio"] <= 1.02 and point["predicted_sparsity"] == ok.predicted_sparsity.max()
-    loose, every = operating_point(tiny, ps, acc, calib, 64, budget=1e9, bounds=(0.001, 0.05, 0.5))
-    assert len(every) == 3 and loose["predicted_sparsity"] == every.predicted_sparsity.max()
+    loose, every = operating_point(tiny, ps, acc, calib, 64, budget=1e9, bounds=(0.001, 0.05, 0.5), uniform=(0.1, 0.9))
+    assert len(every) == 5 and loose["predicted_sparsity"] == every.predicted_sparsity.max()
+    one = every[every.rule.str.startswith("threshold")]  # the second family: one threshold in every layer
+    assert list(one.threshold) == [0.1, 0.9] and all(ts == [0.9, 0.9] for ts in one.thresholds[one.threshold == 0.9])
+    assert one.max_missed_mass.isna().all() and every.rule.str.startswith("per layer").sum() == 3
     with pytest.raises(ValueError, match="no missed mass"):
         operating_point(tiny, ps, acc.drop(columns="missed_mass"), calib, 64, budget=0.02)

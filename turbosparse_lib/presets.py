@@ -86,8 +86,10 @@ class PredictSection:
     rank: int  # of every layer's low-rank predictor
     epochs: int
     thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)  # probabilities swept for the recall / sparsity trade-off
-    source: str = "residual"  # the predictors' input: the residual stream before the FFN norm, or "normed"
-    losses: tuple[str, ...] = ("bce", "contribution")  # predictor losses compared (predictors.train.LOSSES)
+    source: str = "residual"  # the MLP predictors' input: the residual stream before the FFN norm, or "normed"
+    # (kind, loss) of each set of predictors compared (predictors.model.KINDS, predictors.train.LOSSES); a preview
+    # reads the normalised FFN input and has the MLP's parameters at rank predictors.preview.equal_parameter_rank
+    predictors: tuple[tuple[str, str], ...] = (("mlp", "bce"), ("mlp", "contribution"), ("preview", "contribution"))
     calibration_tokens: int = 4096  # training-split tokens after the captured ones: the operating point's perplexity
     # the sparse output layer (predictors.output_layer), fitted on the captured tokens' final hidden states
     head_clusters: int = 256  # clusters of contexts, each with its own candidate vocabulary rows

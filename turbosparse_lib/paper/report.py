@@ -31,6 +31,7 @@ TRAINING_RECORDS = {
     "02": ("02_training_summary.csv", "train_minutes", None),
     "04": ("04_training_summary.csv", "train_minutes", ("model", "moe ")),
     "05": ("05_relufication_runs.csv", "total_min", None),
+    "07": ("07_predictor_cost.csv", "train_minutes", None),  # the predictors, every set on every model
 }
 
 

@@ -7,9 +7,10 @@ perplexity with predicted masks, and what it costs per token against what it sav
   speed); predicted sparsity the share it leaves out; missed mass the share of the token's contribution to the
   residual stream that the dropped live neurons carried (``predictors.data``), closer to what quality follows:
   recall counts a neuron that moves the output by a hair like one that carries the token.
-- ``operating_point``: the rule that picks where to run the predictors, by a perplexity budget. Each layer gets
-  the highest threshold whose missed mass stays under a bound (``layer_thresholds_for``); the bound is raised
-  until perplexity on calibration tokens (training split, never captured) would exceed the budget over the exact
+- ``operating_point``: the rule that picks where to run the predictors, by a perplexity budget. Candidates: each
+  layer at the highest threshold whose missed mass stays under a bound (``layer_thresholds_for``), the bound
+  raised step by step; and one threshold for every layer, raised step by step. The point is the sparsest candidate
+  whose perplexity on calibration tokens (training split, never captured) stays within the budget over the exact
   masks. Notebook 07, the claims report and the README all read the point it picks.
 - ``PredictedMask``: a PyTorch instrument that multiplies each FFN's combined activation by the predicted
   mask, so ``eval.perplexity`` gives the model's quality when only predicted neurons are computed. With
@@ -124,8 +125,13 @@ def cost_per_token(ps: PredictorSet, ffn_active: float, bytes_per_weight: float 
     }
 
 
-# bounds on the missed mass per layer that ``operating_point`` tries, from the most careful up
-MISSED_MASS_BOUNDS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+# bounds on the missed mass per layer that ``operating_point`` tries, from the most careful up; about sqrt(2) apart
+# where the points of notebook 07 fall (a step of 2 there moved calibration perplexity from +1.3% to +2.6%)
+MISSED_MASS_BOUNDS = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.007, 0.01, 0.014, 0.02, 0.028, 0.04, 0.05, 0.07, 0.1, 0.2, 0.3,
+)  # fmt: skip
+# one threshold for every layer, the other family of candidates ``operating_point`` tries
+UNIFORM_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 # probability thresholds ``layer_thresholds_for`` chooses from: fine enough to give each layer its own
 THRESHOLD_GRID = tuple(round(0.02 * i, 2) for i in range(1, 50))
 
@@ -140,6 +146,14 @@ def layer_thresholds_for(table: pd.DataFrame, max_missed: float) -> list[float]:
     return out
 
 
+def _candidates(table: pd.DataFrame, bounds, uniform) -> list[list[tuple[str, float, list[float]]]]:
+    """The two families of per-layer thresholds, each from the most careful up: (rule, its parameter, thresholds)."""
+    n_layers = table.layer.nunique()
+    per_layer = [(f"per layer, missed mass <= {b:g}", b, layer_thresholds_for(table, b)) for b in sorted(bounds)]
+    one = [(f"threshold {t:g} in every layer", t, [float(t)] * n_layers) for t in sorted(uniform)]
+    return [per_layer, one]
+
+
 def operating_point(
     model: nn.Module,
     ps: PredictorSet,
@@ -148,14 +162,16 @@ def operating_point(
     context_length: int,
     budget: float,
     bounds=MISSED_MASS_BOUNDS,
+    uniform=UNIFORM_THRESHOLDS,
 ) -> tuple[dict | None, pd.DataFrame]:
     """The predictors' operating point for a perplexity budget (``budget`` = 0.02: at most 2% over the exact masks).
 
-    For each bound on the missed mass, every layer takes ``layer_thresholds_for(table, bound)`` and the model is
-    scored on ``calibration_ids`` with those predicted masks. The point is the sparsest whose perplexity stays
-    within ``1 + budget`` of the model's own (exact masks) on the same tokens; None if even the most careful bound
-    exceeds it. The sweep stops after two bounds in a row over the budget. Returns (point: bound, per-layer
-    thresholds, calibration ratio, predicted sparsity, recall; the sweep). ``ps`` keeps the thresholds it had.
+    Two families of candidates, each scored on ``calibration_ids`` with its predicted masks: per bound on the missed
+    mass, every layer takes ``layer_thresholds_for(table, bound)`` (a layer whose misses carry little gets a higher
+    threshold); and one threshold for every layer (``uniform``; empty: none). The point is the sparsest candidate
+    whose perplexity stays within ``1 + budget`` of the model's own (exact masks) on the same tokens; None if none
+    does. Each family stops after two candidates in a row over the budget. Returns (point: rule, bound or threshold,
+    per-layer thresholds, calibration ratio, predicted sparsity, recall; the sweep). ``ps`` keeps its thresholds.
     """
     from ..eval.perplexity import perplexity
 
@@ -166,16 +182,21 @@ def operating_point(
     exact = perplexity(model, calibration_ids, context_length=context_length)
     before, rows = ps.layer_thresholds, []
     try:
-        for bound in sorted(bounds):
-            ts = layer_thresholds_for(table, bound)
-            ps.set_layer_thresholds(ts)
-            with PredictedMask(model, ps) as pm:
-                r = perplexity(model, calibration_ids, context_length=context_length)
-            rows.append(
-                {"max_missed_mass": bound, "calibration_ratio": r.ppl / exact.ppl, **pm.summary(), "thresholds": ts}
-            )
-            if len(rows) >= 2 and all(q["calibration_ratio"] > 1 + budget for q in rows[-2:]):
-                break  # two bounds in a row over the budget: looser ones only lose more
+        for family in _candidates(table, bounds, uniform):
+            over = 0
+            for rule, value, ts in family:
+                ps.set_layer_thresholds(ts)
+                with PredictedMask(model, ps) as pm:
+                    r = perplexity(model, calibration_ids, context_length=context_length)
+                is_bound = rule.startswith("per layer")
+                rows.append(
+                    {"rule": rule, "max_missed_mass": value if is_bound else float("nan"),
+                     "threshold": float("nan") if is_bound else value, "calibration_ratio": r.ppl / exact.ppl,
+                     **pm.summary(), "thresholds": ts}
+                )  # fmt: skip
+                over = over + 1 if rows[-1]["calibration_ratio"] > 1 + budget else 0
+                if over == 2:
+                    break  # two in a row over the budget: looser ones only lose more
     finally:
         ps.set_layer_thresholds(before)
     sweep = pd.DataFrame(rows)

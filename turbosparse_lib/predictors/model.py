@@ -1,7 +1,13 @@
 """Activation predictors: one small low-rank MLP per FFN that guesses which neurons will fire.
 
-As in the paper (section 7, after PowerInfer / Deja Vu): ``logits = W2 relu(W1 x) + b``, with ``W1`` of shape
-(rank, hidden) and ``W2`` of shape (intermediate, rank); a neuron is predicted active when its probability
+Two kinds, each giving every neuron's logit of firing:
+
+- ``"mlp"``, as in the paper (section 7, after PowerInfer / Deja Vu): ``logits = W2 relu(W1 x) + b``, with ``W1`` of
+  shape (rank, hidden) and ``W2`` of shape (intermediate, rank), learnt from labels;
+- ``"preview"`` (ours, for dReLU): a low-rank preview of the gate and up pre-activations fitted from the FFN's own
+  weights, then tuned (``predictors.preview``).
+
+A neuron is predicted active when its probability
 ``sigmoid(logit)`` is at least the threshold: one for every layer, or one per layer (``layer_thresholds``, set by
 ``predictors.metrics.operating_point`` from a perplexity budget). The rank is chosen per layer (``ranks``), so a
 layer that is hard to predict can get more capacity.
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, write_json
+from .preview import PreactivationPreview
 
 WEIGHTS_FILE = "predictors.safetensors"
 CONFIG_FILE = "predictors.json"
@@ -45,9 +52,23 @@ class LowRankPredictor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., N)
         return self.up(torch.relu(self.down(x)))
 
+    def log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log P(fires), log P(silent)), each (..., N): what the training loss reads, for either kind."""
+        logits = self(x)
+        return nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits)
+
+
+KINDS = {"mlp": LowRankPredictor, "preview": PreactivationPreview}
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown predictor kind {kind!r}; choose one of {', '.join(KINDS)}")
+
 
 class PredictorSet(nn.Module):
-    """One ``LowRankPredictor`` per layer, with what they were trained for."""
+    """One predictor per layer (``kind``: a ``LowRankPredictor`` or a ``PreactivationPreview``), with what they
+    were trained for."""
 
     def __init__(
         self,
@@ -59,12 +80,15 @@ class PredictorSet(nn.Module):
         threshold: float = 0.5,
         meta: dict | None = None,
         layer_thresholds: list[float] | None = None,
+        kind: str = "mlp",
     ):
         super().__init__()
+        check_kind(kind)
+        self.kind = kind
         self.hidden, self.intermediate, self.ranks = hidden, intermediate, list(ranks)
         self.source, self.label, self.threshold = source, label, float(threshold)
         self.meta = dict(meta or {})
-        self.layers = nn.ModuleList(LowRankPredictor(hidden, intermediate, r) for r in ranks)
+        self.layers = nn.ModuleList(KINDS[kind](hidden, intermediate, r) for r in ranks)
         self.layer_thresholds: list[float] | None = None
         if layer_thresholds is not None:
             self.set_layer_thresholds(layer_thresholds)
@@ -98,6 +122,7 @@ class PredictorSet(nn.Module):
 
     def config(self) -> dict:
         return {
+            "kind": self.kind,
             "hidden": self.hidden,
             "intermediate": self.intermediate,
             "ranks": self.ranks,
@@ -148,6 +173,7 @@ class PredictorSet(nn.Module):
             cfg["threshold"],
             cfg.get("meta"),
             cfg.get("layer_thresholds"),
+            cfg.get("kind", "mlp"),  # predictors saved before the preview existed are all MLPs
         )
         ps.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
         return ps.eval()

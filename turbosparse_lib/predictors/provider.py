@@ -1,17 +1,51 @@
 """The predictors as the decode engine's mask provider, run with the engine's own Numba kernels.
 
-Per layer and token: ``h = relu(W1 x)``, ``logits = W2 h + b`` (two GEMVs of the engine), and the neurons whose
-logit reaches the threshold's are the mask. Its time is the profile's ``mask`` entry and its weights count in
-bytes per token (``predictors.metrics.cost_per_token``). ``input`` says which vector the engine must hand it:
-the residual stream before the FFN's norm, or the normalised FFN input.
+Per layer and token, two GEMVs of the engine:
+
+- a low-rank MLP: ``h = relu(W1 x)``, ``logits = W2 h + b``; the neurons whose logit reaches the threshold's are
+  the mask;
+- a preview (``predictors.preview``): ``z = W2 (W1 x) + b`` gives each neuron's two scores; a neuron is a candidate
+  only when both reach ``Phi^-1(threshold)`` (``Phi(z_g) Phi(z_u)`` cannot reach the threshold otherwise), and only
+  the candidates' probabilities are computed, in one compiled loop (``preview_mask``; the same probability as the
+  PyTorch module, in float64: a per-layer call into PyTorch cost more than the two GEMVs at 150 tokens/s).
+
+Its time is the profile's ``mask`` entry and its weights count in bytes per token
+(``predictors.metrics.cost_per_token``). ``input`` says which vector the engine must hand it: the residual stream
+before the FFN's norm, or the normalised FFN input.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
+from numba import njit
 
 from ..inference import quant
 from .model import PredictorSet
+
+
+@njit(cache=True, fastmath=False)
+def preview_mask(z_2N: np.ndarray, score_floor: float, score_sure: float, log_threshold: float) -> np.ndarray:
+    """Neurons ``i`` with ``Phi(z[i]) Phi(z[N + i]) >= exp(log_threshold)``. Where either score is below
+    ``score_floor`` (at most ``Phi^-1`` of the threshold) the product cannot reach it; where both reach
+    ``score_sure`` (at least ``Phi^-1`` of its square root) it must; only the rest compute the probability."""
+    n = z_2N.shape[0] // 2
+    out = np.empty(n, dtype=np.int64)
+    k = 0
+    for i in range(n):
+        zg, zu = z_2N[i], z_2N[n + i]
+        if zg < score_floor or zu < score_floor:
+            continue
+        if zg < score_sure or zu < score_sure:
+            # log Phi(z) = log(erfc(-z / sqrt 2) / 2), well conditioned for z >= Phi^-1 of any threshold we use
+            log_p = math.log(0.5 * math.erfc(-zg / math.sqrt(2.0))) + math.log(0.5 * math.erfc(-zu / math.sqrt(2.0)))
+            if log_p < log_threshold:
+                continue
+        out[k] = i
+        k += 1
+    return out[:k]
 
 
 class PredictorMaskProvider:
@@ -24,16 +58,37 @@ class PredictorMaskProvider:
         if fmt not in quant.FORMATS:
             raise ValueError(f"fmt must be one of {', '.join(quant.FORMATS)}; got {fmt!r}")
         self.input = ps.source  # "residual" or "normed"
-        self.fmt = fmt
+        self.fmt, self.kind = fmt, ps.kind
         self.logit_thresholds = [np.float32(ps.logit_threshold(threshold, i)) for i in range(len(ps.layers))]
-        self.w1 = [quant.quantize(p.down.weight.detach().float().numpy(), fmt) for p in ps.layers]  # (r, H)
-        self.w2 = [quant.quantize(p.up.weight.detach().float().numpy(), fmt) for p in ps.layers]  # (N, r)
-        self.b = [np.ascontiguousarray(p.up.bias.detach().float().numpy()) for p in ps.layers]  # (N,)
+        if ps.kind == "preview":  # sigma folded into the second matrix: z = W2 (W1 x) + b are the scores
+            mats = [p.folded() for p in ps.layers]
+            probs = [float(torch.sigmoid(torch.tensor(t, dtype=torch.float64))) for t in self.logit_thresholds]
+            self.log_thresholds = [math.log(p) for p in probs]
+            # both scores at Phi^-1(sqrt(threshold)) or more: the product reaches it (a hair higher, for rounding)
+            self.score_sure = [
+                float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64).sqrt())) + 1e-4 for p in probs
+            ]
+            # both scores must reach Phi^-1(threshold); a hair lower, so rounding never drops a true candidate
+            self.score_floor = [float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64))) - 1e-4 for p in probs]
+        else:
+            mats = [
+                (p.down.weight.detach().float(), p.up.weight.detach().float(), p.up.bias.detach().float())
+                for p in ps.layers
+            ]
+        self.w1 = [quant.quantize(w1.numpy(), fmt) for w1, _, _ in mats]  # (r, H)
+        self.w2 = [quant.quantize(w2.numpy(), fmt) for _, w2, _ in mats]  # (N, r); preview: (2N, r)
+        self.b = [np.ascontiguousarray(b.numpy()) for _, _, b in mats]
 
     def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
-        h_R = np.maximum(quant.gemv(self.w1[layer_idx], np.ascontiguousarray(x_H, dtype=np.float32)), np.float32(0))
-        logits_N = quant.gemv(self.w2[layer_idx], h_R) + self.b[layer_idx]
+        h_R = quant.gemv(self.w1[layer_idx], np.ascontiguousarray(x_H, dtype=np.float32))
+        if self.kind == "preview":
+            return self._preview_mask(layer_idx, quant.gemv(self.w2[layer_idx], h_R) + self.b[layer_idx])
+        logits_N = quant.gemv(self.w2[layer_idx], np.maximum(h_R, np.float32(0))) + self.b[layer_idx]
         return np.flatnonzero(logits_N >= self.logit_thresholds[layer_idx])
+
+    def _preview_mask(self, layer_idx: int, z_2N: np.ndarray) -> np.ndarray:
+        i = layer_idx
+        return preview_mask(z_2N, self.score_floor[i], self.score_sure[i], self.log_thresholds[i])
 
     @property
     def nbytes(self) -> int:
