@@ -146,11 +146,20 @@ def layer_thresholds_for(table: pd.DataFrame, max_missed: float) -> list[float]:
     return out
 
 
-def _candidates(table: pd.DataFrame, bounds, uniform) -> list[list[tuple[str, float, list[float]]]]:
-    """The two families of per-layer thresholds, each from the most careful up: (rule, its parameter, thresholds)."""
-    n_layers = table.layer.nunique()
-    per_layer = [(f"per layer, missed mass <= {b:g}", b, layer_thresholds_for(table, b)) for b in sorted(bounds)]
-    one = [(f"threshold {t:g} in every layer", t, [float(t)] * n_layers) for t in sorted(uniform)]
+def _candidates(table: pd.DataFrame, bounds, uniform) -> list[list[dict]]:
+    """The two families of per-layer thresholds, each from the most careful up: the rule, its bound on the missed
+    mass or its one threshold (NaN for the other), and the thresholds of every layer."""
+    n_layers, nan = table.layer.nunique(), float("nan")
+    per_layer = [
+        {"rule": f"per layer, missed mass <= {b:g}", "max_missed_mass": b, "threshold": nan,
+         "thresholds": layer_thresholds_for(table, b)}
+        for b in sorted(bounds)
+    ]  # fmt: skip
+    one = [
+        {"rule": f"threshold {t:g} in every layer", "max_missed_mass": nan, "threshold": t,
+         "thresholds": [float(t)] * n_layers}
+        for t in sorted(uniform)
+    ]  # fmt: skip
     return [per_layer, one]
 
 
@@ -184,16 +193,12 @@ def operating_point(
     try:
         for family in _candidates(table, bounds, uniform):
             over = 0
-            for rule, value, ts in family:
+            for candidate in family:
+                ts = candidate.pop("thresholds")  # the row's last column, as the notebooks' tables have it
                 ps.set_layer_thresholds(ts)
                 with PredictedMask(model, ps) as pm:
                     r = perplexity(model, calibration_ids, context_length=context_length)
-                is_bound = rule.startswith("per layer")
-                rows.append(
-                    {"rule": rule, "max_missed_mass": value if is_bound else float("nan"),
-                     "threshold": float("nan") if is_bound else value, "calibration_ratio": r.ppl / exact.ppl,
-                     **pm.summary(), "thresholds": ts}
-                )  # fmt: skip
+                rows.append({**candidate, "calibration_ratio": r.ppl / exact.ppl, **pm.summary(), "thresholds": ts})
                 over = over + 1 if rows[-1]["calibration_ratio"] > 1 + budget else 0
                 if over == 2:
                     break  # two in a row over the budget: looser ones only lose more

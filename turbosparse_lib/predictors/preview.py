@@ -80,9 +80,9 @@ class PreactivationPreview(nn.Module):
             raise ValueError(f"shapes do not match: x {tuple(x_TH.shape)}, gate {(n, h)}, up {tuple(w_up_NH.shape)}")
         x = x_TH.double()
         w = torch.cat([w_gate_NH, w_up_NH]).double()  # (2N, H)
-        second = x.T @ x / len(x)
-        second += 1e-6 * second.diagonal().mean() * torch.eye(h, dtype=torch.float64)  # a direction never seen
-        chol = torch.linalg.cholesky(second)
+        moment = x.T @ x / len(x)
+        ridge = 1e-6 * moment.diagonal().mean() * torch.eye(h, dtype=torch.float64)  # a direction never seen
+        chol = torch.linalg.cholesky(moment + ridge)
         u, s, vh = torch.linalg.svd(chol.T @ w.T, full_matrices=False)
         a = torch.linalg.solve_triangular(chol.T, u[:, :rank], upper=True)  # (H, r) = L^-T U_r
         b = s[:rank, None] * vh[:rank]  # (r, 2N)
@@ -90,8 +90,12 @@ class PreactivationPreview(nn.Module):
         net.down.weight.copy_(a.T.float())
         net.up.weight.copy_(b.T.float())
         net.up.bias.zero_()
-        residual = x @ w.T - (x @ a) @ b
-        net.log_sigma.copy_(residual.std(0).clamp_min(1e-6).log().float())
+        # the residual x (W^T - A B) per pre-activation: its sample spread from the inputs' moments, without the
+        # (T, 2N) matrix itself (T x 28,672 doubles at Mistral-7B's width)
+        miss = w.T - a @ b  # (H, 2N)
+        mean = x.mean(0) @ miss
+        var = (((moment @ miss) * miss).sum(0) - mean.square()) * len(x) / max(1, len(x) - 1)
+        net.log_sigma.copy_(var.clamp_min(0).sqrt().clamp_min(1e-6).log().float())
         return net.eval()
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
