@@ -320,6 +320,31 @@ def test_fused_step_equals_the_unfused_engine_on_every_path(drelu_engine, prompt
     assert scale > 0
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_dense_layout_serves_dense_runs_and_leaves_sparse_ones_on_the_bundles(drelu_engine, prompt, fmt):
+    """A dense-layout engine decodes dense from llama.cpp's layout, fused as unfused, close to the bundled dense run
+    (the two quantise the down projection along different axes); its sparse paths read the bundles and give the
+    bundled engine's dense logits bit for bit."""
+    bundled, engine = drelu_engine.quantized(fmt), drelu_engine.quantized(fmt, dense_layout=True)
+    assert engine is not bundled and drelu_engine.quantized(fmt, dense_layout=True) is engine
+    assert engine.weights.ffn.dense_layout and not bundled.weights.ffn.dense_layout
+    assert drelu_engine.quantized("f32", dense_layout=True) is drelu_engine  # f32 keeps the bundles' dense path
+    ids = prompt[0].numpy()
+    _, logits = engine.generate(ids, NEW_TOKENS, return_logits=True)
+    _, unfused = engine.generate(ids, NEW_TOKENS, return_logits=True, fused=False)
+    np.testing.assert_array_equal(logits, unfused)
+    forced = np.concatenate([ids, ids[::-1]])  # teacher-forced, step by step (prefill is a dense run)
+    bundled.reset(len(forced))
+    want = np.stack([bundled.step(int(t)) for t in forced])
+    engine.reset(len(forced))
+    off = np.abs(np.stack([engine.step(int(t)) for t in forced]) - want).max() / np.abs(want).max()
+    assert 0 < off < (0.1 if fmt == "q8_0" else 0.5)  # the bounds of quantisation against float, below
+    for kw in (dict(sparse=True), dict(sparse=True, mask_provider=TopKOracle(engine, 0.0))):
+        engine.reset(len(forced))
+        np.testing.assert_array_equal(np.stack([engine.step(int(t), **kw) for t in forced]), want)
+    assert engine.weights.nbytes > bundled.weights.nbytes
+
+
 @pytest.mark.parametrize("fmt,off_float", [("q8_0", 0.1), ("q4_0", 0.5)])
 def test_quantised_engine_matches_its_numpy_reference(prompt, fmt, off_float):
     """Tolerance: the kernels may differ from the NumPy model by float summation order, and a different

@@ -76,6 +76,37 @@ def test_bundled_ffn_matches_reference_for_every_variant(fmt, N, H):
         _close(B.ffn(ffn, x, np.arange(N), variant), dense)  # all active = dense
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,H", SHAPES)
+def test_dense_layout_ffn_matches_reference(fmt, N, H):
+    """The dense layout: combined values of every neuron, quantised to Q8_0 blocks once (f32: as they are), times
+    the down projection's rows quantised along the neurons, as llama.cpp computes a dense FFN."""
+    rng = np.random.default_rng(11 + N + H)
+    Wg, Wu, Wd, x = _weights(rng, N, H)
+    ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt, dense_layout=True)
+    assert ffn.dense_layout and not B.FFNBundles.from_weights(Wg, Wu, Wd, fmt).dense_layout
+    assert ffn.gate_up.shape == (N, 2 * Q.row_bytes(H, fmt)) and ffn.down_rows.shape == (H, Q.row_bytes(N, fmt))
+    np.testing.assert_array_equal(ffn.gate_up, ffn.data[:, : 2 * ffn.seg_bytes])  # the bundles less their down column
+    np.testing.assert_array_equal(ffn.dense_down(), Q.dequantize(Q.quantize(Wd, fmt)))
+    for variant in VARIANTS:
+        c = Q.activation_ref(B.combined_ref(ffn, x, variant), ffn.code)
+        rows = np.zeros(3, np.int64)
+        want = (c @ ffn.dense_down().astype(np.float64).T).astype(np.float32)
+        _close(B.ffn(ffn, x, None, variant, rows_read=rows), want)
+        assert rows.tolist() == [N, N, N]
+        for idx in _index_sets(rng, N).values():  # sparse paths read the bundles, dense layout or not
+            _close(B.ffn(ffn, x, idx, variant), B.ffn_ref(ffn, x, idx, variant))
+    layer = B.FFNBundles.from_weights(Wg[None], Wu[None], Wd[None], fmt, dense_layout=True)[0]
+    np.testing.assert_array_equal(B.ffn(layer, x), B.ffn(ffn, x))
+    assert ffn.nbytes == ffn.data.nbytes + ffn.gate_up.nbytes + ffn.down_rows.nbytes
+    with pytest.raises(ValueError, match="both gate_up and down_rows"):
+        B.FFNBundles(ffn.data, fmt, H, ffn.down_scale, ffn.gate_up, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        B.FFNBundles(ffn.data, fmt, H, ffn.down_scale, ffn.gate_up[:, 1:].copy(), ffn.down_rows)
+    with pytest.raises(ValueError, match="no dense layout"):
+        B.FFNBundles.from_weights(Wg, Wu, Wd, fmt).dense_down()
+
+
 def test_the_bundle_is_gate_up_and_down_column_of_one_neuron():
     rng = np.random.default_rng(0)
     Wg, Wu, Wd, _ = _weights(rng, 5, 8)

@@ -106,12 +106,14 @@ def quality_table(engines: dict[str, Engine], ggufs: dict, ids: np.ndarray, chun
     return pd.DataFrame(rows).set_index("fmt")
 
 
-def model_in_format(model, fmt: str, engine: Engine | None = None):
+def model_in_format(model, fmt: str, engine: Engine | None = None, dense_layout: bool = False):
     """A copy of the PyTorch ``model`` whose weight matrices are the ones our engine decodes with in ``fmt``
     (quantised as ``Engine.quantized`` does, then dequantised): the perplexity of a format on long held-out
     text at PyTorch's speed, with the same hooks (masks, predictors) as the float model. What it leaves out is
     the Q8_0 rounding of the activations that the engine's (and llama.cpp's) quantised dot products add;
-    ``engine_nll`` scores the engine itself, token by token. ``f32`` returns ``model`` itself."""
+    ``engine_nll`` scores the engine itself, token by token. ``f32`` returns ``model`` itself. ``dense_layout``:
+    the down projection as the dense layout holds it (quantised along the neurons, ``Engine.quantized``), the
+    weights a dense run in a Q format decodes with."""
     import copy
 
     import torch
@@ -121,9 +123,11 @@ def model_in_format(model, fmt: str, engine: Engine | None = None):
     quant.format_code(fmt)
     if fmt == "f32":
         return model
-    w = (engine if engine is not None else Engine.from_transformers(model)).quantized(fmt).weights
+    w = (engine if engine is not None else Engine.from_transformers(model)).quantized(fmt, dense_layout).weights
     qkv, o, lm_head = quant.dequantize(w.qkv), quant.dequantize(w.o), quant.dequantize(w.lm_head)
     gate, up, down_NH = (w.ffn.dequantized(k) for k in range(3))
+    if dense_layout:
+        down_NH = np.swapaxes(w.ffn.dense_down(), -1, -2)
     copy_ = copy.deepcopy(model)
 
     def put(param, array):

@@ -23,8 +23,11 @@ one bit for bit), each thread sums into its own partial ``y`` (no race), and the
 thread works on one neuron it prefetches the next one's bundle (``simd.prefetch``). Every call
 counts the rows it read of each kind, so bytes per token are measured, not modelled.
 
-Only this layout is held: the dense path reads the same bundles, so no second copy of any FFN
-weight exists.
+By default only this layout is held and the dense path reads the same bundles. In the Q formats a dense path
+over bundles is compute-bound (each down weight is dequantised, multiplied and added on its own), so an engine
+may also hold the FFN in llama.cpp's dense layout (``dense_layout``): each neuron's gate and up rows, then the
+down projection's rows quantised along the neurons, read by ``dense_rows_into`` as two contiguous streams with
+integer row dots throughout. That is a second copy of the FFN, held only where the dense path must be fast.
 
 A down column's blocks of 32 run along the hidden size, where llama.cpp's run along the neurons.
 A hidden channel whose weights are all large (LLMs have a few) would then set the scale of every
@@ -61,12 +64,19 @@ def prefetch_bytes_for(bundle_bytes):
 @dataclass
 class FFNBundles:
     """``data`` uint8 (..., N, 3 * row_bytes(H)): per neuron its gate row, up row and down column, format
-    ``fmt``; ``down_scale`` float32 (..., H): the output scale of each hidden channel (empty: none, f32)."""
+    ``fmt``; ``down_scale`` float32 (..., H): the output scale of each hidden channel (empty: none, f32).
+
+    Optionally also the dense layout (``dense_rows_into``), a second copy of the weights the dense path reads
+    instead: ``gate_up`` uint8 (..., N, 2 * row_bytes(H)), each neuron's gate and up rows, and ``down_rows`` uint8
+    (..., H, row_bytes(N)), the down projection quantised along the neurons as llama.cpp stores it (empty arrays
+    (..., 0, 0): none held)."""
 
     data: np.ndarray
     fmt: str
     hidden: int
     down_scale: np.ndarray | None = None
+    gate_up: np.ndarray | None = None
+    down_rows: np.ndarray | None = None
 
     def __post_init__(self):
         self.code = quant.format_code(self.fmt)
@@ -80,13 +90,29 @@ class FFNBundles:
             self.down_scale = np.empty((*self.data.shape[:-2], 0), np.float32)
         if self.down_scale.shape[-1] not in (0, self.hidden) or self.down_scale.dtype != np.float32:
             raise ValueError(f"down_scale must be float32 (..., {self.hidden}) or empty; got {self.down_scale.shape}")
+        lead, N = self.data.shape[:-2], self.data.shape[-2]
+        if (self.gate_up is None) != (self.down_rows is None):
+            raise ValueError("the dense layout needs both gate_up and down_rows, or neither")
+        if self.gate_up is None:
+            self.gate_up = self.down_rows = np.empty((*lead, 0, 0), np.uint8)
+        elif self.gate_up.shape != (*lead, N, 2 * self.seg_bytes) or self.down_rows.shape != (
+            *lead,
+            self.hidden,
+            quant.row_bytes(N, self.fmt),
+        ):
+            raise ValueError(
+                f"dense layout: gate_up {self.gate_up.shape} and down_rows {self.down_rows.shape} do not fit "
+                f"{N} neurons of hidden size {self.hidden} in {self.fmt}"
+            )
 
     @classmethod
-    def from_weights(cls, w_gate_NH, w_up_NH, w_down_HN, fmt: str) -> FFNBundles:
+    def from_weights(cls, w_gate_NH, w_up_NH, w_down_HN, fmt: str, dense_layout: bool = False) -> FFNBundles:
         """Bundle ``nn.Linear``-layout weights (gate, up: (..., N, H); down: (..., H, N)), quantised to ``fmt``
-        (the Q formats with each hidden channel of the down projection scaled to a maximum of 1 first)."""
+        (the Q formats with each hidden channel of the down projection scaled to a maximum of 1 first); with
+        ``dense_layout``, also the dense path's copy (the class docstring)."""
         gate, up = np.asarray(w_gate_NH, np.float32), np.asarray(w_up_NH, np.float32)
         down_HN = np.asarray(w_down_HN, np.float32)
+        rows = quant.quantize(down_HN, fmt).data if dense_layout else None
         if not gate.shape == up.shape == np.swapaxes(down_HN, -1, -2).shape:
             raise ValueError(
                 f"gate {gate.shape}, up {up.shape} and down transposed {np.swapaxes(down_HN, -1, -2).shape} must match"
@@ -98,7 +124,13 @@ class FFNBundles:
             down_HN = down_HN / scale[..., None]
         parts = [quant.quantize(W, fmt) for W in (gate, up, np.swapaxes(down_HN, -1, -2))]
         data = np.ascontiguousarray(np.concatenate([p.data for p in parts], axis=-1))
-        return cls(data, fmt, gate.shape[-1], scale)
+        gate_up = np.ascontiguousarray(data[..., : 2 * parts[0].data.shape[-1]]) if dense_layout else None
+        return cls(data, fmt, gate.shape[-1], scale, gate_up, rows)
+
+    @property
+    def dense_layout(self) -> bool:
+        """Whether the dense layout is held (``dense_rows_into`` then serves the dense path)."""
+        return self.gate_up.shape[-2] > 0
 
     @property
     def neurons(self) -> int:
@@ -106,11 +138,19 @@ class FFNBundles:
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes
+        """Bytes held, the dense layout's copy included."""
+        return self.data.nbytes + self.gate_up.nbytes + self.down_rows.nbytes
 
     def __getitem__(self, i) -> FFNBundles:
         """One layer of a stack, a view."""
-        return FFNBundles(self.data[i], self.fmt, self.hidden, self.down_scale[i])
+        dense = (self.gate_up[i], self.down_rows[i]) if self.dense_layout else (None, None)
+        return FFNBundles(self.data[i], self.fmt, self.hidden, self.down_scale[i], *dense)
+
+    def dense_down(self) -> np.ndarray:
+        """The dense layout's down projection as float32 (..., H, N) (what ``dense_rows_into`` multiplies with)."""
+        if not self.dense_layout:
+            raise ValueError("these bundles hold no dense layout (build them with dense_layout=True)")
+        return quant.dequantize(quant.QMatrix(self.down_rows, self.fmt, self.neurons))
 
     def dequantized(self, k: int) -> np.ndarray:
         """The gate (0), up (1) or down-transposed (2) weights as float32 (..., N, H): a view for f32, else a copy."""
@@ -244,6 +284,39 @@ def ffn_into(
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
+def dense_rows_into(GU, down_rows, code, H, x, xq, xd, act, shift, n_threads, y, rows_read):
+    """y = FFN(x) over every neuron in llama.cpp's dense layout: ``GU`` (N, 2 * row_bytes(H)) holds each neuron's
+    gate and up rows side by side, ``down_rows`` (H, row_bytes(N)) the down projection's rows. Adds N rows of each
+    kind to ``rows_read`` (the H down rows hold the bytes of the N down columns).
+
+    Two contiguous streams instead of the bundles' one: the combined values of every neuron first, then, quantised
+    to Q8_0 blocks (f32: as they are), one integer row dot per output, as llama.cpp computes a dense FFN. The
+    bundles' down columns are summed as axpys instead, a dequantise-multiply-add per weight, which left the dense
+    quantised FFN compute-bound. The result is not the sparse paths' bit for bit: they never quantise the combined
+    values, and the down rows' blocks run along the neurons, not along the hidden size."""
+    N = GU.shape[0]
+    seg = GU.shape[1] // 2
+    c = np.empty(N, dtype=np.float32)
+    for t in prange(n_threads):
+        lo, hi = quant.thread_range(t, n_threads, N)
+        for k in range(lo, hi):
+            row = GU[k]
+            a = gate_act(quant.row_dot(row, 0, code, H, x, xq, xd), act, shift)
+            c[k] = a * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
+    nb = quant.n_blocks(N) if code != quant.F32 else 0
+    cq, cd = np.zeros(nb * BLOCK, dtype=np.int8), np.empty(nb, dtype=np.float32)
+    if code != quant.F32:
+        quant.quantize_activation_into(c, cq, cd)
+    for t in prange(n_threads):
+        lo, hi = quant.thread_range(t, n_threads, H)
+        for j in range(lo, hi):
+            y[j] = quant.row_dot(down_rows[j], 0, code, N, c, cq, cd)
+    rows_read[0] += N
+    rows_read[1] += N
+    rows_read[2] += N
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def combined_into(B, code, H, x, xq, xd, idx, n, use_idx, act, shift, c):
     """Combined values of neurons ``idx[:n]`` (or ``0..n-1``); the up row is read only where the gate fired."""
     seg = B.shape[1] // 3
@@ -286,25 +359,31 @@ def ffn(
 
     ``skip_zeros`` defaults to False for dense (every row read, the baseline) and True for sparse;
     ``skip_zeros=True`` with ``idx_K=None`` is the in-line exact-zero oracle. ``rows_read`` (int64 (3,)),
-    if given, accumulates the gate, up and down rows read.
+    if given, accumulates the gate, up and down rows read. Dense reads the dense layout where the bundles hold one
+    (``dense_rows_into``), as the fused step does.
     """
     _one_layer(bundles, x_H)
     idx, n, use_idx = _indices(bundles, idx_K)
     skip = use_idx if skip_zeros is None else bool(skip_zeros)
     y = np.empty(bundles.hidden, np.float32)
     counts = np.zeros(3, np.int64) if rows_read is None else rows_read
+    x = quant.activation_for(bundles.code, x_H)
+    act, threads = variant_code(variant), numba.get_num_threads()
+    if not use_idx and not skip and bundles.dense_layout:
+        dense_rows_into(bundles.gate_up, bundles.down_rows, bundles.code, bundles.hidden, *x, *act, threads, y, counts)
+        return y
     ffn_into(
         bundles.data,
         bundles.down_scale,
         bundles.code,
         bundles.hidden,
-        *quant.activation_for(bundles.code, x_H),
+        *x,
         idx,
         n,
         use_idx,
         skip,
-        *variant_code(variant),
-        numba.get_num_threads(),
+        *act,
+        threads,
         y,
         counts,
         prefetch_bytes_for(bundles.data.shape[-1]),

@@ -30,7 +30,7 @@ from numba import njit
 
 from . import quant, simd
 from .attention import decode_attention
-from .bundles import FFNBundles, ffn_into, prefetch_bytes_for
+from .bundles import FFNBundles, dense_rows_into, ffn_into, prefetch_bytes_for
 from .kernels import FASTMATH
 from .simd import BLOCK
 
@@ -82,8 +82,10 @@ class ModelWeights:
         qk_norm_L2E=None,
         post_attn_norm_LH=None,
         post_ffn_norm_LH=None,
+        dense_layout: bool = False,
     ) -> ModelWeights:
-        """From float weights in ``nn.Linear`` layout, stacked over layers; ``embed_VH=None``: tied to lm_head."""
+        """From float weights in ``nn.Linear`` layout, stacked over layers; ``embed_VH=None``: tied to lm_head;
+        ``dense_layout``: the FFN also in the dense path's layout (``FFNBundles``)."""
         lm_head = quant.quantize(lm_head_VH, fmt)
         f32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)
         return cls(
@@ -92,7 +94,7 @@ class ModelWeights:
             f32(ffn_norm_LH),
             quant.quantize(w_qkv_LQH, fmt),
             quant.quantize(w_o_LHD, fmt),
-            FFNBundles.from_weights(w_gate_LNH, w_up_LNH, w_down_LHN, fmt),
+            FFNBundles.from_weights(w_gate_LNH, w_up_LNH, w_down_LHN, fmt, dense_layout),
             f32(final_norm_H),
             lm_head,
             lm_head if embed_VH is None else quant.quantize(embed_VH, fmt),
@@ -139,6 +141,8 @@ class ModelWeights:
             self.ffn_norm_LH,
             self.ffn.data,
             self.ffn.down_scale,
+            self.ffn.gate_up,
+            self.ffn.down_rows,
             post_ffn,
             self.post_ffn_norm_LH is not None,
         )
@@ -217,17 +221,21 @@ def attention_half(li, x, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, code, idx, n, use_idx, skip_zeros, act,
-             shift, n_threads, rows_read):
+def ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_post_ffn_norm, eps, code, idx, n,
+             use_idx, skip_zeros, act, shift, n_threads, rows_read):
     """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x`` (Gemma 2/3:
-    normalised first by ``post_ffn_norm``)."""
+    normalised first by ``post_ffn_norm``). Dense reads the dense layout (``gate_up``, ``down_rows``) where the
+    weights hold one, else the bundles."""
     H = x.shape[0]
     xq, xd = activation_buffers(code, H)
     if code != quant.F32:
         quant.quantize_activation_into(h, xq, xd)
     y = np.empty(H, np.float32)
-    ffn_into(ffn[li], ffn_scale[li], code, H, h, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
-             rows_read, prefetch_bytes_for(ffn.shape[2]))
+    if not use_idx and not skip_zeros and gate_up.shape[1] > 0:
+        dense_rows_into(gate_up[li], down_rows[li], code, H, h, xq, xd, act, shift, n_threads, y, rows_read)
+    else:
+        ffn_into(ffn[li], ffn_scale[li], code, H, h, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
+                 rows_read, prefetch_bytes_for(ffn.shape[2]))
     if has_post_ffn_norm:
         rms_norm_into(y, post_ffn_norm[li], eps, y)
     x += y
@@ -257,9 +265,10 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
 
 @njit(fastmath=FASTMATH, cache=True)
 def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, post_attn_norm,
-                 has_post_attn_norm, ffn_norm, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, final_norm, lm_head,
-                 embed, embed_scale, code, n_heads, head_dim, eps, scale, softcap, k_cache, v_cache, cos, sin,
-                 layer_rope, windows, act, shift, masks_mode, mask_offsets, mask_idx, n_threads, ticks, rows_read):
+                 has_post_attn_norm, ffn_norm, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_post_ffn_norm,
+                 final_norm, lm_head, embed, embed_scale, code, n_heads, head_dim, eps, scale, softcap, k_cache,
+                 v_cache, cos, sin, layer_rope, windows, act, shift, masks_mode, mask_offsets, mask_idx, n_threads,
+                 ticks, rows_read):
     """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
 
     ``masks_mode``: ``MASKS_DENSE``, ``MASKS_PACKED`` (layer l reads neurons
@@ -282,14 +291,14 @@ def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_n
         ticks[1] += t2 - t1
         if masks_mode == MASKS_PACKED:
             lo, hi = mask_offsets[li], mask_offsets[li + 1]
-            ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, code, mask_idx[lo:hi], hi - lo,
-                     True, True, act, shift, n_threads, rows_read)
+            ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_post_ffn_norm, eps, code,
+                     mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads, rows_read)
             active += hi - lo
         else:
             before = rows_read[2]
             in_line = masks_mode == MASKS_EXACT_IN_LINE
-            ffn_half(li, x, h, ffn, ffn_scale, post_ffn_norm, has_post_ffn_norm, eps, code, mask_idx, N, False,
-                     in_line, act, shift, n_threads, rows_read)
+            ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_post_ffn_norm, eps, code,
+                     mask_idx, N, False, in_line, act, shift, n_threads, rows_read)
             active += rows_read[2] - before if in_line else N
         t1 = simd.cycle_counter()
         ticks[3] += t1 - t2
