@@ -85,8 +85,8 @@ def test_dense_layout_ffn_matches_reference(fmt, N, H):
     Wg, Wu, Wd, x = _weights(rng, N, H)
     ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt, dense_layout=True)
     assert ffn.dense_layout and not B.FFNBundles.from_weights(Wg, Wu, Wd, fmt).dense_layout
-    assert ffn.gate_up.shape == (N, 2 * Q.row_bytes(H, fmt)) and ffn.down_rows.shape == (H, Q.row_bytes(N, fmt))
-    np.testing.assert_array_equal(ffn.gate_up, ffn.data[:, : 2 * ffn.seg_bytes])  # the bundles less their down column
+    assert ffn.gate_up.shape == (2 * N, Q.row_bytes(H, fmt)) and ffn.down_rows.shape == (H, Q.row_bytes(N, fmt))
+    np.testing.assert_array_equal(ffn.gate_up, np.concatenate([ffn.part(0).data, ffn.part(1).data]))  # gate, then up
     np.testing.assert_array_equal(ffn.dense_down(), Q.dequantize(Q.quantize(Wd, fmt)))
     for variant in VARIANTS:
         c = Q.activation_ref(B.combined_ref(ffn, x, variant), ffn.code)
@@ -96,13 +96,16 @@ def test_dense_layout_ffn_matches_reference(fmt, N, H):
         assert rows.tolist() == [N, N, N]
         for idx in _index_sets(rng, N).values():  # sparse paths read the bundles, dense layout or not
             _close(B.ffn(ffn, x, idx, variant), B.ffn_ref(ffn, x, idx, variant))
+        # gate-first reads its gate rows from the dense layout: the same bytes, the bundles' result bit for bit
+        bundled = B.FFNBundles(ffn.data, fmt, H, ffn.down_scale)
+        np.testing.assert_array_equal(B.ffn(ffn, x, None, variant, True), B.ffn(bundled, x, None, variant, True))
     layer = B.FFNBundles.from_weights(Wg[None], Wu[None], Wd[None], fmt, dense_layout=True)[0]
     np.testing.assert_array_equal(B.ffn(layer, x), B.ffn(ffn, x))
     assert ffn.nbytes == ffn.data.nbytes + ffn.gate_up.nbytes + ffn.down_rows.nbytes
     with pytest.raises(ValueError, match="both gate_up and down_rows"):
         B.FFNBundles(ffn.data, fmt, H, ffn.down_scale, ffn.gate_up, None)
     with pytest.raises(ValueError, match="do not fit"):
-        B.FFNBundles(ffn.data, fmt, H, ffn.down_scale, ffn.gate_up[:, 1:].copy(), ffn.down_rows)
+        B.FFNBundles(ffn.data, fmt, H, ffn.down_scale, ffn.gate_up[1:].copy(), ffn.down_rows)
     with pytest.raises(ValueError, match="no dense layout"):
         B.FFNBundles.from_weights(Wg, Wu, Wd, fmt).dense_down()
 

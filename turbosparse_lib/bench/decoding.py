@@ -43,9 +43,10 @@ class EngineRun:
     quantised from the float one once and kept), ``masks`` None (dense), 'oracle' (ExactZeroOracle in line),
     'exact' (its masks, recorded then replayed), 'topk' (TopKOracle at ``topk_sparsity``, replayed) or
     'provider' (``provider``, any ``(layer_idx, x_H) -> indices`` callable such as
-    ``predictors.provider.PredictorMaskProvider``, called in line every token). A dense run in a Q format reads
-    the FFN in llama.cpp's dense layout (``dense_layout``, ``Engine.quantized``), the fastest dense path we have;
-    sparse runs read the bundles."""
+    ``predictors.provider.PredictorMaskProvider``, called in line every token). In a Q format the engine also holds
+    the FFN in llama.cpp's dense layout (``dense_layout``, ``Engine.quantized``): dense runs read it, the fastest
+    dense path we have, and so does gate-first for its gate rows; sparse runs read the bundles. Every run of one
+    precision shares one engine, so all prefill the prompt alike."""
 
     engine: Engine
     precision: Literal["f32", "q8_0", "q4_0"] = "f32"
@@ -53,7 +54,7 @@ class EngineRun:
     topk_sparsity: float = 0.9
     provider: MaskProvider | None = None  # for masks="provider"
     profile: dict = field(default_factory=dict)  # accumulated over timed runs
-    dense_layout: bool = True  # dense runs in Q formats only
+    dense_layout: bool = True  # Q formats only
     _replay: RecordedMasks | None = None
 
     def __post_init__(self):
@@ -63,7 +64,7 @@ class EngineRun:
             raise ValueError(f"masks must be None, 'oracle', 'exact', 'topk' or 'provider'; got {self.masks!r}")
         if (self.masks == "provider") != (self.provider is not None):
             raise ValueError("a provider is given with masks='provider', and only then")
-        self.engine = self.engine.quantized(self.precision, self.dense_layout and self.masks is None)
+        self.engine = self.engine.quantized(self.precision, self.dense_layout)
 
     def _provider(self) -> MaskProvider | None:
         if self.masks is None:

@@ -25,9 +25,11 @@ counts the rows it read of each kind, so bytes per token are measured, not model
 
 By default only this layout is held and the dense path reads the same bundles. In the Q formats a dense path
 over bundles is compute-bound (each down weight is dequantised, multiplied and added on its own), so an engine
-may also hold the FFN in llama.cpp's dense layout (``dense_layout``): each neuron's gate and up rows, then the
-down projection's rows quantised along the neurons, read by ``dense_rows_into`` as two contiguous streams with
-integer row dots throughout. That is a second copy of the FFN, held only where the dense path must be fast.
+may also hold the FFN in llama.cpp's dense layout (``dense_layout``): the gate rows, the up rows, and the down
+projection's rows quantised along the neurons, each a contiguous matrix, read by ``dense_rows_into`` with
+integer row dots throughout. Gate-first reads its gate rows there too: from the bundles it reads a third of
+every bundle, a pattern the hardware prefetcher does not follow, from the gate matrix one contiguous stream. That
+is a second copy of the FFN, held only where the dense path must be fast.
 
 A down column's blocks of 32 run along the hidden size, where llama.cpp's run along the neurons.
 A hidden channel whose weights are all large (LLMs have a few) would then set the scale of every
@@ -67,9 +69,9 @@ class FFNBundles:
     ``fmt``; ``down_scale`` float32 (..., H): the output scale of each hidden channel (empty: none, f32).
 
     Optionally also the dense layout (``dense_rows_into``), a second copy of the weights the dense path reads
-    instead: ``gate_up`` uint8 (..., N, 2 * row_bytes(H)), each neuron's gate and up rows, and ``down_rows`` uint8
-    (..., H, row_bytes(N)), the down projection quantised along the neurons as llama.cpp stores it (empty arrays
-    (..., 0, 0): none held)."""
+    instead: ``gate_up`` uint8 (..., 2N, row_bytes(H)), the N gate rows then the N up rows (as transformers'
+    ``gate_up_proj``), and ``down_rows`` uint8 (..., H, row_bytes(N)), the down projection quantised along the
+    neurons as llama.cpp stores it (empty arrays (..., 0, 0): none held)."""
 
     data: np.ndarray
     fmt: str
@@ -95,7 +97,7 @@ class FFNBundles:
             raise ValueError("the dense layout needs both gate_up and down_rows, or neither")
         if self.gate_up is None:
             self.gate_up = self.down_rows = np.empty((*lead, 0, 0), np.uint8)
-        elif self.gate_up.shape != (*lead, N, 2 * self.seg_bytes) or self.down_rows.shape != (
+        elif self.gate_up.shape != (*lead, 2 * N, self.seg_bytes) or self.down_rows.shape != (
             *lead,
             self.hidden,
             quant.row_bytes(N, self.fmt),
@@ -124,7 +126,7 @@ class FFNBundles:
             down_HN = down_HN / scale[..., None]
         parts = [quant.quantize(W, fmt) for W in (gate, up, np.swapaxes(down_HN, -1, -2))]
         data = np.ascontiguousarray(np.concatenate([p.data for p in parts], axis=-1))
-        gate_up = np.ascontiguousarray(data[..., : 2 * parts[0].data.shape[-1]]) if dense_layout else None
+        gate_up = np.concatenate([parts[0].data, parts[1].data], axis=-2) if dense_layout else None
         return cls(data, fmt, gate.shape[-1], scale, gate_up, rows)
 
     @property
@@ -195,18 +197,20 @@ def ascending(idx: np.ndarray, n_neurons: int) -> np.ndarray:
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def fired_gates(B, code, H, x, xq, xd, lo, hi, act, shift, fired, gates):
-    """Gate-first's first pass over neurons [lo, hi): every gate row, the one ``GATE_AHEAD`` neurons further
-    prefetched (reading only gate rows breaks the hardware prefetcher's stream through the bundles). The neurons
-    whose gate fired go to ``fired``, their gate values to ``gates``, in ascending order; returns their count."""
-    seg = B.shape[1] // 3
+def fired_gates(G, bundled, code, H, x, xq, xd, lo, hi, act, shift, fired, gates):
+    """Gate-first's first pass over neurons [lo, hi): every gate row, row k of ``G`` from byte 0: the bundles
+    (``bundled``: the row ``GATE_AHEAD`` neurons further is prefetched, since reading a third of every bundle breaks
+    the hardware prefetcher's stream) or the dense layout's gate rows (contiguous, streamed by the hardware). The
+    neurons whose gate fired go to ``fired``, their gate values to ``gates``, in ascending order; returns their
+    count. Both sources hold the same bytes, so the result is the same."""
+    seg = G.shape[1] // 3  # the gate row of a bundle (only prefetched there)
     m = 0
     for k in range(lo, hi):
-        if k + GATE_AHEAD < hi:
-            nxt = B[k + GATE_AHEAD]
+        if bundled and k + GATE_AHEAD < hi:
+            nxt = G[k + GATE_AHEAD]
             for off in range(0, seg, 64):
                 simd.prefetch(nxt, off)
-        a = gate_act(quant.row_dot(B[k], 0, code, H, x, xq, xd), act, shift)
+        a = gate_act(quant.row_dot(G[k], 0, code, H, x, xq, xd), act, shift)
         if a != 0:
             fired[m] = k
             gates[m] = a
@@ -216,7 +220,24 @@ def fired_gates(B, code, H, x, xq, xd, lo, hi, act, shift, fired, gates):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def ffn_into(
-    B, down_scale, code, H, x, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read, prefetch_bytes
+    B,
+    down_scale,
+    gate_up,
+    code,
+    H,
+    x,
+    xq,
+    xd,
+    idx,
+    n,
+    use_idx,
+    skip_zeros,
+    act,
+    shift,
+    n_threads,
+    y,
+    rows_read,
+    prefetch_bytes,
 ):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
     ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
@@ -224,7 +245,8 @@ def ffn_into(
 
     ``skip_zeros`` without ``use_idx`` is gate-first, the exact mask computed in line: each thread first reads the
     gate rows of its neurons (``fired_gates``), then the up and down rows of those whose gate fired, the next one's
-    prefetched, in the same order as the other paths, so the result is theirs bit for bit."""
+    prefetched, in the same order as the other paths, so the result is theirs bit for bit. Its gate rows come from
+    ``gate_up`` (the dense layout's, contiguous) where it is not empty, else from the bundles."""
     seg = B.shape[1] // 3
     width = quant.n_blocks(H) * BLOCK
     partial = np.zeros((n_threads, width), dtype=np.float32)
@@ -238,7 +260,9 @@ def ffn_into(
         p = partial[t]
         n_gate, n_up, n_down = 0, 0, 0
         if gate_first:
-            m = fired_gates(B, code, H, x, xq, xd, lo, hi, act, shift, fired[t], gates[t])
+            bundled = gate_up.shape[0] == 0
+            G = B if bundled else gate_up
+            m = fired_gates(G, bundled, code, H, x, xq, xd, lo, hi, act, shift, fired[t], gates[t])
             n_gate = hi - lo
             for j in range(m):
                 if j + 1 < m:
@@ -285,24 +309,24 @@ def ffn_into(
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def dense_rows_into(GU, down_rows, code, H, x, xq, xd, act, shift, n_threads, y, rows_read):
-    """y = FFN(x) over every neuron in llama.cpp's dense layout: ``GU`` (N, 2 * row_bytes(H)) holds each neuron's
-    gate and up rows side by side, ``down_rows`` (H, row_bytes(N)) the down projection's rows. Adds N rows of each
-    kind to ``rows_read`` (the H down rows hold the bytes of the N down columns).
+    """y = FFN(x) over every neuron in llama.cpp's dense layout: ``GU`` (2N, row_bytes(H)) holds the gate rows then
+    the up rows, ``down_rows`` (H, row_bytes(N)) the down projection's rows. Adds N rows of each kind to
+    ``rows_read`` (the H down rows hold the bytes of the N down columns).
 
-    Two contiguous streams instead of the bundles' one: the combined values of every neuron first, then, quantised
-    to Q8_0 blocks (f32: as they are), one integer row dot per output, as llama.cpp computes a dense FFN. The
+    Contiguous streams instead of the bundles' one: each thread's gate rows, then its up rows, give the combined
+    values of its neurons; these, quantised to Q8_0 blocks (f32: as they are), then meet the down projection in one
+    integer row dot per output, as llama.cpp computes a dense FFN. The
     bundles' down columns are summed as axpys instead, a dequantise-multiply-add per weight, which left the dense
     quantised FFN compute-bound. The result is not the sparse paths' bit for bit: they never quantise the combined
     values, and the down rows' blocks run along the neurons, not along the hidden size."""
-    N = GU.shape[0]
-    seg = GU.shape[1] // 2
+    N = GU.shape[0] // 2
     c = np.empty(N, dtype=np.float32)
     for t in prange(n_threads):
         lo, hi = quant.thread_range(t, n_threads, N)
+        for k in range(lo, hi):  # one stream at a time: two rows read side by side stream at half the rate
+            c[k] = gate_act(quant.row_dot(GU[k], 0, code, H, x, xq, xd), act, shift)
         for k in range(lo, hi):
-            row = GU[k]
-            a = gate_act(quant.row_dot(row, 0, code, H, x, xq, xd), act, shift)
-            c[k] = a * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
+            c[k] *= up_act(quant.row_dot(GU[N + k], 0, code, H, x, xq, xd), act)
     nb = quant.n_blocks(N) if code != quant.F32 else 0
     cq, cd = np.zeros(nb * BLOCK, dtype=np.int8), np.empty(nb, dtype=np.float32)
     if code != quant.F32:
@@ -375,6 +399,7 @@ def ffn(
     ffn_into(
         bundles.data,
         bundles.down_scale,
+        bundles.gate_up,
         bundles.code,
         bundles.hidden,
         *x,
@@ -436,6 +461,7 @@ def ffn_layers_into(
     ``idx[offsets[l]:offsets[l + 1]]`` (``use_idx``) or all: one token's FFNs in one call."""
     nb = quant.n_blocks(H)
     xq, xd = np.empty(nb * BLOCK, np.int8), np.empty(nb, np.float32)
+    no_gate_rows = np.empty((0, 0), np.uint8)  # gate-first reads the bundles' gate rows
     for li in range(B.shape[0]):
         if code != quant.F32:
             quant.quantize_activation_into(x_LH[li], xq, xd)
@@ -443,6 +469,7 @@ def ffn_layers_into(
         ffn_into(
             B[li],
             down_scale[li],
+            no_gate_rows,
             code,
             H,
             x_LH[li],

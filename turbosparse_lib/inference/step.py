@@ -225,7 +225,7 @@ def ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_po
              use_idx, skip_zeros, act, shift, n_threads, rows_read):
     """Layer ``li``'s FFN on ``h`` (dense, over ``idx[:n]``, or the exact-zero oracle), added to ``x`` (Gemma 2/3:
     normalised first by ``post_ffn_norm``). Dense reads the dense layout (``gate_up``, ``down_rows``) where the
-    weights hold one, else the bundles."""
+    weights hold one, else the bundles; gate-first reads its gate rows there too."""
     H = x.shape[0]
     xq, xd = activation_buffers(code, H)
     if code != quant.F32:
@@ -234,8 +234,8 @@ def ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_po
     if not use_idx and not skip_zeros and gate_up.shape[1] > 0:
         dense_rows_into(gate_up[li], down_rows[li], code, H, h, xq, xd, act, shift, n_threads, y, rows_read)
     else:
-        ffn_into(ffn[li], ffn_scale[li], code, H, h, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
-                 rows_read, prefetch_bytes_for(ffn.shape[2]))
+        ffn_into(ffn[li], ffn_scale[li], gate_up[li], code, H, h, xq, xd, idx, n, use_idx, skip_zeros, act, shift,
+                 n_threads, y, rows_read, prefetch_bytes_for(ffn.shape[2]))
     if has_post_ffn_norm:
         rms_norm_into(y, post_ffn_norm[li], eps, y)
     x += y
