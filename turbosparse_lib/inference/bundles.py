@@ -218,6 +218,26 @@ def fired_gates(G, bundled, code, H, x, xq, xd, lo, hi, act, shift, fired, gates
     return m
 
 
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def fired_up_down(B, code, H, x, xq, xd, fired, gates, m, act, ahead, p):
+    """Gate-first's second pass: the up rows of the ``m`` neurons in ``fired`` (their gate values in ``gates``), and
+    the down rows of those whose combined value is not zero, summed into ``p``; the next neuron's up and down rows
+    prefetched (up to ``ahead`` bytes). Returns the up and down rows read."""
+    seg = B.shape[1] // 3
+    n_down = 0
+    for j in range(m):
+        if j + 1 < m:
+            nxt = B[fired[j + 1]]
+            for off in range(seg, min(3 * seg, seg + ahead), 64):
+                simd.prefetch(nxt, off)
+        row = B[fired[j]]
+        c = gates[j] * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
+        if c != 0:
+            quant.row_axpy(row, 2 * seg, code, H, c, p)
+            n_down += 1
+    return m, n_down
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def ffn_into(
     B,
@@ -264,17 +284,7 @@ def ffn_into(
             G = B if bundled else gate_up
             m = fired_gates(G, bundled, code, H, x, xq, xd, lo, hi, act, shift, fired[t], gates[t])
             n_gate = hi - lo
-            for j in range(m):
-                if j + 1 < m:
-                    nxt = B[fired[t, j + 1]]
-                    for off in range(seg, min(3 * seg, seg + ahead), 64):
-                        simd.prefetch(nxt, off)
-                row = B[fired[t, j]]
-                c = gates[t, j] * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
-                n_up += 1
-                if c != 0:
-                    quant.row_axpy(row, 2 * seg, code, H, c, p)
-                    n_down += 1
+            n_up, n_down = fired_up_down(B, code, H, x, xq, xd, fired[t], gates[t], m, act, ahead, p)
         else:
             for k in range(lo, hi):
                 r = idx[k] if use_idx else k
