@@ -325,10 +325,10 @@ def dense_rows_into(GU, down_rows, code, H, x, xq, xd, act, shift, n_threads, y,
 
     Contiguous streams instead of the bundles' one: each thread's gate rows, then its up rows, give the combined
     values of its neurons; these, quantised to Q8_0 blocks (f32: as they are), then meet the down projection in one
-    integer row dot per output, as llama.cpp computes a dense FFN. The
-    bundles' down columns are summed as axpys instead, a dequantise-multiply-add per weight, which left the dense
-    quantised FFN compute-bound. The result is not the sparse paths' bit for bit: they never quantise the combined
-    values, and the down rows' blocks run along the neurons, not along the hidden size."""
+    integer row dot per output, as llama.cpp computes a dense FFN. The bundles' down columns are summed as axpys
+    instead, a dequantise-multiply-add per weight, which left the dense quantised FFN compute-bound. The result is
+    not the sparse paths' bit for bit: they never quantise the combined values, and the down rows' blocks run along
+    the neurons, not along the hidden size."""
     N = GU.shape[0] // 2
     c = np.empty(N, dtype=np.float32)
     for t in prange(n_threads):
