@@ -125,9 +125,8 @@ def model_in_format(model, fmt: str, engine: Engine | None = None, dense_layout:
         return model
     w = (engine if engine is not None else Engine.from_transformers(model)).quantized(fmt, dense_layout).weights
     qkv, o, lm_head = quant.dequantize(w.qkv), quant.dequantize(w.o), quant.dequantize(w.lm_head)
-    gate, up, down_NH = (w.ffn.dequantized(k) for k in range(3))
-    if dense_layout:
-        down_NH = np.swapaxes(w.ffn.dense_down(), -1, -2)
+    gate, up = w.ffn.dequantized(0), w.ffn.dequantized(1)
+    down_NH = np.swapaxes(w.ffn.dense_down(), -1, -2) if dense_layout else w.ffn.dequantized(2)
     copy_ = copy.deepcopy(model)
 
     def put(param, array):

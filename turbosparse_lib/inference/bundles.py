@@ -350,6 +350,39 @@ def dense_rows_into(GU, down_rows, code, H, x, xq, xd, act, shift, n_threads, y,
     rows_read[2] += N
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def layer_ffn_into(
+    B,
+    down_scale,
+    gate_up,
+    down_rows,
+    code,
+    H,
+    x,
+    xq,
+    xd,
+    idx,
+    n,
+    use_idx,
+    skip_zeros,
+    act,
+    shift,
+    n_threads,
+    y,
+    rows_read,
+):
+    """One layer's FFN by the path that serves it: dense from the dense layout where ``gate_up`` is not empty
+    (``dense_rows_into``), every other path (and dense without the layout) from the bundles (``ffn_into``, whose
+    gate-first reads ``gate_up``'s gate rows when given). Arguments as theirs; the fused step and ``ffn`` call this."""
+    if not use_idx and not skip_zeros and gate_up.shape[0] > 0:
+        dense_rows_into(gate_up, down_rows, code, H, x, xq, xd, act, shift, n_threads, y, rows_read)
+    else:
+        ffn_into(
+            B, down_scale, gate_up, code, H, x, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
+            rows_read, prefetch_bytes_for(B.shape[1]),
+        )  # fmt: skip
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def combined_into(B, code, H, x, xq, xd, idx, n, use_idx, act, shift, c):
     """Combined values of neurons ``idx[:n]`` (or ``0..n-1``); the up row is read only where the gate fired."""
@@ -401,27 +434,22 @@ def ffn(
     skip = use_idx if skip_zeros is None else bool(skip_zeros)
     y = np.empty(bundles.hidden, np.float32)
     counts = np.zeros(3, np.int64) if rows_read is None else rows_read
-    x = quant.activation_for(bundles.code, x_H)
-    act, threads = variant_code(variant), numba.get_num_threads()
-    if not use_idx and not skip and bundles.dense_layout:
-        dense_rows_into(bundles.gate_up, bundles.down_rows, bundles.code, bundles.hidden, *x, *act, threads, y, counts)
-        return y
-    ffn_into(
+    layer_ffn_into(
         bundles.data,
         bundles.down_scale,
         bundles.gate_up,
+        bundles.down_rows,
         bundles.code,
         bundles.hidden,
-        *x,
+        *quant.activation_for(bundles.code, x_H),
         idx,
         n,
         use_idx,
         skip,
-        *act,
-        threads,
+        *variant_code(variant),
+        numba.get_num_threads(),
         y,
         counts,
-        prefetch_bytes_for(bundles.data.shape[-1]),
     )
     return y
 

@@ -11,7 +11,8 @@ Design:
   makes a quantised engine from a float one. Norms and biases stay float32, as in llama.cpp.
 - q, k and v are one fused ``(q+k+v, hidden)`` matrix; the FFN is stored in the bundled neuron layout
   (``bundles``), which the sparse paths read, and the dense path too unless ``quantized(fmt, dense_layout=True)``
-  also holds llama.cpp's dense layout for it (Q formats: 5-13% faster per token on SmolLM2 in interleaved A/B runs).
+  also holds llama.cpp's dense layout for it (Q formats: 5-8% faster per token on SmolLM2 at Q8_0, 9-11% at
+  Q4_0, in interleaved A/B runs).
 - ``step`` is one compiled call per token (``step.decode_token``) when the FFN masks are known up
   front or computed in line: dense decoding, masks recorded and replayed (``RecordedMasks``), the
   exact-zero oracle (``ExactZeroOracle``). Any other mask provider, e.g. a trained predictor,
@@ -196,7 +197,7 @@ class Engine:
         and kept (an engine of its own: its own KV cache); ``self`` for this engine's own format.
 
         ``dense_layout`` (Q formats): the FFN is also held in llama.cpp's dense layout, which the dense path then
-        reads (``bundles.dense_rows_into``: 5-13% faster per token on SmolLM2 at Q8_0 and Q4_0 in interleaved
+        reads (``bundles.dense_rows_into``: 5-8% faster per token on SmolLM2 at Q8_0, 9-11% at Q4_0, in interleaved
         A/B runs, for a second copy of the FFN), and gate-first for its gate rows; the sparse paths read the bundles
         either way. At f32 the bundles' dense path is kept: its down projection is one multiply-add per weight, no
         dequantisation, and measured faster than row dots there."""

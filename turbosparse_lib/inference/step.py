@@ -30,7 +30,7 @@ from numba import njit
 
 from . import quant, simd
 from .attention import decode_attention
-from .bundles import FFNBundles, dense_rows_into, ffn_into, prefetch_bytes_for
+from .bundles import FFNBundles, layer_ffn_into
 from .kernels import FASTMATH
 from .simd import BLOCK
 
@@ -231,11 +231,8 @@ def ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_po
     if code != quant.F32:
         quant.quantize_activation_into(h, xq, xd)
     y = np.empty(H, np.float32)
-    if not use_idx and not skip_zeros and gate_up.shape[1] > 0:
-        dense_rows_into(gate_up[li], down_rows[li], code, H, h, xq, xd, act, shift, n_threads, y, rows_read)
-    else:
-        ffn_into(ffn[li], ffn_scale[li], gate_up[li], code, H, h, xq, xd, idx, n, use_idx, skip_zeros, act, shift,
-                 n_threads, y, rows_read, prefetch_bytes_for(ffn.shape[2]))
+    layer_ffn_into(ffn[li], ffn_scale[li], gate_up[li], down_rows[li], code, H, h, xq, xd, idx, n, use_idx, skip_zeros,
+                   act, shift, n_threads, y, rows_read)
     if has_post_ffn_norm:
         rms_norm_into(y, post_ffn_norm[li], eps, y)
     x += y
