@@ -238,26 +238,12 @@ def fired_up_down(B, code, H, x, xq, xd, fired, gates, m, act, ahead, p):
     return m, n_down
 
 
+# fmt: off
+# not formatted: one argument a line would stretch the two FFN kernels' signatures over 40 lines (as in step)
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def ffn_into(
-    B,
-    down_scale,
-    gate_up,
-    code,
-    H,
-    x,
-    xq,
-    xd,
-    idx,
-    n,
-    use_idx,
-    skip_zeros,
-    act,
-    shift,
-    n_threads,
-    y,
-    rows_read,
-    prefetch_bytes,
+    B, down_scale, gate_up, code, H, x, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y, rows_read,
+    prefetch_bytes
 ):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
     ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
@@ -315,6 +301,7 @@ def ffn_into(
     for t in range(n_threads):
         for s in range(3):
             rows_read[s] += counts[t, s]
+# fmt: on
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -350,26 +337,11 @@ def dense_rows_into(GU, down_rows, code, H, x, xq, xd, act, shift, n_threads, y,
     rows_read[2] += N
 
 
+# fmt: off
 @njit(fastmath=FASTMATH, cache=True)
 def layer_ffn_into(
-    B,
-    down_scale,
-    gate_up,
-    down_rows,
-    code,
-    H,
-    x,
-    xq,
-    xd,
-    idx,
-    n,
-    use_idx,
-    skip_zeros,
-    act,
-    shift,
-    n_threads,
-    y,
-    rows_read,
+    B, down_scale, gate_up, down_rows, code, H, x, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
+    rows_read
 ):
     """One layer's FFN by the path that serves it: dense from the dense layout where ``gate_up`` is not empty
     (``dense_rows_into``), every other path (and dense without the layout) from the bundles (``ffn_into``, whose
@@ -380,7 +352,8 @@ def layer_ffn_into(
         ffn_into(
             B, down_scale, gate_up, code, H, x, xq, xd, idx, n, use_idx, skip_zeros, act, shift, n_threads, y,
             rows_read, prefetch_bytes_for(B.shape[1]),
-        )  # fmt: skip
+        )
+# fmt: on
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
