@@ -60,6 +60,36 @@ def test_gemv_gather_and_axpy_match_reference(fmt, N, H):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows,cols", [(4, 1), (8, 33), (12, 257), (64, 96), (7, 40)])
+def test_interleaved_matrix_gives_the_plain_layouts_gemv_bit_for_bit(fmt, rows, cols):
+    """Four rows a stored row, block by block (llama.cpp's repacking): the same weights, the same GEMV bits; rows
+    that do not divide by four and f32 stay plain; the row-indexed kernels refuse the interleaved layout."""
+    rng = np.random.default_rng(rows * 100 + cols)
+    W, x = rng.standard_normal((rows, cols), dtype=np.float32), rng.standard_normal(cols, dtype=np.float32)
+    Wq = Q.quantize(W, fmt)
+    Wi = Wq.interleaved()
+    if fmt == "f32" or rows % Q.INTERLEAVE:
+        assert Wi is Wq and Wi.interleave == 1
+        return
+    R, nb, bb = Q.INTERLEAVE, Q.n_blocks(cols), Q.row_bytes(32, fmt)
+    assert Wi.data.shape == (rows // R, R * Q.row_bytes(cols, fmt)) and (Wi.rows, Wi.interleave) == (rows, R)
+    # stored row g holds block b of row g R + i at block position b R + i
+    g, i, b = rows // R - 1, R - 1, nb - 1
+    np.testing.assert_array_equal(
+        Wi.data[g, (b * R + i) * bb : (b * R + i + 1) * bb], Wq.data[g * R + i, b * bb : (b + 1) * bb]
+    )
+    np.testing.assert_array_equal(Wi.plain().data, Wq.data)
+    np.testing.assert_array_equal(Q.dequantize(Wi), Q.dequantize(Wq))
+    np.testing.assert_array_equal(Q.gemv(Wi, x).view(np.uint32), Q.gemv(Wq, x).view(np.uint32))
+    stack = Q.quantize(np.stack([W, 2 * W]), fmt).interleaved()
+    np.testing.assert_array_equal(Q.gemv(stack[1], x), Q.gemv(Q.quantize(2 * W, fmt), x))
+    with pytest.raises(ValueError, match="plain layout"):
+        Q.gather_gemv(Wi, x, np.arange(2))
+    with pytest.raises(ValueError, match="interleaved"):
+        Q.QMatrix(Wi.data[:, :-1].copy(), fmt, cols)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,H", SHAPES)
 def test_bundled_ffn_matches_reference_for_every_variant(fmt, N, H):
     rng = np.random.default_rng(7 + N + H)
@@ -85,8 +115,14 @@ def test_dense_layout_ffn_matches_reference(fmt, N, H):
     Wg, Wu, Wd, x = _weights(rng, N, H)
     ffn = B.FFNBundles.from_weights(Wg, Wu, Wd, fmt, dense_layout=True)
     assert ffn.dense_layout and not B.FFNBundles.from_weights(Wg, Wu, Wd, fmt).dense_layout
-    assert ffn.gate_up.shape == (2 * N, Q.row_bytes(H, fmt)) and ffn.down_rows.shape == (H, Q.row_bytes(N, fmt))
-    np.testing.assert_array_equal(ffn.gate_up, np.concatenate([ffn.part(0).data, ffn.part(1).data]))  # gate, then up
+    gate_up, down_rows = Q.QMatrix(ffn.gate_up, fmt, H), Q.QMatrix(ffn.down_rows, fmt, N)
+    assert (gate_up.rows, down_rows.rows) == (2 * N, H)
+    # the Q formats interleave four rows a stored row where the rows divide by four (gate and up each on its own)
+    assert (gate_up.interleave, down_rows.interleave) == tuple(
+        Q.INTERLEAVE if fmt != "f32" and rows % Q.INTERLEAVE == 0 else 1 for rows in (N, H)
+    )
+    plain = gate_up.plain().data
+    np.testing.assert_array_equal(plain, np.concatenate([ffn.part(0).data, ffn.part(1).data]))  # gate, then up
     np.testing.assert_array_equal(ffn.dense_down(), Q.dequantize(Q.quantize(Wd, fmt)))
     for variant in VARIANTS:
         c = Q.activation_ref(B.combined_ref(ffn, x, variant), ffn.code)
@@ -363,7 +399,7 @@ def test_every_integer_dot_instruction_set_gives_the_same_bits(fmt):
     ``simd.INT8_DOT``; the sets it lacks are skipped, so a machine without VNNI still checks its own fallback."""
     rng = np.random.default_rng(3)
     H = 32 * 37 + 5
-    W = rng.standard_normal((6, H), dtype=np.float32)
+    W = rng.standard_normal((8, H), dtype=np.float32)  # two groups of four interleaved rows
     W[0, :32] = 0  # a zero block
     x = rng.standard_normal(H, dtype=np.float32) * 4
     x[40:72] = -np.abs(x[40:72])  # a block of negative activations: the sign trick's case
@@ -386,6 +422,21 @@ def test_every_integer_dot_instruction_set_gives_the_same_bits(fmt):
     _close(results["portable"], Q.gemv_ref(Wq, x), rtol=1e-5)
     with pytest.raises(ValueError, match="instruction set"):
         simd.block_dot_for(block_bytes, "sse9")
+    # the interleaved kernel (four rows in one stream) gives the same bits on every set
+    data = Wq.interleaved().data
+    assert data.shape[0] == 2
+    for isa in results:
+        dot_rows = simd.interleaved_dot_for(block_bytes, isa, simd.INTERLEAVE)
+
+        @njit
+        def groups(data, xq, xd, dot_rows=dot_rows):
+            y = np.empty(data.shape[0] * simd.INTERLEAVE, np.float32)
+            for g in range(data.shape[0]):
+                dot_rows(data[g], 0, xq, xd, xd.shape[0], y, g * simd.INTERLEAVE)
+            return y
+
+        got = groups(data, xq, xd)
+        np.testing.assert_array_equal(got.view(np.uint32), results["portable"].view(np.uint32), err_msg=isa)
 
 
 _KERNEL_BITS = """

@@ -71,7 +71,9 @@ class FFNBundles:
     Optionally also the dense layout (``dense_rows_into``), a second copy of the weights the dense path reads
     instead: ``gate_up`` uint8 (..., 2N, row_bytes(H)), the N gate rows then the N up rows (as transformers'
     ``gate_up_proj``), and ``down_rows`` uint8 (..., H, row_bytes(N)), the down projection quantised along the
-    neurons as llama.cpp stores it (empty arrays (..., 0, 0): none held)."""
+    neurons as llama.cpp stores it (empty arrays (..., 0, 0): none held). In the Q formats both are interleaved
+    (``quant.QMatrix.interleaved``: four rows a stored row, (..., 2N / 4, 4 row_bytes(H)) and so on) where N and H
+    divide by four, as llama.cpp repacks its weights."""
 
     data: np.ndarray
     fmt: str
@@ -97,11 +99,13 @@ class FFNBundles:
             raise ValueError("the dense layout needs both gate_up and down_rows, or neither")
         if self.gate_up is None:
             self.gate_up = self.down_rows = np.empty((*lead, 0, 0), np.uint8)
-        elif self.gate_up.shape != (*lead, 2 * N, self.seg_bytes) or self.down_rows.shape != (
-            *lead,
-            self.hidden,
-            quant.row_bytes(N, self.fmt),
-        ):
+            return
+        try:
+            fits = quant.QMatrix(self.gate_up, self.fmt, self.hidden).rows == 2 * N
+            fits = fits and quant.QMatrix(self.down_rows, self.fmt, N).rows == self.hidden
+        except ValueError:
+            fits = False
+        if not fits or self.gate_up.shape[:-2] != lead or self.down_rows.shape[:-2] != lead:
             raise ValueError(
                 f"dense layout: gate_up {self.gate_up.shape} and down_rows {self.down_rows.shape} do not fit "
                 f"{N} neurons of hidden size {self.hidden} in {self.fmt}"
@@ -114,7 +118,7 @@ class FFNBundles:
         ``dense_layout``, also the dense path's copy (the class docstring)."""
         gate, up = np.asarray(w_gate_NH, np.float32), np.asarray(w_up_NH, np.float32)
         down_HN = np.asarray(w_down_HN, np.float32)
-        rows = quant.quantize(down_HN, fmt).data if dense_layout else None
+        rows = quant.quantize(down_HN, fmt).interleaved().data if dense_layout else None
         if not gate.shape == up.shape == np.swapaxes(down_HN, -1, -2).shape:
             raise ValueError(
                 f"gate {gate.shape}, up {up.shape} and down transposed {np.swapaxes(down_HN, -1, -2).shape} must match"
@@ -126,7 +130,9 @@ class FFNBundles:
             down_HN = down_HN / scale[..., None]
         parts = [quant.quantize(W, fmt) for W in (gate, up, np.swapaxes(down_HN, -1, -2))]
         data = np.ascontiguousarray(np.concatenate([p.data for p in parts], axis=-1))
-        gate_up = np.concatenate([parts[0].data, parts[1].data], axis=-2) if dense_layout else None
+        gate_up = None
+        if dense_layout:  # gate and up interleaved each on its own, so that no stored row mixes them
+            gate_up = np.concatenate([parts[0].interleaved().data, parts[1].interleaved().data], axis=-2)
         return cls(data, fmt, gate.shape[-1], scale, gate_up, rows)
 
     @property
@@ -152,7 +158,7 @@ class FFNBundles:
         """The dense layout's down projection as float32 (..., H, N) (what ``dense_rows_into`` multiplies with)."""
         if not self.dense_layout:
             raise ValueError("these bundles hold no dense layout (build them with dense_layout=True)")
-        return quant.dequantize(quant.QMatrix(self.down_rows, self.fmt, self.neurons))
+        return quant.dequantize(quant.QMatrix(self.down_rows, self.fmt, self.neurons))  # interleaved or not
 
     def dequantized(self, k: int) -> np.ndarray:
         """The gate (0), up (1) or down-transposed (2) weights as float32 (..., N, H): a view for f32, else a copy."""
@@ -204,7 +210,20 @@ def fired_gates(G, bundled, code, H, x, xq, xd, lo, hi, act, shift, fired, gates
     neurons whose gate fired go to ``fired``, their gate values to ``gates``, in ascending order; returns their
     count. Both sources hold the same bytes, so the result is the same."""
     seg = G.shape[1] // 3  # the gate row of a bundle (only prefetched there)
+    R = 1 if bundled else quant.rows_per_line(G, code, H)
     m = 0
+    if R > 1:  # the dense layout's interleaved gate rows: a group at a time (at most R - 1 extra rows at each end)
+        vals = np.empty(R, np.float32)
+        for g in range(lo // R, (hi + R - 1) // R):
+            quant.group_dot_into(G[g], code, xq, xd, vals, 0)
+            for s in range(R):
+                k = g * R + s
+                a = gate_act(vals[s], act, shift) if lo <= k < hi else np.float32(0.0)
+                if a != 0:
+                    fired[m] = k
+                    gates[m] = a
+                    m += 1
+        return m
     for k in range(lo, hi):
         if bundled and k + GATE_AHEAD < hi:
             nxt = G[k + GATE_AHEAD]
@@ -316,22 +335,23 @@ def dense_rows_into(GU, down_rows, code, H, x, xq, xd, act, shift, n_threads, y,
     instead, a dequantise-multiply-add per weight, which left the dense quantised FFN compute-bound. The result is
     not the sparse paths' bit for bit: they never quantise the combined values, and the down rows' blocks run along
     the neurons, not along the hidden size."""
-    N = GU.shape[0] // 2
+    N = quant.matrix_rows(GU, code, H) // 2
+    R, R_down = quant.rows_per_line(GU, code, H), quant.rows_per_line(down_rows, code, N)
+    gu = np.empty(2 * N, dtype=np.float32)
     c = np.empty(N, dtype=np.float32)
     for t in prange(n_threads):
-        lo, hi = quant.thread_range(t, n_threads, N)
-        for k in range(lo, hi):  # one stream at a time: two rows read side by side stream at half the rate
-            c[k] = gate_act(quant.row_dot(GU[k], 0, code, H, x, xq, xd), act, shift)
-        for k in range(lo, hi):
-            c[k] *= up_act(quant.row_dot(GU[N + k], 0, code, H, x, xq, xd), act)
+        lo, hi = quant.thread_range(t, n_threads, N // R)
+        quant.rows_dot_into(GU, code, H, x, xq, xd, R * lo, R * hi, gu)  # one stream at a time: its gate rows,
+        quant.rows_dot_into(GU, code, H, x, xq, xd, N + R * lo, N + R * hi, gu)  # then its up rows
+        for k in range(R * lo, R * hi):
+            c[k] = gate_act(gu[k], act, shift) * up_act(gu[N + k], act)
     nb = quant.n_blocks(N) if code != quant.F32 else 0
     cq, cd = np.zeros(nb * BLOCK, dtype=np.int8), np.empty(nb, dtype=np.float32)
     if code != quant.F32:
         quant.quantize_activation_into(c, cq, cd)
     for t in prange(n_threads):
-        lo, hi = quant.thread_range(t, n_threads, H)
-        for j in range(lo, hi):
-            y[j] = quant.row_dot(down_rows[j], 0, code, N, c, cq, cd)
+        lo, hi = quant.thread_range(t, n_threads, H // R_down)
+        quant.rows_dot_into(down_rows, code, N, c, cq, cd, R_down * lo, R_down * hi, y)
     rows_read[0] += N
     rows_read[1] += N
     rows_read[2] += N

@@ -158,8 +158,8 @@ class Engine:
             "lm_head": (c.vocab_size, c.hidden_size),
         }
         got = {
-            "qkv": (*w.qkv.data.shape[:2], w.qkv.cols),
-            "o": (*w.o.data.shape[:2], w.o.cols),
+            "qkv": (w.qkv.data.shape[0], w.qkv.rows, w.qkv.cols),
+            "o": (w.o.data.shape[0], w.o.rows, w.o.cols),
             "ffn": (*w.ffn.data.shape[:2], w.ffn.hidden),
             "lm_head": (w.lm_head.rows, w.lm_head.cols),
         }

@@ -14,6 +14,12 @@ in every format, and stacked layers are one more leading axis.
   the scale ``-w_max / (8 - s)`` with the least squared error: a smaller weight error, but on
   SmolLM2 a worse perplexity (it gives up the exact largest weight), so it is not the default.
 
+A Q matrix may also be held *interleaved* (``QMatrix.interleaved``, for the dense GEMVs): each stored row then
+holds ``INTERLEAVE`` = 4 consecutive rows block by block (block 0 of rows 0-3, block 1 of rows 0-3, ...), shape
+``(..., rows / 4, 4 * row_bytes)``, llama.cpp's repacking (``q4_0_4x8``). ``gemv`` reads four rows in one stream,
+each activation block loaded once for the four, with the plain layout's results bit for bit; the row-indexed
+kernels (``gather_gemv``, ``axpy_rows``, the bundles) need the plain layout.
+
 A row whose length is not a multiple of 32 is padded with zero weights to whole blocks; the
 activations are padded with zeros to match, so padding never changes a result.
 
@@ -39,6 +45,7 @@ F32, Q8_0, Q4_0 = 0, 1, 2
 FORMATS = {"f32": F32, "q8_0": Q8_0, "q4_0": Q4_0}
 BLOCK = simd.BLOCK
 _BLOCK_BYTES = {Q8_0: simd.Q8_BLOCK_BYTES, Q4_0: simd.Q4_BLOCK_BYTES}
+INTERLEAVE = simd.INTERLEAVE
 
 
 def format_code(fmt: str) -> int:
@@ -55,6 +62,26 @@ def n_blocks(cols):
     return (cols + BLOCK - 1) // BLOCK
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def row_bytes_of(code, cols):
+    """``row_bytes`` by format code, for compiled kernels."""
+    if code == F32:
+        return 4 * cols
+    return n_blocks(cols) * (simd.Q8_BLOCK_BYTES if code == Q8_0 else simd.Q4_BLOCK_BYTES)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def rows_per_line(data, code, cols):
+    """Rows of ``cols`` weights each stored row of ``data`` holds: 1, or ``INTERLEAVE`` for an interleaved matrix."""
+    return data.shape[-1] // row_bytes_of(code, cols)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def matrix_rows(data, code, cols):
+    """The rows of the matrix ``data`` (rows, row_bytes) or (rows / INTERLEAVE, INTERLEAVE * row_bytes) stands for."""
+    return data.shape[-2] * rows_per_line(data, code, cols)
+
+
 def row_bytes(cols: int, fmt: str) -> int:
     """Bytes of one row of ``cols`` weights in ``fmt`` (Q formats: whole blocks)."""
     code = format_code(fmt)
@@ -69,7 +96,8 @@ def bytes_per_weight(fmt: str) -> float:
 
 @dataclass
 class QMatrix:
-    """Rows of ``cols`` weights in format ``fmt``, ``data`` uint8 ``(..., rows, row_bytes)``, C-contiguous."""
+    """Rows of ``cols`` weights in format ``fmt``, ``data`` uint8 ``(..., rows, row_bytes)``, C-contiguous, or
+    interleaved (Q formats): ``(..., rows / INTERLEAVE, INTERLEAVE * row_bytes)``."""
 
     data: np.ndarray
     fmt: str
@@ -82,15 +110,40 @@ class QMatrix:
                 f"QMatrix data must be C-contiguous uint8 (..., rows, row_bytes); got "
                 f"{self.data.dtype}{self.data.shape}"
             )
-        if self.data.shape[-1] != row_bytes(self.cols, self.fmt):
+        rb = row_bytes(self.cols, self.fmt)
+        if self.data.shape[-1] != rb and (self.code == F32 or self.data.shape[-1] != INTERLEAVE * rb):
+            widths = f"{rb}" + ("" if self.code == F32 else f" (or {INTERLEAVE * rb} interleaved)")
             raise ValueError(
-                f"{self.fmt} rows of {self.cols} weights take {row_bytes(self.cols, self.fmt)} bytes; "
-                f"data has {self.data.shape[-1]}"
+                f"{self.fmt} rows of {self.cols} weights take {widths} bytes; data has {self.data.shape[-1]}"
             )
 
     @property
+    def interleave(self) -> int:
+        """Rows per stored row: 1, or ``INTERLEAVE`` for an interleaved matrix."""
+        return self.data.shape[-1] // row_bytes(self.cols, self.fmt)
+
+    @property
     def rows(self) -> int:
-        return self.data.shape[-2]
+        return self.data.shape[-2] * self.interleave
+
+    def interleaved(self) -> QMatrix:
+        """This matrix with ``INTERLEAVE`` rows per stored row, block by block (a copy), where it is in a Q format
+        and its rows divide by ``INTERLEAVE``; else itself."""
+        if self.code == F32 or self.interleave > 1 or self.rows % INTERLEAVE:
+            return self
+        lead, nb, bb = self.data.shape[:-2], n_blocks(self.cols), _BLOCK_BYTES[self.code]
+        grouped = self.data.reshape(*lead, self.rows // INTERLEAVE, INTERLEAVE, nb, bb)
+        data = np.ascontiguousarray(np.swapaxes(grouped, -3, -2)).reshape(*lead, self.rows // INTERLEAVE, -1)
+        return QMatrix(data, self.fmt, self.cols)
+
+    def plain(self) -> QMatrix:
+        """This matrix one row per stored row (a copy where it is interleaved, else itself)."""
+        if self.interleave == 1:
+            return self
+        lead, nb, bb, R = self.data.shape[:-2], n_blocks(self.cols), _BLOCK_BYTES[self.code], self.interleave
+        grouped = self.data.reshape(*lead, self.data.shape[-2], nb, R, bb)
+        data = np.ascontiguousarray(np.swapaxes(grouped, -3, -2)).reshape(*lead, self.rows, nb * bb)
+        return QMatrix(data, self.fmt, self.cols)
 
     @property
     def nbytes(self) -> int:
@@ -165,6 +218,7 @@ def _round_half_away(v: np.ndarray) -> np.ndarray:
 
 def dequantize(Wq: QMatrix) -> np.ndarray:
     """The float32 weights a ``QMatrix`` stands for, (..., rows, cols): every kernel's reference."""
+    Wq = Wq.plain()
     lead, cols = Wq.data.shape[:-1], Wq.cols
     if Wq.code == F32:
         return Wq.data.view(np.float32).reshape(*lead, cols)
@@ -274,14 +328,35 @@ def thread_range(t, n_threads, n):
 # Kernels on whole matrices
 
 
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def group_dot_into(line, code, xq, xd, y, y_offset):
+    """y[y_offset + i] = row i . x for the ``INTERLEAVE`` rows of one stored row ``line`` of an interleaved matrix."""
+    if code == Q8_0:
+        simd.q8_dot_rows(line, 0, xq, xd, xd.shape[0], y, y_offset)
+    else:
+        simd.q4_dot_rows(line, 0, xq, xd, xd.shape[0], y, y_offset)
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def rows_dot_into(data, code, cols, x, xq, xd, lo, hi, y):
+    """y[r] = row r . x for rows [lo, hi) of ``data``, plain or interleaved (then ``lo`` and ``hi`` are multiples of
+    ``INTERLEAVE``): one row at a time, or one interleaved group of rows at a time, in one stream."""
+    R = rows_per_line(data, code, cols)
+    if R == 1:
+        for r in range(lo, hi):
+            y[r] = row_dot(data[r], 0, code, cols, x, xq, xd)
+    else:
+        for g in range(lo // R, hi // R):
+            group_dot_into(data[g], code, xq, xd, y, g * R)
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemv_into(data, code, cols, x, xq, xd, y):
-    """y = W x for W = ``data`` (rows, row_bytes) in format ``code``; rows split evenly across threads.
-
-    One row at a time: reading two rows side by side saves activation loads but, measured on matrices
-    far larger than the cache, streamed from memory at about half the rate (two interleaved streams)."""
-    for r in prange(data.shape[0]):
-        y[r] = row_dot(data[r], 0, code, cols, x, xq, xd)
+    """y = W x for W = ``data`` (rows, row_bytes) or interleaved, in format ``code``; rows (or interleaved groups of
+    rows) split evenly across threads."""
+    R = rows_per_line(data, code, cols)
+    for g in prange(data.shape[0]):
+        rows_dot_into(data, code, cols, x, xq, xd, g * R, (g + 1) * R, y)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -319,6 +394,8 @@ def activation_for(code: int, x_H: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def _check(W: QMatrix, x_H: np.ndarray | None = None, idx: np.ndarray | None = None) -> None:
     if W.data.ndim != 2:
         raise ValueError(f"need one matrix (rows, row_bytes); got a stack {W.data.shape} (index it: W[layer])")
+    if idx is not None and W.interleave > 1:
+        raise ValueError("rows are read one by one here: pass the plain layout (W.plain()), not an interleaved one")
     if x_H is not None and np.shape(x_H) != (W.cols,):
         raise ValueError(f"input has shape {np.shape(x_H)}; the matrix has {W.cols} columns")
     if idx is not None and len(idx) and (np.min(idx) < 0 or np.max(idx) >= W.rows):

@@ -92,7 +92,7 @@ def forward_numpy(engine: Engine, ids_T: np.ndarray, all_logits: bool) -> np.nda
             else np.stack([quant.activation_ref(x_C, code) for x_C in x_TC]).astype(np.float32)
         )
 
-    x_TH = quant.dequantize(quant.QMatrix(w.embed.data[ids_T], w.embed.fmt, H)) * np.float32(cfg.embed_scale)
+    x_TH = quant.dequantize(quant.QMatrix(w.embed.plain().data[ids_T], w.embed.fmt, H)) * np.float32(cfg.embed_scale)
     for li in range(cfg.num_layers):
         h_TH = rms_norm(x_TH, w.attn_norm_LH[li], cfg.rms_norm_eps)
         x_TH = x_TH + _attention(engine, li, h_TH, quant.dequantize(w.qkv[li]), quant.dequantize(w.o[li]), act)
