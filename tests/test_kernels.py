@@ -73,11 +73,18 @@ def test_interleaved_matrix_gives_the_plain_layouts_gemv_bit_for_bit(fmt, rows, 
         return
     R, nb, bb = Q.INTERLEAVE, Q.n_blocks(cols), Q.row_bytes(32, fmt)
     assert Wi.data.shape == (rows // R, R * Q.row_bytes(cols, fmt)) and (Wi.rows, Wi.interleave) == (rows, R)
-    # stored row g holds block b of row g R + i at block position b R + i
-    g, i, b = rows // R - 1, R - 1, nb - 1
-    np.testing.assert_array_equal(
-        Wi.data[g, (b * R + i) * bb : (b * R + i + 1) * bb], Wq.data[g * R + i, b * bb : (b + 1) * bb]
-    )
+    # stored row g holds block b of row g R + i: Q8_0 at block position b R + i; Q4_0 among the group's b-th R
+    # scales and R x 16 nibble bytes
+    g, i, b, block = rows // R - 1, R - 1, nb - 1, np.empty(bb, np.uint8)
+    want = Wq.data[g * R + i, b * bb : (b + 1) * bb]
+    if fmt == "q8_0":
+        np.testing.assert_array_equal(Wi.data[g, (b * R + i) * bb : (b * R + i + 1) * bb], want)
+    else:
+        group = Wi.data[g, b * R * bb : (b + 1) * R * bb]
+        np.testing.assert_array_equal(group[2 * i : 2 * i + 2], want[:2])
+        np.testing.assert_array_equal(group[2 * R + 16 * i : 2 * R + 16 * i + 16], want[2:])
+    Q.interleaved_block_into(Wi.data[g], Wq.code, R, i, b, block)
+    np.testing.assert_array_equal(block, want)
     np.testing.assert_array_equal(Wi.plain().data, Wq.data)
     np.testing.assert_array_equal(Q.dequantize(Wi), Q.dequantize(Wq))
     np.testing.assert_array_equal(Q.gemv(Wi, x).view(np.uint32), Q.gemv(Wq, x).view(np.uint32))

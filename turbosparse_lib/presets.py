@@ -160,6 +160,7 @@ _BIG_GEMV = (
     ("SmolLM2 lm_head", 49152, 576),
     ("Mistral-7B gate/up", 14336, 4096),
     ("Mistral-7B down", 4096, 14336),
+    ("Mistral-7B gate+up", 28672, 4096),  # one matrix, as the dense layout holds it: Q4_0 larger than the cache
 )
 _BIG_FFN = (("SmolLM2-135M", 576, 1536, 30), ("TinyLlama-1.1B", 2048, 5632, 22), ("Mistral-7B", 4096, 14336, 32))
 

@@ -46,8 +46,9 @@ def blas_info() -> dict:
 
 
 def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.DataFrame:
-    """Dense GEMV, cold cache, in every format of ``sizes.ffn_dtypes``: ``quant.gemv`` (f32, Q8_0, Q4_0)
-    beside ``W @ x`` (NumPy) and ``torch.mv`` on the float32 matrix.
+    """Dense GEMV, cold cache, in every format of ``sizes.ffn_dtypes``: ``quant.gemv`` (f32, Q8_0, Q4_0; the Q
+    formats interleaved, as the engine's dense matrices are) beside ``W @ x`` (NumPy) and ``torch.mv`` on the float32
+    matrix.
 
     One row per (shape, format): median ms of a round-robin loop over our formats, GB/s of the bytes
     our kernel reads and their fraction of ``bandwidth_gbs``, ``above_cache`` (the matrix is larger
@@ -62,7 +63,7 @@ def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.D
         W = rng.standard_normal((out, inp), dtype=np.float32)
         x = rng.standard_normal(inp, dtype=np.float32)
         W_t, x_t = torch.from_numpy(W), torch.from_numpy(x)
-        mats = {fmt: quant.quantize(W, fmt) for fmt in sizes.ffn_dtypes}
+        mats = {fmt: quant.quantize(W, fmt).interleaved() for fmt in sizes.ffn_dtypes}
         for Wq in mats.values():
             want = quant.gemv_ref(Wq, x)
             np.testing.assert_allclose(quant.gemv(Wq, x), want, rtol=0, atol=1e-3 * np.abs(want).max())

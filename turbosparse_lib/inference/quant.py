@@ -15,8 +15,9 @@ in every format, and stacked layers are one more leading axis.
   SmolLM2 a worse perplexity (it gives up the exact largest weight), so it is not the default.
 
 A Q matrix may also be held *interleaved* (``QMatrix.interleaved``, for the dense GEMVs): each stored row then
-holds ``INTERLEAVE`` = 4 consecutive rows block by block (block 0 of rows 0-3, block 1 of rows 0-3, ...), shape
-``(..., rows / 4, 4 * row_bytes)``, llama.cpp's repacking (``q4_0_4x8``). ``gemv`` reads four rows in one stream,
+holds ``INTERLEAVE`` = 4 consecutive rows block by block (block 0 of rows 0-3, block 1 of rows 0-3, ...; a Q4_0
+block group as the 4 scales, then the 4 x 16 nibble bytes), shape ``(..., rows / 4, 4 * row_bytes)``, llama.cpp's
+repacking (``block_q4_0x4``). ``gemv`` reads four rows in one stream,
 each activation block loaded once for the four, with the plain layout's results bit for bit; the row-indexed
 kernels (``gather_gemv``, ``axpy_rows``, the bundles) need the plain layout.
 
@@ -131,9 +132,14 @@ class QMatrix:
         and its rows divide by ``INTERLEAVE``; else itself."""
         if self.code == F32 or self.interleave > 1 or self.rows % INTERLEAVE:
             return self
-        lead, nb, bb = self.data.shape[:-2], n_blocks(self.cols), _BLOCK_BYTES[self.code]
-        grouped = self.data.reshape(*lead, self.rows // INTERLEAVE, INTERLEAVE, nb, bb)
-        data = np.ascontiguousarray(np.swapaxes(grouped, -3, -2)).reshape(*lead, self.rows // INTERLEAVE, -1)
+        lead, nb, bb, R = self.data.shape[:-2], n_blocks(self.cols), _BLOCK_BYTES[self.code], INTERLEAVE
+        grouped = self.data.reshape(*lead, self.rows // R, R, nb, bb)
+        blocks = np.swapaxes(grouped, -3, -2)  # (..., groups, nb, R, bb): block b of every row of a group
+        if self.code == Q4_0:  # the R scales, then the R x 16 nibble bytes
+            blocks = np.concatenate(
+                [blocks[..., :2].reshape(*blocks.shape[:-2], -1), blocks[..., 2:].reshape(*blocks.shape[:-2], -1)], -1
+            )
+        data = np.ascontiguousarray(blocks).reshape(*lead, self.rows // R, -1)
         return QMatrix(data, self.fmt, self.cols)
 
     def plain(self) -> QMatrix:
@@ -141,8 +147,15 @@ class QMatrix:
         if self.interleave == 1:
             return self
         lead, nb, bb, R = self.data.shape[:-2], n_blocks(self.cols), _BLOCK_BYTES[self.code], self.interleave
-        grouped = self.data.reshape(*lead, self.data.shape[-2], nb, R, bb)
-        data = np.ascontiguousarray(np.swapaxes(grouped, -3, -2)).reshape(*lead, self.rows, nb * bb)
+        lines = self.data.reshape(*lead, self.data.shape[-2], nb, R * bb)
+        if self.code == Q4_0:
+            scales, nibbles = lines[..., : 2 * R], lines[..., 2 * R :]
+            blocks = np.concatenate(
+                [scales.reshape(*lines.shape[:-1], R, 2), nibbles.reshape(*lines.shape[:-1], R, 16)], -1
+            )
+        else:
+            blocks = lines.reshape(*lines.shape[:-1], R, bb)
+        data = np.ascontiguousarray(np.swapaxes(blocks, -3, -2)).reshape(*lead, self.rows, nb * bb)
         return QMatrix(data, self.fmt, self.cols)
 
     @property
@@ -326,6 +339,18 @@ def thread_range(t, n_threads, n):
 
 # ---------------------------------------------------------------------------------------------
 # Kernels on whole matrices
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def interleaved_block_into(line, code, R, slot, b, out):
+    """Copy block ``b`` of row ``slot`` of the interleaved stored row ``line`` into ``out`` as a plain block."""
+    if code == Q8_0:
+        start = (b * R + slot) * simd.Q8_BLOCK_BYTES
+        out[:] = line[start : start + simd.Q8_BLOCK_BYTES]
+    else:
+        start = b * R * simd.Q4_BLOCK_BYTES
+        out[:2] = line[start + 2 * slot : start + 2 * slot + 2]
+        out[2:] = line[start + 2 * R + 16 * slot : start + 2 * R + 16 * slot + 16]
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")

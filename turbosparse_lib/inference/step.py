@@ -248,10 +248,11 @@ def embed_row(embed, code, token, H, scale):
     R = quant.rows_per_line(embed, code, H)
     if R == 1:
         quant.row_axpy(embed[token], 0, code, H, np.float32(1.0), x)
-    else:  # block b of the row is the (b R + token % R)-th block of its stored row
-        line, bb = embed[token // R], quant.row_bytes_of(code, BLOCK)
+    else:  # the row's blocks lie among its group's: each copied out as a plain block, then dequantised
+        line, block = embed[token // R], np.empty(quant.row_bytes_of(code, BLOCK), np.uint8)
         for b in range(quant.n_blocks(H)):
-            quant.row_axpy(line, (b * R + token % R) * bb, code, BLOCK, np.float32(1.0), x[b * BLOCK : (b + 1) * BLOCK])
+            quant.interleaved_block_into(line, code, R, token % R, b, block)
+            quant.row_axpy(block, 0, code, BLOCK, np.float32(1.0), x[b * BLOCK : (b + 1) * BLOCK])
     out = x[:H].copy()
     if scale != np.float32(1.0):
         for j in range(H):
