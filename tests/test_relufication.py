@@ -1,6 +1,7 @@
 """ReLUfication on a tiny model: the swap keeps the weights, the warm start fits, distillation, kill and resume."""
 
 import copy
+import dataclasses
 import json
 
 import fault_injection
@@ -10,6 +11,7 @@ import tiny_models
 import torch
 
 from turbosparse_lib.models.swap import apply_variant, mlp_modules
+from turbosparse_lib.presets import as_preset, get_preset
 from turbosparse_lib.train import relufication as R
 
 
@@ -179,9 +181,9 @@ def test_default_recipe_trains_the_mlps_only_and_records_what_it_reached(tiny_ba
 
     assert R.DEFAULT_RECIPE == "lstsq-split+hidden" and R.RECIPES[R.DEFAULT_RECIPE].trainable == "mlp"
     out = tmp_path / "run"
-    d, s = R.relufy(
-        "smoke", "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours", progress=False
-    )
+    # the smoke preset under a name no registry knows: relufy resolves it once and passes it down, never by name
+    P = dataclasses.replace(get_preset("smoke"), name="smoke-unregistered")
+    d, s = R.relufy(P, "drelu", R.DEFAULT_RECIPE, base=str(tiny_base), run_dir=out, tokenizer="ours", progress=False)
     before, after = load_file(str(tiny_base / "model.safetensors")), load_file(str(d / "model.safetensors"))
     for k in before:
         if "mlp" not in k:
@@ -218,6 +220,21 @@ def test_split_recipes_fall_back_to_their_unsplit_twin_for_a_linear_up():
     assert R.relufied_dir("cpu", "drelu").name.endswith("-drelu-lstsq-split+hidden")
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         R.variant_recipe("reglu", "nope")
+
+
+def test_a_preset_is_passed_down_whole_and_a_name_resolves_to_the_same():
+    """The helpers take a ``Preset`` or its name: the same config and folders for both, and a preset no registry
+    knows works as an object (nothing looks it up by name again) while its name alone is refused."""
+    smoke = get_preset("smoke")
+    assert as_preset(smoke) is smoke and as_preset("smoke") is smoke
+    assert R.relufy_config(smoke, "drelu") == R.relufy_config("smoke", "drelu")
+    assert R.relufied_dir(smoke, "drelu") == R.relufied_dir("smoke", "drelu")
+    P = dataclasses.replace(get_preset("cpu"), name="cpu-unregistered")
+    assert R.relufy_config(P, "drelu").total_tokens == P.relufy.total_tokens
+    assert R.relufied_dir(P, "drelu").parent.name == P.name
+    assert R.compare_tokens(P, "paper") == P.relufy.compare_tokens
+    with pytest.raises(ValueError, match="unknown preset 'cpu-unregistered'"):
+        R.relufied_dir(P.name, "drelu")
 
 
 def test_compare_runs_of_the_default_recipe_are_its_main_run():

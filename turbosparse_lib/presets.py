@@ -428,6 +428,12 @@ def get_preset(name: str) -> Preset:
         ) from None
 
 
+def as_preset(preset: Preset | str) -> Preset:
+    """``preset`` itself, or the preset it names (``get_preset``). Entry points resolve a name once and pass the
+    ``Preset`` down, so the functions below them look nothing up again (a name still works where one is given)."""
+    return preset if isinstance(preset, Preset) else get_preset(preset)
+
+
 def set_threads(preset: Preset, override: int = 0) -> int:
     """Use the preset's thread count (or ``override`` if > 0) in torch, Numba and NumPy's OpenBLAS; returns it."""
     from .inference.threads import set_all_threads

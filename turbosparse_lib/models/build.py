@@ -12,13 +12,15 @@ from dataclasses import asdict
 import torch
 from transformers import LlamaForCausalLM, MixtralForCausalLM
 
-from ..presets import get_preset
+from ..presets import Preset, as_preset
 from .architecture import ModelConfig, moe_config
 from .swap import apply_variant
 from .variants import get_variant
 
 
-def build_model(variant: str = "drelu", preset: str | None = None, seed: int | None = None, moe=None, **fields):
+def build_model(
+    variant: str = "drelu", preset: Preset | str | None = None, seed: int | None = None, moe=None, **fields
+):
     """A fresh ``LlamaForCausalLM`` whose MLPs are ``variant``, sized by ``preset`` and/or ``fields``.
 
     ``fields`` are ``ModelConfig`` fields (``hidden_size=32, num_layers=2, ...``) overriding the
@@ -28,7 +30,7 @@ def build_model(variant: str = "drelu", preset: str | None = None, seed: int | N
     """
     variant_kwargs = fields.pop("variant_kwargs", None) or {}
     get_variant(variant).kwargs(**variant_kwargs)  # fail before building anything
-    base = asdict(get_preset(preset).model) if preset is not None else {}
+    base = asdict(as_preset(preset).model) if preset is not None else {}
     unknown = set(fields) - set(ModelConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown model fields {sorted(unknown)}; valid: {', '.join(ModelConfig.__dataclass_fields__)}")

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, fields
 
 from ..models.architecture import MoEConfig, moe_config
+from ..presets import Preset, as_preset, get_preset
 
 PRECISIONS = ("fp32", "bf16", "auto")
 OBJECTIVES = ("lm", "kd", "kd+lm")  # next-token loss; KL to a teacher's distribution; their mean
@@ -55,7 +56,6 @@ class TrainConfig:
 
     def __post_init__(self):
         from ..models.variants import get_variant
-        from ..presets import get_preset
 
         if self.model_preset is None and self.base_model is None:
             raise ValueError("a TrainConfig needs model_preset (from scratch) or base_model (continued pretraining)")
@@ -108,14 +108,13 @@ class TrainConfig:
         return self.total_tokens // self.tokens_per_step
 
 
-def train_config(preset: str, variant: str, seed: int = 0, moe: bool = False, **overrides) -> TrainConfig:
+def train_config(preset: Preset | str, variant: str, seed: int = 0, moe: bool = False, **overrides) -> TrainConfig:
     """The from-scratch ``TrainConfig`` of a preset's train section for ``variant`` at ``seed``, with overrides;
     ``moe=True``: the mixture of experts of the preset's ``moe`` section, on the same tokens and schedule."""
     from dataclasses import asdict
 
-    from ..presets import get_preset
-
-    section = asdict(get_preset(preset).train)
+    P = as_preset(preset)
+    section = asdict(P.train)
     for extra in ("seeds", "variants"):  # what notebook 02 loops over, not part of one run
         section.pop(extra)
     valid = {f.name for f in fields(TrainConfig)}
@@ -123,8 +122,8 @@ def train_config(preset: str, variant: str, seed: int = 0, moe: bool = False, **
     if unknown:
         raise TypeError(f"unknown TrainConfig fields {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
     if moe:
-        overrides = {"moe": get_preset(preset).moe, **overrides}
-    return TrainConfig(**{"model_preset": preset, **section, "variant": variant, "seed": seed, **overrides})
+        overrides = {"moe": P.moe, **overrides}
+    return TrainConfig(**{"model_preset": P.name, **section, "variant": variant, "seed": seed, **overrides})
 
 
 def l1_at(step: int, cfg: TrainConfig) -> float:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # pandas is imported where it is used: a training run never n
 
 from .. import cli, paths
 from ..atomic import write_json
+from ..presets import Preset, as_preset
 from .warm_start import WarmStart, warm_start
 
 
@@ -144,17 +145,15 @@ class Base:
     tokenizer: str  # a name or folder for ``data.build.load_tokenizer_named``
 
 
-def resolve_base(preset: str, base: str | None = None) -> Base:
+def resolve_base(preset: Preset | str, base: str | None = None) -> Base:
     """``base`` (default: the preset's ``relufy.base``): SmolLM2-135M; ``scratch-swiglu``, notebook 02's
     from-scratch SwiGLU model at this preset (seed 0, our tokenizer); or the folder of a Hugging Face model."""
-    from ..presets import get_preset
-
-    P = get_preset(preset)
+    P = as_preset(preset)
     base = base or P.relufy.base
     if base == "smollm2-135m":
         return Base(base, base, base)
     if base == "scratch-swiglu":
-        return Base(base, str(paths.scratch_model_dir(preset, "swiglu", P.train.seeds[0])), "ours")
+        return Base(base, str(paths.scratch_model_dir(P.name, "swiglu", P.train.seeds[0])), "ours")
     if (Path(base) / "config.json").exists():
         from ..models.registration import family
         from ..models.swap import SUPPORTED_MODEL_TYPES
@@ -193,26 +192,29 @@ def variant_recipe(variant: str, recipe: str) -> str:
 
 
 def relufied_dir(
-    preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base: str | None = None, tag: str = ""
+    preset: Preset | str, variant: str, recipe: str = DEFAULT_RECIPE, base: str | None = None, tag: str = ""
 ) -> Path:
     """Where ``relufy`` writes a run (and, once complete, the ``save_pretrained`` model); ``tag`` tells apart
     runs of the same recipe with other settings (the recipe comparison's shorter budget)."""
-    name = resolve_base(preset, base).name
+    P = as_preset(preset)
+    name = resolve_base(P, base).name
     recipe = variant_recipe(variant, recipe)
-    return paths.models_dir() / preset / f"relufied-{name}-{variant}-{recipe}{'-' + tag if tag else ''}"
+    return paths.models_dir() / P.name / f"relufied-{name}-{variant}-{recipe}{'-' + tag if tag else ''}"
 
 
-def relufy_config(preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base: str | None = None, **overrides):
+def relufy_config(
+    preset: Preset | str, variant: str, recipe: str = DEFAULT_RECIPE, base: str | None = None, **overrides
+):
     """The ``TrainConfig`` of a ReLUfication run: the preset's ``relufy`` section, the recipe's objective."""
     from ..models.variants import get_variant
-    from ..presets import get_preset
     from .config import TrainConfig
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    b = resolve_base(preset, base)
+    P = as_preset(preset)
+    b = resolve_base(P, base)
     get_variant(variant)
-    R = get_preset(preset).relufy
+    R = P.relufy
     r = RECIPES[recipe]
     fields = dict(
         model_preset=None,
@@ -242,7 +244,7 @@ def relufy_config(preset: str, variant: str, recipe: str = DEFAULT_RECIPE, base:
     return TrainConfig(**{**fields, **overrides})
 
 
-def load_base(preset: str, base: str | None = None):
+def load_base(preset: Preset | str, base: str | None = None):
     """(model, tokenizer) of the base model (``resolve_base``), in eval mode."""
     from ..data.build import load_tokenizer_named
     from ..models.pretrained import load_smollm2
@@ -267,7 +269,7 @@ def curve_hook(eval_ids: torch.Tensor, context_length: int):
     return hook
 
 
-def compare_dir(preset: str, recipe: str, base: str | None = None) -> Path:
+def compare_dir(preset: Preset | str, recipe: str, base: str | None = None) -> Path:
     """The run folder of ``recipe`` in notebook 05's recipe comparison (on dReLU): a "-compare" folder of the
     preset's ``compare_tokens``, except for the default recipe, whose comparison run is the dReLU run itself (its
     whole budget: its curve is read at the others' minutes, and shows where it flattens)."""
@@ -276,11 +278,9 @@ def compare_dir(preset: str, recipe: str, base: str | None = None) -> Path:
     return relufied_dir(preset, "drelu", recipe, base, tag="compare")
 
 
-def compare_tokens(preset: str, recipe: str) -> int:
+def compare_tokens(preset: Preset | str, recipe: str) -> int:
     """Training tokens of ``recipe``'s run in the recipe comparison (see ``compare_dir``)."""
-    from ..presets import get_preset
-
-    R = get_preset(preset).relufy
+    R = as_preset(preset).relufy
     return R.total_tokens if recipe == DEFAULT_RECIPE else (R.compare_tokens or R.total_tokens)
 
 
@@ -327,7 +327,7 @@ def _warm_start_run(student, teacher, sequences, fit_tokens: int, cfg, warm: War
 
 
 def relufy(
-    preset: str = "cpu",
+    preset: Preset | str = "cpu",
     variant: str = "drelu",
     recipe: str = DEFAULT_RECIPE,
     base: str | None = None,
@@ -347,17 +347,17 @@ def relufy(
 
     from ..data.build import heldout_ids
     from ..models.swap import apply_variant, mark_saved_variant, set_up_slope
-    from ..presets import get_preset
     from .checkpoint import CHECKPOINT, check_config, is_complete
     from .config import up_slope_at
     from .data import training_sequences
     from .loop import train
 
+    P = as_preset(preset)  # resolved once for the whole run, and passed down
     recipe = variant_recipe(variant, recipe)
     warm = warm or WarmStart(split=RECIPES[recipe].split_halves)
-    cfg = relufy_config(preset, variant, recipe, base, **overrides)  # every argument checked before anything is made
-    P = get_preset(preset)  # resolved once for the whole run
-    run_dir = Path(run_dir) if run_dir is not None else relufied_dir(preset, variant, recipe, base)
+    cfg = relufy_config(P, variant, recipe, base, **overrides)  # every argument checked before anything is made
+    b = resolve_base(P, base)
+    run_dir = Path(run_dir) if run_dir is not None else relufied_dir(P, variant, recipe, base)
     if threads:
         torch.set_num_threads(threads)
     warm_path = run_dir / WARM_FILE
@@ -366,9 +366,9 @@ def relufy(
         mark_saved_variant(run_dir)  # a folder saved before the turbosparse_<family> model types
         summary = json.loads((run_dir / "train_summary.json").read_text())
         if not (run_dir / RECORD_FILE).exists():
-            write_record(run_dir, variant, recipe, resolve_base(preset, base), P.relufy.curve_eval_tokens)
+            write_record(run_dir, variant, recipe, b, P.relufy.curve_eval_tokens)
         return run_dir, {**summary, "warm_start": json.loads(warm_path.read_text()) if warm_path.exists() else None}
-    teacher, tok = load_base(preset, base)
+    teacher, tok = load_base(P, base)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the gpu and paper presets are meant for a GPU
     teacher.to(device)
     for p in teacher.parameters():
@@ -401,7 +401,7 @@ def relufy(
     if warm_report is not None:
         summary = {**summary, "warm_start": warm_report}
     tok.save_pretrained(run_dir)  # the folder loads as a complete model (weights, config, tokenizer)
-    write_record(run_dir, variant, recipe, resolve_base(preset, base), P.relufy.curve_eval_tokens)
+    write_record(run_dir, variant, recipe, b, P.relufy.curve_eval_tokens)
     return run_dir, summary
 
 
