@@ -156,6 +156,12 @@ def test_speed_claim_needs_equal_quality(tmp_path):
     _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
     row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
     assert row.verdict == claims.HOLDS
+    # the predicted run (rows[2] since the insert) faster than llama.cpp, its interval above 1, but under the bar:
+    # the verdict says so, not "not faster"
+    rows[2] |= {"over_llama_cpp": 1.15, "over_llama_cpp_lo": 1.1, "over_llama_cpp_hi": 1.2}
+    _write(tmp_path, "07_speed_at_equal_quality.csv", rows)
+    row = claims.claims_table("cpu", results_dir=tmp_path).set_index("claim").loc["2-5x faster decoding than llama.cpp"]
+    assert row.verdict == claims.FAILS and "x1.15 is under the x1.2" in row.why
 
 
 def test_readme_table_is_current_and_backed_by_committed_results():
