@@ -41,10 +41,10 @@ reproduce: $(REPRODUCE_DEPS)
 test: data lint
 	$(BIN)/python -m pytest -q tests --nbval-lax $(wildcard notebooks/executed/smoke/[0-9][0-9]_*.ipynb)
 
-# the linter and the formatter (ruff, configured in pyproject.toml) over the library and the tests
+# the linter and the formatter (ruff, configured in pyproject.toml) over the library, the tests and the benchmark scripts
 lint: setup
-	$(BIN)/ruff check turbosparse_lib tests
-	$(BIN)/ruff format --check turbosparse_lib tests
+	$(BIN)/ruff check turbosparse_lib tests benchmarks
+	$(BIN)/ruff format --check turbosparse_lib tests benchmarks
 
 # regenerate the smoke copies after editing a notebook
 smoke-copies: data

@@ -274,8 +274,8 @@ def ffn_into(
     ``gate_up`` (the dense layout's, contiguous) where it is not empty, else from the bundles."""
     seg = B.shape[1] // 3
     width = quant.n_blocks(H) * BLOCK
-    # np.empty, each thread zeroing its own row: np.zeros in a parallel kernel is a parallel region of its own, whose
-    # launch (about 2.5 us) cost more than the zeroing, twice per layer and token
+    # np.empty, each thread zeroing its own row: np.zeros in a parallel kernel is a parallel region of its own; the
+    # two cost about 3 us per layer and token (benchmarks/kernel_layouts.py), more than the zeroing
     partial = np.empty((n_threads, width), dtype=np.float32)
     counts = np.empty((n_threads, 3), dtype=np.int64)
     ahead = min(B.shape[1], prefetch_bytes)
