@@ -20,8 +20,8 @@ down row unread. The down projection is an axpy,
 ``y += c_n * down_n``; the neuron indices are split into one fixed contiguous range per thread
 (``thread_neurons``: the same ranges for every list, so a sparse path over every live neuron equals the dense
 one bit for bit), each thread sums into its own partial ``y`` (no race), and the partials are added at the end. While a
-thread works on one neuron it prefetches the next one's bundle (``simd.prefetch``). Every call
-counts the rows it read of each kind, so bytes per token are measured, not modelled.
+thread works on one neuron it prefetches the bundle of one a few further in its list (``listed_ahead``,
+``simd.prefetch``). Every call counts the rows it read of each kind, so bytes per token are measured, not modelled.
 
 By default only this layout is held and the dense path reads the same bundles. In the Q formats a dense path
 over bundles is compute-bound (each down weight is dequantised, multiplied and added on its own), so an engine
@@ -51,15 +51,26 @@ from . import quant, simd
 from .kernels import FASTMATH, combine_ref, gate_act, up_act, variant_code
 from .simd import BLOCK
 
-PREFETCH_BYTES = 8192  # default, of the next neuron's bundle; the hardware streams a long bundle on its own
+PREFETCH_BYTES = 8192  # default, of a listed neuron's bundle; the hardware streams a long bundle on its own
 
 
 GATE_AHEAD = 4  # neurons ahead whose gate row the in-line exact path prefetches
+# how far ahead in its list the sparse path prefetches bundles: about 8 KB of them, at most 4 bundles (Q4_0 and Q8_0:
+# 4, f32: 1). With the caches flushed before each token, 30 SmolLM2-shaped layers at 10/25/50% of the neurons, 4 ahead
+# against 1 took x0.95/0.84/0.83 the time at Q4_0 and x1.02/0.93/0.90 at Q8_0; f32 was no faster (x0.97-1.03: its 7 KB
+# bundles, scattered, read at about 26 GB/s either way); 6 ahead was no faster than 4
+PREFETCH_IN_FLIGHT_BYTES, MAX_AHEAD = 8192, 4
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def listed_ahead(bundle_bytes):
+    """How many listed neurons ahead the sparse path prefetches (see ``PREFETCH_IN_FLIGHT_BYTES``)."""
+    return max(1, min(MAX_AHEAD, PREFETCH_IN_FLIGHT_BYTES // bundle_bytes))
 
 
 @njit(cache=True, fastmath=False, inline="always")
 def prefetch_bytes_for(bundle_bytes):
-    """How much of the next listed neuron's bundle to prefetch (into L2) while working on the current one."""
+    """How much of a listed neuron's bundle to prefetch (into L2) while working on an earlier one."""
     return min(bundle_bytes, PREFETCH_BYTES)
 
 
@@ -240,15 +251,18 @@ def fired_gates(G, bundled, code, H, x, xq, xd, lo, hi, act, shift, fired, gates
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def fired_up_down(B, code, H, x, xq, xd, fired, gates, m, act, ahead, p):
     """Gate-first's second pass: the up rows of the ``m`` neurons in ``fired`` (their gate values in ``gates``), and
-    the down rows of those whose combined value is not zero, summed into ``p``; the next neuron's up and down rows
-    prefetched (up to ``ahead`` bytes). Returns the up and down rows read."""
+    the down rows of those whose combined value is not zero, summed into ``p``; the up and down rows of the neuron
+    ``listed_ahead`` further prefetched (up to ``ahead`` bytes). Returns the up and down rows read."""
     seg = B.shape[1] // 3
     n_down = 0
-    for j in range(m):
-        if j + 1 < m:
-            nxt = B[fired[j + 1]]
+    dist = listed_ahead(B.shape[1])
+    for j in range(-dist, m):  # from -dist: the first bundles' up and down rows, before the loop reaches them
+        if j + dist < m:
+            nxt = B[fired[j + dist]]
             for off in range(seg, min(3 * seg, seg + ahead), 64):
                 simd.prefetch(nxt, off)
+        if j < 0:
+            continue
         row = B[fired[j]]
         c = gates[j] * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
         if c != 0:
@@ -265,8 +279,8 @@ def ffn_into(
     prefetch_bytes
 ):
     """y = FFN(x) over neurons ``idx[:n]`` (``use_idx``) or neurons ``0..n-1``; adds rows read to ``rows_read`` (3,).
-    ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first
-    ``prefetch_bytes`` of the next listed neuron's bundle are prefetched (``prefetch_bytes_for``).
+    ``down_scale`` (H,) multiplies the output channels (empty: none); with ``use_idx`` the first ``prefetch_bytes``
+    of the bundle ``listed_ahead`` neurons further in the list are prefetched (``prefetch_bytes_for``).
 
     ``skip_zeros`` without ``use_idx`` is gate-first, the exact mask computed in line: each thread first reads the
     gate rows of its neurons (``fired_gates``), then the up and down rows of those whose gate fired, the next one's
@@ -278,7 +292,7 @@ def ffn_into(
     # two cost about 3 us per layer and token (benchmarks/kernel_layouts.py), more than the zeroing
     partial = np.empty((n_threads, width), dtype=np.float32)
     counts = np.empty((n_threads, 3), dtype=np.int64)
-    ahead = min(B.shape[1], prefetch_bytes)
+    ahead, dist = min(B.shape[1], prefetch_bytes), listed_ahead(B.shape[1])
     gate_first = skip_zeros and not use_idx
     fired = np.empty((n_threads, B.shape[0] if gate_first else 0), dtype=np.int64)
     gates = np.empty((n_threads, B.shape[0] if gate_first else 0), dtype=np.float32)
@@ -288,6 +302,9 @@ def ffn_into(
         for j in range(width):
             p[j] = 0.0
         n_gate, n_up, n_down = 0, 0, 0
+        for k in range(lo, min(hi, lo + dist) if use_idx else lo):
+            for off in range(0, ahead, 64):  # the first listed bundles, before the loop prefetches further ones
+                simd.prefetch(B[idx[k]], off)
         if gate_first:
             bundled = gate_up.shape[0] == 0
             G = B if bundled else gate_up
@@ -297,8 +314,8 @@ def ffn_into(
         else:
             for k in range(lo, hi):
                 r = idx[k] if use_idx else k
-                if use_idx and k + 1 < hi:
-                    nxt = B[idx[k + 1]]
+                if use_idx and k + dist < hi:
+                    nxt = B[idx[k + dist]]
                     for off in range(0, ahead, 64):
                         simd.prefetch(nxt, off)
                 row = B[r]
