@@ -1,5 +1,5 @@
 """The measurements behind the engine's interleaved Q matrices and its one-parallel-region FFN kernels (README,
-"Interleaved Q matrices" and "One parallel region per kernel call"), as one script:
+"Interleaved Q matrices", "One parallel region per kernel call" and "Prefetch distance"), as one script:
 
 1. Q8_0 GEMV read bandwidth against the row length, one row at a time and four interleaved rows, at a fixed 59.5 MB
    (Mistral-7B's down projection at 14,336 columns), cold cache, over the DRAM bandwidth measured first;
@@ -7,7 +7,10 @@
 3. the FFN of 30 SmolLM2-shaped layers (H 576, N 1536) from one compiled loop, as the fused decode step calls it:
    the dense layout, and the bundles' sparse path at 0% (the fixed cost of the calls) and 25% of the neurons; then
    the same for 2 layers, which stay in the cache: the sparse path's time per neuron and thread in both, to tell
-   memory stalls from computation.
+   memory stalls from computation;
+4. the sparse path's prefetch distance (``bundles.listed_ahead``): 30 SmolLM2-shaped layers at 10, 25 and 50% of the
+   neurons, the caches flushed before each token, the library's kernel against the same loop prefetching only the
+   next listed neuron's bundle, in every format.
 
 Run from the repository root: ``.venv/bin/python benchmarks/kernel_layouts.py [--threads 2] [--repeats 15]``.
 Compare numbers within one run only (the machine's speed drifts between hours).
@@ -25,7 +28,7 @@ from numba import njit
 from turbosparse_lib.bench.bandwidth import measure_bandwidth
 from turbosparse_lib.bench.timing import median, setup_threads, time_round_robin
 from turbosparse_lib.inference import bundles, quant, simd
-from turbosparse_lib.inference.kernels import variant_code
+from turbosparse_lib.inference.kernels import FASTMATH, gate_act, up_act, variant_code
 
 
 def gemv_against_columns(repeats: int, dram_gbs: float) -> None:
@@ -106,6 +109,75 @@ def ffn_layers(threads: int, repeats: int, L: int) -> None:
     print(f"   sparse path per neuron and thread: {per_neuron:.0f} ns")
 
 
+@njit(parallel=True, fastmath=FASTMATH)
+def listed_ffn_one_ahead(B, code, H, x, xq, xd, idx, n, act, shift, n_threads, y, ahead):
+    """The sparse path of ``bundles.ffn_into`` as it was, prefetching only the next listed neuron's bundle."""
+    seg, width = B.shape[1] // 3, quant.n_blocks(H) * 32
+    partial = np.empty((n_threads, width), np.float32)
+    for t in numba.prange(n_threads):
+        lo, hi = bundles.thread_neurons(t, n_threads, B.shape[0], idx, n, True)
+        p = partial[t]
+        for j in range(width):  # loops, not array expressions: each of those would be a parallel region of its own
+            p[j] = 0.0
+        for k in range(lo, hi):
+            if k + 1 < hi:
+                for off in range(0, ahead, 64):
+                    simd.prefetch(B[idx[k + 1]], off)
+            row = B[idx[k]]
+            a = gate_act(quant.row_dot(row, 0, code, H, x, xq, xd), act, shift)
+            if a != 0:
+                c = a * up_act(quant.row_dot(row, seg, code, H, x, xq, xd), act)
+                if c != 0:
+                    quant.row_axpy(row, 2 * seg, code, H, c, p)
+    for j in range(H):
+        acc = np.float32(0.0)
+        for t in range(n_threads):
+            acc += partial[t, j]
+        y[j] = acc
+
+
+@njit
+def listed_token(F, scale, code, H, x, xq, xd, idx, act, shift, n_threads, y, rows, ahead, one_ahead):
+    for li in range(F.shape[0]):
+        if one_ahead:
+            listed_ffn_one_ahead(F[li], code, H, x, xq, xd, idx[li], idx.shape[1], act, shift, n_threads, y, ahead)
+        else:
+            bundles.ffn_into(
+                F[li], scale[li], F[li][:0], code, H, x, xq, xd, idx[li], idx.shape[1], True, True, act, shift,
+                n_threads, y, rows, ahead,
+            )  # fmt: skip
+
+
+def prefetch_distance(threads: int, repeats: int) -> None:
+    numba.set_num_threads(threads)
+    L, H, N = 30, 576, 1536
+    flush = np.ones(64 << 20, np.uint8)  # read before each token: no layer's bundles are left in the caches
+    print(f"4. sparse FFN of {L} SmolLM2-shaped layers, caches flushed, ms per token (prefetch 1 ahead / library):")
+    for fmt in ("f32", "q8_0", "q4_0"):
+        rng = np.random.default_rng(3)
+        w = [rng.standard_normal(shape, dtype=np.float32) for shape in ((L, N, H), (L, N, H), (L, H, N))]
+        F = bundles.FFNBundles.from_weights(*w, fmt)
+        x, xq, xd = quant.activation_for(F.code, rng.standard_normal(H, dtype=np.float32))
+        act, shift = variant_code("reglu")
+        y, rows, ahead = np.empty(H, np.float32), np.zeros(3, np.int64), bundles.prefetch_bytes_for(F.data.shape[2])
+        for frac in (0.1, 0.25, 0.5):
+            idx = np.stack([np.sort(rng.choice(N, int(frac * N), replace=False)) for _ in range(L)]).astype(np.int64)
+            t = {True: [], False: []}
+            for r in range(repeats + 1):
+                for one_ahead in (True, False):
+                    flush.sum()
+                    t0 = time.perf_counter()
+                    listed_token(F.data, F.down_scale, F.code, H, x, xq, xd, idx, act, shift, threads, y, rows, ahead,
+                                 one_ahead)  # fmt: skip
+                    if r:  # the first round compiles
+                        t[one_ahead].append(time.perf_counter() - t0)
+            ratio = median(np.array(t[True]) / np.array(t[False]))
+            print(
+                f"   {fmt:<5} {frac:.0%} of the neurons ({bundles.listed_ahead(F.data.shape[2])} ahead): "
+                f"{median(t[True]) * 1e3:.3f} / {median(t[False]) * 1e3:.3f}, x{ratio:.2f} faster (paired rounds)"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -118,6 +190,7 @@ def main() -> None:
     ns_per_block_in_cache(a.repeats)
     for layers in (30, 2):
         ffn_layers(a.threads, 2 * a.repeats + 1, layers)
+    prefetch_distance(a.threads, a.repeats)
 
 
 if __name__ == "__main__":

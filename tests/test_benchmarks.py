@@ -556,8 +556,9 @@ def test_kernel_benchmarks_run_at_smoke_sizes():
     sizes = get_preset("smoke").bench
     timing.setup_threads(1)
     bw = bandwidth.measure_bandwidth(sizes.bandwidth_mb, 3)["read_gbs"]
-    gemv = bench_kernels.bench_gemv(sizes, bw)
+    gemv = bench_kernels.bench_gemv(sizes)
     assert (gemv.ours_ms > 0).all() and set(gemv.fmt) == set(sizes.ffn_dtypes)
+    assert (gemv.bw_frac > 0).all() and (gemv.probe_GBps > 0).all()
     ffn = bench_kernels.bench_ffn(sizes, np.stack([_skewed(1536)]), bw)
     assert len(ffn) == len(sizes.ffn_shapes) * len(sizes.ffn_dtypes) * len(sizes.ffn_sparsities)
     assert (ffn.byte_limit > 1).all() and not math.isnan(ffn.speedup.iloc[0]) and (ffn.layers_cycled > 1).all()

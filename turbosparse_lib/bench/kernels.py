@@ -26,7 +26,7 @@ from ..inference.threads import numpy_blas_threads
 from ..presets import BenchSection
 from ..sparsity.frequencies import sample_masks
 from ..sparsity.masks import kept_count
-from .timing import llc_bytes, median, speedup, time_round_robin, warm_up
+from .timing import llc_bytes, median, speedup, stream_sum, time_round_robin, warm_up
 
 
 def blas_info() -> dict:
@@ -45,19 +45,27 @@ def blas_info() -> dict:
     }
 
 
-def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.DataFrame:
+PROBE = "streaming read"  # the bandwidth probe timed in the GEMV rounds
+
+
+def bench_gemv(sizes: BenchSection, seed: int = 0) -> pd.DataFrame:
     """Dense GEMV, cold cache, in every format of ``sizes.ffn_dtypes``: ``quant.gemv`` (f32, Q8_0, Q4_0; the Q
     formats interleaved, as the engine's dense matrices are) beside ``W @ x`` (NumPy) and ``torch.mv`` on the float32
     matrix.
 
-    One row per (shape, format): median ms of a round-robin loop over our formats, GB/s of the bytes
-    our kernel reads and their fraction of ``bandwidth_gbs``, ``above_cache`` (the matrix is larger
-    than the last-level cache, so the bandwidth fraction is meaningful), and for f32 ``ours_vs_best``
-    = our median time over the faster baseline's (the target is <= 1.25), from a second round-robin
-    loop of our f32 kernel, NumPy and torch, each timed call after an untimed one of its own.
+    One row per (shape, format): median ms of a round-robin loop over our formats and a streaming read of
+    ``sizes.bandwidth_mb`` (``bandwidth.measure_bandwidth``'s), GB/s of the bytes our kernel reads and ``bw_frac``,
+    their fraction of the streaming read's GB/s *in the same round* (median over rounds: the shared machine's
+    bandwidth drifts within a run, and one measurement at its start made the fractions of one run range from 52% to
+    133%), ``probe_GBps`` the streaming read's median, ``above_cache`` (the matrix is larger than the last-level
+    cache, so the bandwidth fraction is meaningful), and for f32 ``ours_vs_best`` = our median time over the faster
+    baseline's (the target is <= 1.25), from a second round-robin loop of our f32 kernel, NumPy and torch, each timed
+    call after an untimed one of its own.
     """
     warm_up()
     rng = np.random.default_rng(seed)
+    probe = np.ones(max(1, int(sizes.bandwidth_mb * 2**20) // 4), dtype=np.float32)
+    n_chunks = 4 * numba.get_num_threads()
     rows = []
     for name, out, inp in sizes.gemv_shapes:
         W = rng.standard_normal((out, inp), dtype=np.float32)
@@ -68,9 +76,10 @@ def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.D
             want = quant.gemv_ref(Wq, x)
             np.testing.assert_allclose(quant.gemv(Wq, x), want, rtol=0, atol=1e-3 * np.abs(want).max())
         fns = {fmt: (lambda r, Wq=Wq: quant.gemv(Wq, x)) for fmt, Wq in mats.items()}
-        # our formats among themselves (one thread pool) for the bandwidth; against the BLAS libraries,
+        # our formats among themselves (one thread pool) with the bandwidth probe; against the BLAS libraries,
         # whose threads spin on after a call, in a second loop where each call follows one of its own
-        ms = {k: 1e3 * median(v) for k, v in time_round_robin(fns, sizes.repeats).items()}
+        secs = time_round_robin({**fns, PROBE: lambda r: stream_sum(probe, n_chunks)}, sizes.repeats)
+        probe_gbs = probe.nbytes / np.asarray(secs[PROBE]) / 1e9  # per round
         vs = time_round_robin(
             {"ours": fns["f32"], "numpy": lambda r: W @ x, "torch": lambda r: torch.mv(W_t, x_t)},
             sizes.repeats,
@@ -79,6 +88,7 @@ def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.D
         ms_vs = {k: 1e3 * median(v) for k, v in vs.items()}
         best = min(ms_vs["numpy"], ms_vs["torch"])
         for fmt, Wq in mats.items():
+            ms = 1e3 * median(secs[fmt])
             rows.append(
                 {
                     "shape": name,
@@ -86,9 +96,10 @@ def bench_gemv(sizes: BenchSection, bandwidth_gbs: float, seed: int = 0) -> pd.D
                     "out": out,
                     "in": inp,
                     "MB": Wq.nbytes / 2**20,
-                    "ours_ms": ms[fmt],
-                    "GBps": Wq.nbytes / ms[fmt] / 1e6,
-                    "bw_frac": Wq.nbytes / ms[fmt] / 1e6 / bandwidth_gbs,
+                    "ours_ms": ms,
+                    "GBps": Wq.nbytes / ms / 1e6,
+                    "bw_frac": median(Wq.nbytes / np.asarray(secs[fmt]) / 1e9 / probe_gbs),
+                    "probe_GBps": median(probe_gbs),
                     "above_cache": Wq.nbytes > llc_bytes(),
                     "numpy_ms": ms_vs["numpy"],
                     "torch_ms": ms_vs["torch"],
