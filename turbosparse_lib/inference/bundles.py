@@ -56,9 +56,10 @@ PREFETCH_BYTES = 8192  # default, of a listed neuron's bundle; the hardware stre
 
 GATE_AHEAD = 4  # neurons ahead whose gate row the in-line exact path prefetches
 # how far ahead in its list the sparse path prefetches bundles: about 8 KB of them, at most 4 bundles (Q4_0 and Q8_0:
-# 4, f32: 1). With the caches flushed before each token, 30 SmolLM2-shaped layers at 10/25/50% of the neurons, 4 ahead
-# against 1 took x0.95/0.84/0.83 the time at Q4_0 and x1.02/0.93/0.90 at Q8_0; f32 was no faster (x0.97-1.03: its 7 KB
-# bundles, scattered, read at about 26 GB/s either way); 6 ahead was no faster than 4
+# 4, f32: 1). With the caches flushed before each token, 30 SmolLM2-shaped layers at 10/25/50% of the neurons ran
+# x1.16/1.27/1.30 faster at Q4_0 than prefetching the next bundle only, x1.07/1.12/1.18 at Q8_0, x1.01-1.02 at f32,
+# whose scattered 7 KB bundles read at about 26 GB/s either way (benchmarks/kernel_layouts.py, part 4); 6 ahead was
+# no faster than 4 (a scratch run)
 PREFETCH_IN_FLIGHT_BYTES, MAX_AHEAD = 8192, 4
 
 
