@@ -1,8 +1,9 @@
 """bf16 autocast or fp32: measured on the model being trained, on this machine.
 
-On the project's CPUs bf16 autocast trains a 7M-parameter model about 1.5x faster than fp32 but
-SmolLM2-135M about 20x *slower*, so no rule of thumb holds: ``measure_precision`` times a few
-optimiser steps of each on a copy of the very model the run trains.
+The answer depends on the CPU and the model: on an early Intel machine bf16 autocast trained notebook 02's
+7M-parameter model about 1.5x faster than fp32, while on the AMD machines of later runs it was ~17x *slower* for the
+same model (notebook 02's committed cpu run: 80.5 against 4.8 s per step) and ~20x slower for SmolLM2-135M. No rule
+of thumb holds, so ``measure_precision`` times a few optimiser steps of each on a copy of the very model the run trains.
 """
 
 from __future__ import annotations
