@@ -282,3 +282,43 @@ def test_operating_point_is_the_sparsest_within_the_perplexity_budget(tiny, ids,
     assert one.max_missed_mass.isna().all() and every.rule.str.startswith("per layer").sum() == 3
     with pytest.raises(ValueError, match="no missed mass"):
         operating_point(tiny, ps, acc.drop(columns="missed_mass"), calib, 64, budget=0.02)
+
+
+class _PerLayer:
+    """A provider the fused step does not know: the engine calls it per layer from Python."""
+
+    def __init__(self, provider):
+        self.provider, self.input = provider, provider.input
+
+    def __call__(self, layer_idx, x_H):
+        return self.provider(layer_idx, x_H)
+
+
+@pytest.mark.parametrize(
+    ("kind", "source", "fmt"), [("mlp", "residual", "f32"), ("mlp", "normed", "q8_0"), ("preview", "normed", "q4_0")]
+)
+def test_the_fused_step_runs_the_predictors_as_the_per_layer_provider_does(tiny, kind, source, fmt):
+    """Predictors run inside the one compiled call per token give the per-layer Python path's masks, so its logits
+    bit for bit and the same rows read; a provider in another format than the engine's falls back to that path."""
+    from turbosparse_lib.inference.engine import Engine
+    from turbosparse_lib.predictors.provider import PredictorMaskProvider
+
+    torch.manual_seed(1)
+    ps = PredictorSet(32, 64, [8, 8], source=source, kind=kind)
+    engine = Engine.from_transformers(tiny).quantized(fmt)
+    prov = PredictorMaskProvider(ps, threshold=0.5, fmt=fmt)
+    other = "f32" if fmt != "f32" else "q8_0"
+    assert prov.fused_predictor(fmt, 2) is not None and prov.fused_predictor(other, 2) is None
+    runs = {}
+    for name, provider in (("fused", prov), ("per layer", _PerLayer(prov))):
+        engine.reset(16)
+        engine.prefill(np.arange(1, 6))
+        profile, logits = {}, []
+        for t in (7, 3, 11, 2):
+            logits.append(engine.step(t, sparse=True, mask_provider=provider, profile=profile))
+        runs[name] = (np.stack(logits), profile)
+    (fused, p_fused), (per_layer, p_layer) = runs["fused"], runs["per layer"]
+    np.testing.assert_array_equal(fused.view(np.uint32), per_layer.view(np.uint32))
+    for key in ("active_neurons", "rows_gate", "rows_up", "rows_down"):
+        assert p_fused[key] == p_layer[key], key
+    assert 0 < p_fused["active_neurons"] < 4 * 2 * 64  # the masks keep some neurons, not all

@@ -321,12 +321,16 @@ class Engine:
         rows_read = np.zeros(3, np.int64)
         packed = getattr(mask_provider, "token_masks", None) if sparse and fused else None
         masks = packed(cfg.num_layers) if packed is not None else None
+        in_step = getattr(mask_provider, "fused_predictor", None) if sparse and fused else None
+        predictor = in_step(self.fmt, cfg.num_layers) if in_step is not None else None
         if not fused:
             logits_V, active = self._step_unfused(int(token_id), sparse, mask_provider, times, rows_read)
         elif not sparse:
             logits_V, active = self._decode_token(int(token_id), fused_masks(None), times, rows_read)
         elif isinstance(mask_provider, ExactZeroOracle) and mask_provider.engine is self:
             logits_V, active = self._decode_token(int(token_id), fused_masks("in-line"), times, rows_read)
+        elif predictor is not None:  # a trained predictor the fused step runs itself
+            logits_V, active = self._decode_token(int(token_id), fused_masks("predicted"), times, rows_read, predictor)
         elif masks is not None:
             if len(masks[0]) != cfg.num_layers + 1:
                 raise ValueError(f"packed masks for {len(masks[0]) - 1} layers; the model has {cfg.num_layers}")
@@ -352,8 +356,11 @@ class Engine:
                 profile[key] = profile.get(key, 0) + n
         return logits_V
 
-    def _decode_token(self, token_id: int, masks: tuple, times: dict, rows_read: np.ndarray):
-        """One compiled call for the whole token; its time split by the time-stamp counter."""
+    def _decode_token(
+        self, token_id: int, masks: tuple, times: dict, rows_read: np.ndarray, predictor: tuple | None = None
+    ):
+        """One compiled call for the whole token; its time split by the time-stamp counter. ``predictor``: the
+        arguments of ``step_kernels.predicted_neurons`` (a provider's ``fused_predictor``), with masks "predicted"."""
         cfg, w = self.config, self.weights
         ticks = np.zeros(len(step_kernels.TICKS), np.int64)
         t0 = perf_counter()
@@ -379,6 +386,7 @@ class Engine:
             cfg.windows_L,
             *cfg.act,
             *masks,
+            *(predictor if predictor is not None else step_kernels.no_predictor(w.qkv.code)),
             numba.get_num_threads(),
             ticks,
             rows_read,
@@ -552,14 +560,17 @@ class Engine:
 
 
 def fused_masks(masks, n_neurons: int = 0) -> tuple:
-    """``decode_token``'s (mode, offsets, indices) for: None (dense), 'in-line' (exact-zero oracle), or a
-    provider's packed masks for the token, ``(offsets (L+1,), indices)``: layer l's neurons are
-    ``indices[offsets[l]:offsets[l+1]]`` (checked, since the kernel trusts them)."""
+    """``decode_token``'s (mode, offsets, indices) for: None (dense), 'in-line' (exact-zero oracle), 'predicted'
+    (a trained predictor run inside the step), or a provider's packed masks for the token, ``(offsets (L+1,),
+    indices)``: layer l's neurons are ``indices[offsets[l]:offsets[l+1]]`` (checked, since the kernel trusts them)."""
     empty = np.empty(0, np.int64)
     if masks is None:
         return step_kernels.MASKS_DENSE, np.zeros(1, np.int64), empty
     if isinstance(masks, str):
-        return step_kernels.MASKS_EXACT_IN_LINE, np.zeros(1, np.int64), empty
+        modes = {"in-line": step_kernels.MASKS_EXACT_IN_LINE, "predicted": step_kernels.MASKS_PREDICTED}
+        if masks not in modes:
+            raise ValueError(f"unknown fused mask mode {masks!r}; choose one of {', '.join(modes)}")
+        return modes[masks], np.zeros(1, np.int64), empty
     offsets, idx = (np.ascontiguousarray(a, dtype=np.int64) for a in masks)
     if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != len(idx) or np.any(np.diff(offsets) < 0):
         raise ValueError(f"packed mask offsets must rise from 0 to {len(idx)}; got {offsets}")

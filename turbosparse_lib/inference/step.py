@@ -8,7 +8,10 @@ visible share of a token. Here the glue is compiled too:
 - ``decode_token``: one call per token: the embedding, every layer and the lm_head. The FFN
   runs dense, over masks the caller packed for the whole token (``MASKS_PACKED``: recorded
   masks replayed, or any provider that can say a token's masks up front), or with the exact-zero
-  oracle computed in line (``MASKS_EXACT_IN_LINE``: every gate row read, the rest only where it fires).
+  oracle computed in line (``MASKS_EXACT_IN_LINE``: every gate row read, the rest only where it fires), or over
+  the masks a trained predictor computes in line (``MASKS_PREDICTED``: ``predicted_neurons``, the predictors'
+  two GEMVs per layer inside the same call; called from Python between two half-layer calls instead, they cost
+  SmolLM2 two dispatches and the interpreter's glue per layer, a large share of a quantised token).
 - ``attention_half`` / ``ffn_half``: one layer in two calls, so a mask provider written in Python
   (a trained predictor, ``(layer_idx, x_normed_H) -> idx``) runs between them on the very input
   the FFN will see.
@@ -23,6 +26,7 @@ fused step itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +38,8 @@ from .bundles import FFNBundles, layer_ffn_into
 from .kernels import FASTMATH
 from .simd import BLOCK
 
-MASKS_DENSE, MASKS_PACKED, MASKS_EXACT_IN_LINE = 0, 1, 2
+MASKS_DENSE, MASKS_PACKED, MASKS_EXACT_IN_LINE, MASKS_PREDICTED = 0, 1, 2, 3
+PREDICT_MLP, PREDICT_PREVIEW = 0, 1  # the predictor kinds ``predicted_neurons`` runs (``predictors.provider``)
 # profile slots of decode_token's ``ticks``
 TICKS = ("embed", "attention", "mask", "ffn", "lm_head")
 ATTENTION_ARGS = 12  # ModelWeights.kernel_args()[:12] are attention_half's weights, the rest ffn_half's
@@ -270,16 +275,73 @@ def lm_head_logits(x, final_norm, eps, lm_head, code):
     return logits
 
 
+@njit(cache=True, fastmath=False)
+def preview_mask(z_2N, score_floor, score_sure, log_threshold):
+    """Neurons ``i`` with ``Phi(z[i]) Phi(z[N + i]) >= exp(log_threshold)``. Where either score is below
+    ``score_floor`` (at most ``Phi^-1`` of the threshold) the product cannot reach it; where both reach
+    ``score_sure`` (at least ``Phi^-1`` of its square root) it must; only the rest compute the probability."""
+    n = z_2N.shape[0] // 2
+    out = np.empty(n, dtype=np.int64)
+    k = 0
+    for i in range(n):
+        zg, zu = z_2N[i], z_2N[n + i]
+        if zg < score_floor or zu < score_floor:
+            continue
+        if zg < score_sure or zu < score_sure:
+            # log Phi(z) = log(erfc(-z / sqrt 2) / 2), well conditioned for z >= Phi^-1 of any threshold we use
+            log_p = math.log(0.5 * math.erfc(-zg / math.sqrt(2.0))) + math.log(0.5 * math.erfc(-zu / math.sqrt(2.0)))
+            if log_p < log_threshold:
+                continue
+        out[k] = i
+        k += 1
+    return out[:k]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def predicted_neurons(li, v, code, kind, w1, w2, b, logit_threshold, score_floor, score_sure, log_threshold):
+    """Layer ``li``'s predicted neurons (ascending) from ``v``, the residual stream or the FFN's input, as
+    ``predictors.provider.PredictorMaskProvider`` computes them with the same kernels, so the same list:
+    ``h = W1 v``; the low-rank MLP (``PREDICT_MLP``) keeps the neurons whose ``W2 relu(h) + b`` reaches the layer's
+    logit threshold, the preview (``PREDICT_PREVIEW``) those whose two scores ``W2 h + b`` pass ``preview_mask``.
+    ``w1`` (L, r, .), ``w2`` (L, N or 2N, .) are stacks in the engine's format ``code``; the rest float per layer."""
+    H, n_out = v.shape[0], b.shape[1]
+    r = quant.matrix_rows(w1[li], code, H)
+    h = np.empty(r, np.float32)
+    matvec(w1[li], code, H, v, h)
+    if kind == PREDICT_MLP:
+        for j in range(r):
+            if h[j] < 0:
+                h[j] = np.float32(0.0)
+    z = np.empty(n_out, np.float32)
+    matvec(w2[li], code, r, h, z)
+    for j in range(n_out):
+        z[j] += b[li, j]
+    if kind == PREDICT_PREVIEW:
+        return preview_mask(z, score_floor[li], score_sure[li], log_threshold[li])
+    return np.flatnonzero(z >= logit_threshold[li])
+
+
+def no_predictor(code: int) -> tuple:
+    """``decode_token``'s predictor arguments when it runs none: empty arrays of the types a predictor's have, so
+    every mode shares one compiled ``decode_token``."""
+    f32, f64 = np.empty((1, 0), np.float32), np.empty(1, np.float64)
+    return (PREDICT_MLP, False, np.empty((1, 0, 0), np.uint8), np.empty((1, 0, 0), np.uint8), f32,
+            np.empty(1, np.float32), f64, f64, f64)  # fmt: skip
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_norm, o, b_o, has_b_o, post_attn_norm,
                  has_post_attn_norm, ffn_norm, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_post_ffn_norm,
                  final_norm, lm_head, embed, embed_scale, code, n_heads, head_dim, eps, scale, softcap, k_cache,
-                 v_cache, cos, sin, layer_rope, windows, act, shift, masks_mode, mask_offsets, mask_idx, n_threads,
-                 ticks, rows_read):
+                 v_cache, cos, sin, layer_rope, windows, act, shift, masks_mode, mask_offsets, mask_idx, pred_kind,
+                 pred_residual, pred_w1, pred_w2, pred_b, pred_logit_threshold, pred_score_floor, pred_score_sure,
+                 pred_log_threshold, n_threads, ticks, rows_read):
     """Logits after ``token`` at position ``pos``: one compiled call for the whole token.
 
     ``masks_mode``: ``MASKS_DENSE``, ``MASKS_PACKED`` (layer l reads neurons
-    ``mask_idx[mask_offsets[l]:mask_offsets[l + 1]]``) or ``MASKS_EXACT_IN_LINE``. Adds the
+    ``mask_idx[mask_offsets[l]:mask_offsets[l + 1]]``), ``MASKS_EXACT_IN_LINE`` or ``MASKS_PREDICTED`` (the
+    ``pred_*`` arguments, ``predicted_neurons``'s, on the residual stream with ``pred_residual``, else on the FFN's
+    input; ``no_predictor`` gives them for the other modes). Adds the
     time-stamp-counter ticks of each component to ``ticks`` (order of ``TICKS``) and the FFN rows
     read (gate, up, down) to ``rows_read``. Returns (logits, active neurons summed over layers).
     """
@@ -301,6 +363,15 @@ def decode_token(token, pos, attn_norm, qkv, b_qkv, has_b_qkv, qk_norm, has_qk_n
             ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_post_ffn_norm, eps, code,
                      mask_idx[lo:hi], hi - lo, True, True, act, shift, n_threads, rows_read)
             active += hi - lo
+        elif masks_mode == MASKS_PREDICTED:
+            idx = predicted_neurons(li, x if pred_residual else h, code, pred_kind, pred_w1, pred_w2, pred_b,
+                                    pred_logit_threshold, pred_score_floor, pred_score_sure, pred_log_threshold)
+            t3 = simd.cycle_counter()
+            ticks[2] += t3 - t2
+            t2 = t3
+            ffn_half(li, x, h, ffn, ffn_scale, gate_up, down_rows, post_ffn_norm, has_post_ffn_norm, eps, code,
+                     idx, idx.shape[0], True, True, act, shift, n_threads, rows_read)
+            active += idx.shape[0]
         else:
             before = rows_read[2]
             in_line = masks_mode == MASKS_EXACT_IN_LINE

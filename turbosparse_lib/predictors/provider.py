@@ -9,7 +9,9 @@ Per layer and token, two GEMVs of the engine:
   the candidates' probabilities are computed, in one compiled loop (``preview_mask``; the same probability as the
   PyTorch module, in float64: a per-layer call into PyTorch cost more than the two GEMVs at 150 tokens/s).
 
-Its time is the profile's ``mask`` entry and its weights count in bytes per token
+The fused decode step runs the same computation itself (``fused_predictor``: the weights stacked over layers,
+``inference.step.predicted_neurons``), with no Python between layers; called per layer from Python, the provider
+gives the same lists. Its time is the profile's ``mask`` entry and its weights count in bytes per token
 (``predictors.metrics.cost_per_token``). ``input`` says which vector the engine must hand it: the residual stream
 before the FFN's norm, or the normalised FFN input.
 """
@@ -20,32 +22,10 @@ import math
 
 import numpy as np
 import torch
-from numba import njit
 
 from ..inference import quant
+from ..inference.step import PREDICT_MLP, PREDICT_PREVIEW, preview_mask
 from .model import PredictorSet
-
-
-@njit(cache=True, fastmath=False)
-def preview_mask(z_2N: np.ndarray, score_floor: float, score_sure: float, log_threshold: float) -> np.ndarray:
-    """Neurons ``i`` with ``Phi(z[i]) Phi(z[N + i]) >= exp(log_threshold)``. Where either score is below
-    ``score_floor`` (at most ``Phi^-1`` of the threshold) the product cannot reach it; where both reach
-    ``score_sure`` (at least ``Phi^-1`` of its square root) it must; only the rest compute the probability."""
-    n = z_2N.shape[0] // 2
-    out = np.empty(n, dtype=np.int64)
-    k = 0
-    for i in range(n):
-        zg, zu = z_2N[i], z_2N[n + i]
-        if zg < score_floor or zu < score_floor:
-            continue
-        if zg < score_sure or zu < score_sure:
-            # log Phi(z) = log(erfc(-z / sqrt 2) / 2), well conditioned for z >= Phi^-1 of any threshold we use
-            log_p = math.log(0.5 * math.erfc(-zg / math.sqrt(2.0))) + math.log(0.5 * math.erfc(-zu / math.sqrt(2.0)))
-            if log_p < log_threshold:
-                continue
-        out[k] = i
-        k += 1
-    return out[:k]
 
 
 class PredictorMaskProvider:
@@ -79,6 +59,7 @@ class PredictorMaskProvider:
         self.w1 = [quant.quantize(w1.numpy(), fmt).interleaved() for w1, _, _ in mats]  # (r, H)
         self.w2 = [quant.quantize(w2.numpy(), fmt).interleaved() for _, w2, _ in mats]  # (N, r); preview: (2N, r)
         self.b = [np.ascontiguousarray(b.numpy()) for _, _, b in mats]
+        self._fused: tuple | None = None  # fused_predictor's stacks, made on first use
 
     def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
         h_R = quant.gemv(self.w1[layer_idx], np.ascontiguousarray(x_H, dtype=np.float32))
@@ -86,6 +67,34 @@ class PredictorMaskProvider:
             return self._preview_mask(layer_idx, quant.gemv(self.w2[layer_idx], h_R) + self.b[layer_idx])
         logits_N = quant.gemv(self.w2[layer_idx], np.maximum(h_R, np.float32(0))) + self.b[layer_idx]
         return np.flatnonzero(logits_N >= self.logit_thresholds[layer_idx])
+
+    def fused_predictor(self, fmt: str, n_layers: int) -> tuple | None:
+        """The arguments of ``inference.step.predicted_neurons`` for an engine of format ``fmt`` and ``n_layers``
+        layers (every layer's matrices stacked), or None where the fused step cannot run these predictors: another
+        format, another layer count, or ranks that differ between layers. The engine then calls the provider per
+        layer, which gives the same masks."""
+        shapes = {(a.data.shape, b.data.shape) for a, b in zip(self.w1, self.w2)}
+        if fmt != self.fmt or n_layers != len(self.w1) or len(shapes) != 1:
+            return None
+        if self._fused is None:
+            L = len(self.w1)
+            preview = self.kind == "preview"
+
+            def per_layer(name):  # the preview's per-layer scores; unused (zeros) by the low-rank MLP
+                return np.array(getattr(self, name) if preview else [0.0] * L, np.float64)
+
+            self._fused = (
+                PREDICT_PREVIEW if preview else PREDICT_MLP,
+                self.input == "residual",
+                np.stack([w.data for w in self.w1]),
+                np.stack([w.data for w in self.w2]),
+                np.stack(self.b).astype(np.float32),
+                np.array(self.logit_thresholds, np.float32),
+                per_layer("score_floor"),
+                per_layer("score_sure"),
+                per_layer("log_thresholds"),
+            )
+        return self._fused
 
     def _preview_mask(self, layer_idx: int, z_2N: np.ndarray) -> np.ndarray:
         i = layer_idx
