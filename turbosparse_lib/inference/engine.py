@@ -15,8 +15,9 @@ Design:
   Q4_0, in interleaved A/B runs).
 - ``step`` is one compiled call per token (``step.decode_token``) when the FFN masks are known up
   front or computed in line: dense decoding, masks recorded and replayed (``RecordedMasks``), the
-  exact-zero oracle (``ExactZeroOracle``). Any other mask provider, e.g. a trained predictor,
-  is called between two compiled halves of each layer (``step.attention_half`` / ``step.ffn_half``).
+  exact-zero oracle (``ExactZeroOracle``), a trained predictor whose provider hands its weights to the step
+  (``PredictorMaskProvider.fused_predictor``: the same masks, without Python between layers). Any other mask
+  provider is called between two compiled halves of each layer (``step.attention_half`` / ``step.ffn_half``).
   ``step(..., fused=False)`` runs the unfused engine (one kernel per op, Python between them),
   the reference the fused step is tested against.
 - The KV cache is two preallocated float32 arrays, ``(layers, kv_heads, capacity, head_dim)``.
