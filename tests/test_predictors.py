@@ -309,6 +309,8 @@ def test_the_fused_step_runs_the_predictors_as_the_per_layer_provider_does(tiny,
     prov = PredictorMaskProvider(ps, threshold=0.5, fmt=fmt)
     other = "f32" if fmt != "f32" else "q8_0"
     assert prov.fused_predictor(fmt, 2) is not None and prov.fused_predictor(other, 2) is None
+    uneven = PredictorMaskProvider(PredictorSet(32, 64, [8, 6], source=source, kind=kind), threshold=0.5, fmt=fmt)
+    assert uneven.fused_predictor(fmt, 2) is None  # ranks that differ per layer: the per-layer path
     runs = {}
     for name, provider in (("fused", prov), ("per layer", _PerLayer(prov))):
         engine.reset(16)

@@ -387,7 +387,7 @@ class Engine:
             cfg.windows_L,
             *cfg.act,
             *masks,
-            *(predictor if predictor is not None else step_kernels.no_predictor(w.qkv.code)),
+            *(predictor if predictor is not None else step_kernels.no_predictor()),
             numba.get_num_threads(),
             ticks,
             rows_read,

@@ -321,7 +321,7 @@ def predicted_neurons(li, v, code, kind, w1, w2, b, logit_threshold, score_floor
     return np.flatnonzero(z >= logit_threshold[li])
 
 
-def no_predictor(code: int) -> tuple:
+def no_predictor() -> tuple:
     """``decode_token``'s predictor arguments when it runs none: empty arrays of the types a predictor's have, so
     every mode shares one compiled ``decode_token``."""
     f32, f64 = np.empty((1, 0), np.float32), np.empty(1, np.float64)

@@ -59,7 +59,7 @@ class PredictorMaskProvider:
         self.w1 = [quant.quantize(w1.numpy(), fmt).interleaved() for w1, _, _ in mats]  # (r, H)
         self.w2 = [quant.quantize(w2.numpy(), fmt).interleaved() for _, w2, _ in mats]  # (N, r); preview: (2N, r)
         self.b = [np.ascontiguousarray(b.numpy()) for _, _, b in mats]
-        self._fused: tuple | None = None  # fused_predictor's stacks, made on first use
+        self._fused: tuple | None = None  # fused_predictor's stacks, made on first use (empty: cannot fuse)
 
     def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
         h_R = quant.gemv(self.w1[layer_idx], np.ascontiguousarray(x_H, dtype=np.float32))
@@ -70,31 +70,33 @@ class PredictorMaskProvider:
 
     def fused_predictor(self, fmt: str, n_layers: int) -> tuple | None:
         """The arguments of ``inference.step.predicted_neurons`` for an engine of format ``fmt`` and ``n_layers``
-        layers (every layer's matrices stacked), or None where the fused step cannot run these predictors: another
-        format, another layer count, or ranks that differ between layers. The engine then calls the provider per
-        layer, which gives the same masks."""
-        shapes = {(a.data.shape, b.data.shape) for a, b in zip(self.w1, self.w2)}
-        if fmt != self.fmt or n_layers != len(self.w1) or len(shapes) != 1:
+        layers (every layer's matrices stacked, made once), or None where the fused step cannot run these
+        predictors: another format, another layer count, or ranks that differ between layers. The engine then calls
+        the provider per layer, which gives the same masks."""
+        if fmt != self.fmt or n_layers != len(self.w1):
             return None
         if self._fused is None:
-            L = len(self.w1)
-            preview = self.kind == "preview"
+            same_shapes = len({(a.data.shape, b.data.shape) for a, b in zip(self.w1, self.w2)}) == 1
+            self._fused = self._stacked() if same_shapes else ()
+        return self._fused or None
 
-            def per_layer(name):  # the preview's per-layer scores; unused (zeros) by the low-rank MLP
-                return np.array(getattr(self, name) if preview else [0.0] * L, np.float64)
+    def _stacked(self) -> tuple:
+        L, preview = len(self.w1), self.kind == "preview"
 
-            self._fused = (
-                PREDICT_PREVIEW if preview else PREDICT_MLP,
-                self.input == "residual",
-                np.stack([w.data for w in self.w1]),
-                np.stack([w.data for w in self.w2]),
-                np.stack(self.b).astype(np.float32),
-                np.array(self.logit_thresholds, np.float32),
-                per_layer("score_floor"),
-                per_layer("score_sure"),
-                per_layer("log_thresholds"),
-            )
-        return self._fused
+        def per_layer(name):  # the preview's per-layer scores; unused (zeros) by the low-rank MLP
+            return np.array(getattr(self, name) if preview else [0.0] * L, np.float64)
+
+        return (
+            PREDICT_PREVIEW if preview else PREDICT_MLP,
+            self.input == "residual",
+            np.stack([w.data for w in self.w1]),
+            np.stack([w.data for w in self.w2]),
+            np.stack(self.b).astype(np.float32),
+            np.array(self.logit_thresholds, np.float32),
+            per_layer("score_floor"),
+            per_layer("score_sure"),
+            per_layer("log_thresholds"),
+        )
 
     def _preview_mask(self, layer_idx: int, z_2N: np.ndarray) -> np.ndarray:
         i = layer_idx
