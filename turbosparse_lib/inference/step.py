@@ -12,9 +12,8 @@ visible share of a token. Here the glue is compiled too:
   the masks a trained predictor computes in line (``MASKS_PREDICTED``: ``predicted_neurons``, the predictors'
   two GEMVs per layer inside the same call; called from Python between two half-layer calls instead, they cost
   SmolLM2 two dispatches and the interpreter's glue per layer, a large share of a quantised token).
-- ``attention_half`` / ``ffn_half``: one layer in two calls, so a mask provider written in Python
-  (a trained predictor, ``(layer_idx, x_normed_H) -> idx``) runs between them on the very input
-  the FFN will see.
+- ``attention_half`` / ``ffn_half``: one layer in two calls, so any other mask provider written in Python
+  (``(layer_idx, x_normed_H) -> idx``) runs between them on the very input the FFN will see.
 
 Work is split across threads inside the kernels (rows of a GEMV, heads of attention, neurons of
 the FFN), as llama.cpp splits each op: four parallel regions per layer, with no Python between.
@@ -325,8 +324,8 @@ def no_predictor() -> tuple:
     """``decode_token``'s predictor arguments when it runs none: empty arrays of the types a predictor's have, so
     every mode shares one compiled ``decode_token``."""
     f32, f64 = np.empty((1, 0), np.float32), np.empty(1, np.float64)
-    return (PREDICT_MLP, False, np.empty((1, 0, 0), np.uint8), np.empty((1, 0, 0), np.uint8), f32,
-            np.empty(1, np.float32), f64, f64, f64)  # fmt: skip
+    no_matrix = np.empty((1, 0, 0), np.uint8)
+    return PREDICT_MLP, False, no_matrix, no_matrix, f32, np.empty(1, np.float32), f64, f64, f64
 
 
 @njit(fastmath=FASTMATH, cache=True)
