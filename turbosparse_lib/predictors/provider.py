@@ -9,9 +9,9 @@ Per layer and token, two GEMVs of the engine:
   the candidates' probabilities are computed, in one compiled loop (``preview_mask``; the same probability as the
   PyTorch module, in float64: a per-layer call into PyTorch cost more than the two GEMVs at 150 tokens/s).
 
-The fused decode step runs the same computation itself (``fused_predictor``: the weights stacked over layers,
-``inference.step.predicted_neurons``), with no Python between layers; called per layer from Python, the provider
-gives the same lists. Its time is the profile's ``mask`` entry and its weights count in bytes per token
+One function computes the mask, ``inference.step.predicted_neurons``: the fused decode step runs it on the weights
+stacked over layers (``fused_predictor``), with no Python between layers; a call of the provider runs it on one
+layer's. Its time is the profile's ``mask`` entry and its weights count in bytes per token
 (``predictors.metrics.cost_per_token``). ``input`` says which vector the engine must hand it: the residual stream
 before the FFN's norm, or the normalised FFN input.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..inference import quant
-from ..inference.step import PREDICT_MLP, PREDICT_PREVIEW, preview_mask
+from ..inference.step import PREDICT_MLP, PREDICT_PREVIEW, predicted_neurons
 from .model import PredictorSet
 
 
@@ -59,14 +59,23 @@ class PredictorMaskProvider:
         self.w1 = [quant.quantize(w1.numpy(), fmt).interleaved() for w1, _, _ in mats]  # (r, H)
         self.w2 = [quant.quantize(w2.numpy(), fmt).interleaved() for _, w2, _ in mats]  # (N, r); preview: (2N, r)
         self.b = [np.ascontiguousarray(b.numpy()) for _, _, b in mats]
+        # the per-layer floats ``step.predicted_neurons`` takes (the preview's scores; zeros, unused, for the MLP)
+        L = len(ps.layers)
+        self._kind_code = PREDICT_PREVIEW if ps.kind == "preview" else PREDICT_MLP
+        self._scores = [
+            np.array(getattr(self, name, [0.0] * L), np.float64)
+            for name in ("score_floor", "score_sure", "log_thresholds")
+        ]
+        self._thresholds = np.array(self.logit_thresholds, np.float32)
         self._fused: tuple | None = None  # fused_predictor's stacks, made on first use (empty: cannot fuse)
 
     def __call__(self, layer_idx: int, x_H: np.ndarray) -> np.ndarray:
-        h_R = quant.gemv(self.w1[layer_idx], np.ascontiguousarray(x_H, dtype=np.float32))
-        if self.kind == "preview":
-            return self._preview_mask(layer_idx, quant.gemv(self.w2[layer_idx], h_R) + self.b[layer_idx])
-        logits_N = quant.gemv(self.w2[layer_idx], np.maximum(h_R, np.float32(0))) + self.b[layer_idx]
-        return np.flatnonzero(logits_N >= self.logit_thresholds[layer_idx])
+        """Layer ``layer_idx``'s mask from ``x_H``: ``step.predicted_neurons`` on this layer alone, the very function
+        the fused step runs on the stacks (``fused_predictor``)."""
+        i, layer = layer_idx, slice(layer_idx, layer_idx + 1)
+        x = np.ascontiguousarray(x_H, dtype=np.float32)
+        weights = (self.w1[i].data[None], self.w2[i].data[None], self.b[i][None], self._thresholds[layer])
+        return predicted_neurons(0, x, self.w1[i].code, self._kind_code, *weights, *(a[layer] for a in self._scores))
 
     def fused_predictor(self, fmt: str, n_layers: int) -> tuple | None:
         """The arguments of ``inference.step.predicted_neurons`` for an engine of format ``fmt`` and ``n_layers``
@@ -81,26 +90,15 @@ class PredictorMaskProvider:
         return self._fused or None
 
     def _stacked(self) -> tuple:
-        L, preview = len(self.w1), self.kind == "preview"
-
-        def per_layer(name):  # the preview's per-layer scores; unused (zeros) by the low-rank MLP
-            return np.array(getattr(self, name) if preview else [0.0] * L, np.float64)
-
         return (
-            PREDICT_PREVIEW if preview else PREDICT_MLP,
+            self._kind_code,
             self.input == "residual",
             np.stack([w.data for w in self.w1]),
             np.stack([w.data for w in self.w2]),
             np.stack(self.b).astype(np.float32),
-            np.array(self.logit_thresholds, np.float32),
-            per_layer("score_floor"),
-            per_layer("score_sure"),
-            per_layer("log_thresholds"),
+            self._thresholds,
+            *self._scores,
         )
-
-    def _preview_mask(self, layer_idx: int, z_2N: np.ndarray) -> np.ndarray:
-        i = layer_idx
-        return preview_mask(z_2N, self.score_floor[i], self.score_sure[i], self.log_thresholds[i])
 
     @property
     def nbytes(self) -> int:
