@@ -152,10 +152,10 @@ _T = [
     Target("predictor_bytes_share", 0.10, "<=", "the predictors' weights as a share of the model's", "predictor issue"),
     Target(
         "predicted_speedup_vs_llama_cpp",
-        1.5,
+        1.3,
         ">=",
         "sparse decoding with predicted masks over llama.cpp, same precision",
-        "predictor issue (paper, table 7: 2.08-2.81x on CPU)",
+        "predictor issue: at f32 and at q8_0, predictor cost included (paper, table 7: 2.08-2.81x on CPU)",
     ),
     # section 3: top-k (notebook 03): the paper's own reading of table 3
     Target(
