@@ -365,7 +365,8 @@ def speed_at_operating_point(speed: pd.DataFrame, predictor: str | None = None) 
     # each row's perplexity is its own weight format's: predicted masks answer to the exact masks of that format
     exact = speed[speed.mask_source.str.startswith("exact")].groupby("precision").heldout_ppl.min()
     rows = speed[speed.mask_source.str.startswith("predictors") & speed.over_llama_cpp.notna()]
-    rows = rows[rows.heldout_ppl <= PREDICTED_MASK_PPL * rows.precision.map(exact)]
+    # astype: where llama.cpp did not run no row is left, and an empty string column maps to strings, not floats
+    rows = rows[rows.heldout_ppl <= PREDICTED_MASK_PPL * rows.precision.map(exact).astype(float)]
     if predictor is not None:
         rows = rows[rows.point.str.endswith(predictor)]
     return rows.sort_values("over_llama_cpp", ascending=False)
